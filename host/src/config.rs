@@ -1,0 +1,163 @@
+//! The command line: clap arguments and their conversion into plain config
+//! structs. The only place that reads flags or environment variables.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::app::HostConfig;
+use crate::registry::Settings;
+use crate::runtime::Limits;
+
+/// Kubelet's device-plugin directory.
+pub const DEFAULT_KUBELET_DIR: &str = "/var/lib/kubelet/device-plugins";
+/// Where the container image keeps its modules.
+pub const DEFAULT_MODULES_DIR: &str = "/etc/wasm-device-plugin/modules";
+/// Domain given to modules' bare kind names.
+pub const DEFAULT_DOMAIN: &str = "example.com";
+
+/// A Kubernetes device plugin host whose device logic runs in sandboxed
+/// WebAssembly components.
+///
+/// Each `*.wasm` component in the modules directory reports devices grouped by
+/// kind; the host serves one kubelet resource per kind over the device-plugin API
+/// (v1beta1): a socket in the kubelet directory, registration with kubelet,
+/// ListAndWatch, Allocate, GetPreferredAllocation.
+#[derive(Debug, Parser)]
+#[command(name = "wasm-device-plugin", version, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "WDP_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Log filter, in `tracing` env-filter syntax (e.g. `info`,
+    /// `wasm_device_plugin=debug`). `RUST_LOG` is used when this is not given.
+    #[arg(long, global = true, env = "WDP_LOG")]
+    pub log: Option<String>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the modules of a directory to kubelet (what the DaemonSet runs).
+    Run(RunArgs),
+    /// Run the host on the shipped guests against a built-in kubelet simulator in
+    /// a temporary directory, and print what kubelet sees and what a pod gets.
+    Demo(DemoArgs),
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Settings shared by `run` and `demo`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HostArgs {
+    /// Domain prefixed to a module's bare kind names: kind `dev-1` is served as
+    /// resource `<domain>/dev-1`. Kinds that already hold a `/` are used as they are.
+    #[arg(long, default_value = DEFAULT_DOMAIN, env = "WDP_DOMAIN")]
+    pub domain: String,
+    /// How often each module's `health` runs (e.g. `500ms`, `10s`, `1m`).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub health_interval: Duration,
+    /// How often each module's `scan` runs again to find added or removed devices.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub scan_interval: Duration,
+    /// Deadline of each `allocate` + `post-allocate` call.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub allocate_timeout: Duration,
+    /// Deadline of each `scan` and `health` call.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub scan_timeout: Duration,
+    /// Largest memory one module instance may use, in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub memory_limit_mib: usize,
+}
+
+/// `run` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Directory of `*.wasm` device modules to serve.
+    #[arg(long, default_value = DEFAULT_MODULES_DIR, env = "WDP_MODULES_DIR")]
+    pub modules_dir: PathBuf,
+    /// Kubelet's device-plugin directory: holds `kubelet.sock`; the host creates
+    /// one socket per resource here.
+    #[arg(long, default_value = DEFAULT_KUBELET_DIR, env = "WDP_KUBELET_DIR")]
+    pub kubelet_dir: PathBuf,
+    /// Host settings.
+    #[command(flatten)]
+    pub host: HostArgs,
+}
+
+/// `demo` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Directory of `*.wasm` modules to demonstrate (`cargo xtask demo` builds the
+    /// shipped guests and passes their directory).
+    #[arg(long, env = "WDP_MODULES_DIR")]
+    pub modules_dir: PathBuf,
+    /// Host settings.
+    #[command(flatten)]
+    pub host: HostArgs,
+}
+
+impl HostArgs {
+    /// The registry settings these flags describe, serving into `kubelet_dir`.
+    pub fn settings(&self, kubelet_dir: PathBuf) -> Settings {
+        Settings {
+            kubelet_dir,
+            default_domain: self.domain.clone(),
+            health_interval: self.health_interval,
+            scan_interval: self.scan_interval,
+            limits: Limits {
+                memory_bytes: self.memory_limit_mib.saturating_mul(1024 * 1024),
+                scan_deadline: self.scan_timeout,
+                allocate_deadline: self.allocate_timeout,
+            },
+        }
+    }
+}
+
+impl RunArgs {
+    /// The host configuration.
+    pub fn host_config(&self) -> HostConfig {
+        HostConfig {
+            modules_dir: self.modules_dir.clone(),
+            settings: self.host.settings(self.kubelet_dir.clone()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_defaults() {
+        let cli = Cli::try_parse_from(["wasm-device-plugin", "run"]).expect("parses");
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        let config = args.host_config();
+        assert_eq!(
+            config.settings.kubelet_dir,
+            PathBuf::from(DEFAULT_KUBELET_DIR)
+        );
+        assert_eq!(config.settings.health_interval, Duration::from_secs(10));
+        assert_eq!(config.settings.limits.memory_bytes, 64 * 1024 * 1024);
+    }
+}

@@ -1,0 +1,398 @@
+//! Validated values that cross the boundary between kubelet, the registry and the
+//! guests: resource names, devices and their health, and what a container gets.
+//!
+//! Everything here is plain data with no knowledge of gRPC or wasmtime; `policy`
+//! builds these from guest output and `kubelet` turns them into protocol messages.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+/// Longest device id accepted (kubelet keeps ids in checkpoints; 253 is the longest
+/// DNS name, which covers PCI addresses, paths and UUIDs).
+pub const MAX_DEVICE_ID_LEN: usize = 253;
+/// Most devices one resource may advertise.
+pub const MAX_DEVICES_PER_RESOURCE: usize = 10_000;
+
+/// An extended resource name, `domain/name`, as kubelet accepts it in a
+/// registration: the domain a DNS subdomain other than `kubernetes.io` (and its
+/// subdomains), the name 1 to 63 characters of `[A-Za-z0-9._-]` that start and end
+/// with an alphanumeric character.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResourceName(String);
+
+/// Why a string is not a valid [`ResourceName`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResourceNameError {
+    /// No `/` between domain and name.
+    #[error("`{0}` is not of the form domain/name")]
+    NoDomain(String),
+    /// The domain is not a DNS subdomain.
+    #[error(
+        "`{0}`: the domain is not a DNS subdomain (lowercase letters, digits, '-' and '.', at most 253 characters)"
+    )]
+    BadDomain(String),
+    /// The domain belongs to Kubernetes itself.
+    #[error("`{0}`: the kubernetes.io domain is reserved for Kubernetes")]
+    ReservedDomain(String),
+    /// The name part is not a qualified-name segment.
+    #[error(
+        "`{0}`: the name must be 1 to 63 characters of [A-Za-z0-9._-], starting and ending alphanumeric"
+    )]
+    BadName(String),
+}
+
+impl ResourceName {
+    /// Parses `domain/name`.
+    ///
+    /// # Errors
+    /// [`ResourceNameError`] naming the rule the input breaks.
+    pub fn parse(raw: &str) -> Result<Self, ResourceNameError> {
+        let (domain, name) = raw
+            .split_once('/')
+            .ok_or_else(|| ResourceNameError::NoDomain(raw.to_string()))?;
+        if !is_dns_subdomain(domain) {
+            return Err(ResourceNameError::BadDomain(raw.to_string()));
+        }
+        if domain == "kubernetes.io" || domain.ends_with(".kubernetes.io") {
+            return Err(ResourceNameError::ReservedDomain(raw.to_string()));
+        }
+        if !is_qualified_name_segment(name) {
+            return Err(ResourceNameError::BadName(raw.to_string()));
+        }
+        Ok(Self(raw.to_string()))
+    }
+
+    /// Builds `domain/kind`, or takes `kind` as the whole name when it has a `/`.
+    ///
+    /// # Errors
+    /// As [`ResourceName::parse`].
+    pub fn for_kind(default_domain: &str, kind: &str) -> Result<Self, ResourceNameError> {
+        if kind.contains('/') {
+            Self::parse(kind)
+        } else {
+            Self::parse(&format!("{default_domain}/{kind}"))
+        }
+    }
+
+    /// The name as kubelet sees it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The name made safe for a file name: every character outside
+    /// `[A-Za-z0-9._-]` becomes `_` (so `example.com/dev-1` is `example.com_dev-1`).
+    pub fn file_safe(&self) -> String {
+        self.0
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    }
+}
+
+impl fmt::Display for ResourceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A DNS-1123 subdomain: dot-separated labels of `[a-z0-9-]`, each starting and
+/// ending alphanumeric, at most 253 characters in all.
+pub fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && label.as_bytes()[0].is_ascii_alphanumeric()
+                && label.as_bytes()[label.len() - 1].is_ascii_alphanumeric()
+        })
+}
+
+/// The name part of a Kubernetes qualified name: 1 to 63 characters of
+/// `[A-Za-z0-9._-]`, starting and ending alphanumeric.
+pub fn is_qualified_name_segment(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
+/// A Kubernetes qualified name (annotation keys): `[prefix/]name`, the prefix a DNS
+/// subdomain.
+pub fn is_qualified_name(s: &str) -> bool {
+    match s.split_once('/') {
+        Some((prefix, name)) => is_dns_subdomain(prefix) && is_qualified_name_segment(name),
+        None => is_qualified_name_segment(s),
+    }
+}
+
+/// Whether a device can be handed out. Kubelet's strings are `Healthy`/`Unhealthy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Health {
+    /// Allocatable.
+    Healthy,
+    /// Not allocatable until it recovers.
+    Unhealthy,
+}
+
+impl Health {
+    /// Kubelet's wire string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Healthy => "Healthy",
+            Health::Unhealthy => "Unhealthy",
+        }
+    }
+}
+
+/// One advertised device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    /// Unique within its resource, 1 to [`MAX_DEVICE_ID_LEN`] bytes.
+    pub id: String,
+    /// Current health.
+    pub health: Health,
+    /// NUMA nodes; empty when unknown.
+    pub numa_nodes: Vec<i64>,
+}
+
+/// The devices of one resource, in advertised order, with an index by id so that
+/// Allocate checks each requested id without scanning the list.
+///
+/// Built once per change and shared (`Arc`) by every reader: ListAndWatch streams
+/// and Allocate calls never copy it.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceSet {
+    devices: Vec<Device>,
+    index: HashMap<String, usize>,
+}
+
+/// Why a list of devices cannot be advertised.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceSetError {
+    /// Two devices share an id.
+    #[error("device id `{0}` appears more than once")]
+    DuplicateId(String),
+    /// An id is empty or too long.
+    #[error("device id `{0}` is empty or longer than 253 bytes")]
+    BadId(String),
+    /// Too many devices.
+    #[error("{0} devices is more than the 10000 one resource may advertise")]
+    TooMany(usize),
+}
+
+impl DeviceSet {
+    /// Checks ids (non-empty, bounded, unique) and the count, and indexes them.
+    ///
+    /// # Errors
+    /// [`DeviceSetError`] for the first device that breaks a rule.
+    pub fn new(devices: Vec<Device>) -> Result<Self, DeviceSetError> {
+        if devices.len() > MAX_DEVICES_PER_RESOURCE {
+            return Err(DeviceSetError::TooMany(devices.len()));
+        }
+        let mut index = HashMap::with_capacity(devices.len());
+        for (i, device) in devices.iter().enumerate() {
+            if device.id.is_empty() || device.id.len() > MAX_DEVICE_ID_LEN {
+                return Err(DeviceSetError::BadId(device.id.clone()));
+            }
+            if index.insert(device.id.clone(), i).is_some() {
+                return Err(DeviceSetError::DuplicateId(device.id.clone()));
+            }
+        }
+        Ok(Self { devices, index })
+    }
+
+    /// The devices in advertised order.
+    pub fn devices(&self) -> &[Device] {
+        &self.devices
+    }
+
+    /// The device with this id.
+    pub fn get(&self, id: &str) -> Option<&Device> {
+        self.index.get(id).map(|&i| &self.devices[i])
+    }
+
+    /// How many devices.
+    pub fn len(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+
+    /// The same devices with health replaced where `health` names an id; returns
+    /// `None` when nothing changes, so callers publish only real changes.
+    pub fn with_health(&self, health: &HashMap<&str, Health>) -> Option<Self> {
+        let changed = self
+            .devices
+            .iter()
+            .any(|d| health.get(d.id.as_str()).is_some_and(|h| *h != d.health));
+        if !changed {
+            return None;
+        }
+        let mut next = self.clone();
+        for device in &mut next.devices {
+            if let Some(h) = health.get(device.id.as_str()) {
+                device.health = *h;
+            }
+        }
+        Some(next)
+    }
+}
+
+impl PartialEq for DeviceSet {
+    fn eq(&self, other: &Self) -> bool {
+        self.devices == other.devices
+    }
+}
+
+/// A device node for a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceNode {
+    /// Path on the host.
+    pub host_path: String,
+    /// Path in the container.
+    pub container_path: String,
+    /// cgroup permissions (`r`, `w`, `m`).
+    pub permissions: String,
+}
+
+/// A host path mounted into a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// Path on the host.
+    pub host_path: String,
+    /// Path in the container.
+    pub container_path: String,
+    /// Read-only mount.
+    pub read_only: bool,
+}
+
+/// What one container gets for the devices allocated to it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerAllocation {
+    /// Environment variables.
+    pub envs: BTreeMap<String, String>,
+    /// Device nodes.
+    pub devices: Vec<DeviceNode>,
+    /// Mounts.
+    pub mounts: Vec<Mount>,
+    /// Annotations for the runtime.
+    pub annotations: BTreeMap<String, String>,
+    /// Fully qualified CDI device names.
+    pub cdi_devices: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resource_name_accepts_extended_names() {
+        assert!(ResourceName::parse("example.com/dev-1").is_ok());
+        assert!(
+            ResourceName::parse("fpga.intel.com/region-ce48969398f05f33946d560708be108a").is_ok()
+        );
+        assert_eq!(
+            ResourceName::for_kind("example.com", "dev-1").map(|n| n.to_string()),
+            Ok("example.com/dev-1".to_string())
+        );
+        assert_eq!(
+            ResourceName::for_kind("example.com", "vendor.io/gpu").map(|n| n.to_string()),
+            Ok("vendor.io/gpu".to_string())
+        );
+    }
+
+    #[test]
+    fn resource_name_rejects_what_kubelet_rejects() {
+        assert!(matches!(
+            ResourceName::parse("dev-1"),
+            Err(ResourceNameError::NoDomain(_))
+        ));
+        assert!(matches!(
+            ResourceName::parse("Example.com/x"),
+            Err(ResourceNameError::BadDomain(_))
+        ));
+        assert!(matches!(
+            ResourceName::parse("kubernetes.io/x"),
+            Err(ResourceNameError::ReservedDomain(_))
+        ));
+        assert!(matches!(
+            ResourceName::parse("a.kubernetes.io/x"),
+            Err(ResourceNameError::ReservedDomain(_))
+        ));
+        assert!(matches!(
+            ResourceName::parse("example.com/-x"),
+            Err(ResourceNameError::BadName(_))
+        ));
+        assert!(matches!(
+            ResourceName::parse("example.com/a/b"),
+            Err(ResourceNameError::BadName(_))
+        ));
+        assert!(matches!(
+            ResourceName::parse(&format!("example.com/{}", "a".repeat(64))),
+            Err(ResourceNameError::BadName(_))
+        ));
+    }
+
+    #[test]
+    fn file_safe_name_has_no_slash() {
+        let name = ResourceName::parse("example.com/dev-1").expect("valid");
+        assert_eq!(name.file_safe(), "example.com_dev-1");
+    }
+
+    #[test]
+    fn qualified_names() {
+        assert!(is_qualified_name("com.intel.fpga.mode"));
+        assert!(is_qualified_name("virtual.example.com/devices"));
+        assert!(!is_qualified_name("bad key"));
+        assert!(!is_qualified_name("UPPER.com/x"));
+        assert!(!is_qualified_name(""));
+    }
+
+    fn dev(id: &str, health: Health) -> Device {
+        Device {
+            id: id.to_string(),
+            health,
+            numa_nodes: vec![],
+        }
+    }
+
+    #[test]
+    fn device_set_rejects_duplicates_and_empty_ids() {
+        assert_eq!(
+            DeviceSet::new(vec![dev("a", Health::Healthy), dev("a", Health::Healthy)]).err(),
+            Some(DeviceSetError::DuplicateId("a".into()))
+        );
+        assert_eq!(
+            DeviceSet::new(vec![dev("", Health::Healthy)]).err(),
+            Some(DeviceSetError::BadId(String::new()))
+        );
+    }
+
+    #[test]
+    fn with_health_reports_only_changes() {
+        let set = DeviceSet::new(vec![dev("a", Health::Healthy), dev("b", Health::Healthy)])
+            .expect("valid");
+        let same: HashMap<&str, Health> = [("a", Health::Healthy)].into();
+        assert!(set.with_health(&same).is_none());
+        let sick: HashMap<&str, Health> = [("b", Health::Unhealthy)].into();
+        let next = set.with_health(&sick).expect("changed");
+        assert_eq!(next.get("b").map(|d| d.health), Some(Health::Unhealthy));
+        assert_eq!(next.get("a").map(|d| d.health), Some(Health::Healthy));
+    }
+}

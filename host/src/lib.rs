@@ -1,0 +1,20 @@
+//! wasm-device-plugin: a Kubernetes device plugin host whose device logic runs in
+//! sandboxed WebAssembly components.
+//!
+//! Layers, with dependencies pointing one way
+//! (`app → registry → {kubelet, runtime, policy} → domain`):
+//! - [`kubelet`]: the v1beta1 protocol, sockets, registration, simulator;
+//! - [`runtime`]: wasmtime engine, bindings, per-call stores, guest calls;
+//! - [`policy`]: guest output → validated [`domain`] values;
+//! - [`registry`]: module discovery and lifecycle;
+//! - [`app`]: wiring and shutdown; [`demo`]: the demo run; [`config`]: the CLI.
+#![warn(missing_docs)]
+
+pub mod app;
+pub mod config;
+pub mod demo;
+pub mod domain;
+pub mod kubelet;
+pub mod policy;
+pub mod registry;
+pub mod runtime;

@@ -1,0 +1,406 @@
+//! The only place that sees both raw guest output and domain values: it turns what
+//! a module returned into what kubelet may see, or refuses it with the module, the
+//! field and the rule broken.
+//!
+//! Rules enforced here: resource names are valid extended resource names, unique
+//! per module; device ids are non-empty, at most 253 bytes, unique per resource, at
+//! most 10 000 per resource; a health answer has one entry per device asked about;
+//! an allocation has one response per container; env var names are POSIX names;
+//! container and host paths are absolute and normalised; annotation keys are
+//! Kubernetes qualified names; CDI names are `vendor/class=name`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+
+use crate::domain::{
+    ContainerAllocation, Device, DeviceNode, DeviceSet, Health, Mount, ResourceName,
+    is_qualified_name,
+};
+use crate::runtime::bindings::{self, ContainerResponse, DeviceKind};
+
+/// Most kinds (resources) one module may report.
+pub const MAX_KINDS: usize = 256;
+
+/// A guest answer that breaks a rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("module {module}: {field}: {rule}")]
+pub struct PolicyError {
+    /// The module that answered.
+    pub module: String,
+    /// Where in the answer, e.g. `containers[0].envs["1X"]`.
+    pub field: String,
+    /// The rule broken.
+    pub rule: String,
+}
+
+struct Ctx<'a> {
+    module: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, field: impl fmt::Display, rule: impl fmt::Display) -> PolicyError {
+        PolicyError {
+            module: self.module.to_string(),
+            field: field.to_string(),
+            rule: rule.to_string(),
+        }
+    }
+}
+
+/// One resource found by a scan: its kubelet name, the module's kind name and the
+/// checked devices.
+#[derive(Debug, Clone)]
+pub struct ScannedResource {
+    /// The resource name kubelet sees.
+    pub name: ResourceName,
+    /// The kind name as the module reported it (passed back in `allocate`).
+    pub kind: String,
+    /// The devices.
+    pub devices: DeviceSet,
+}
+
+/// Checks a scan and resolves kind names against `default_domain`.
+///
+/// # Errors
+/// [`PolicyError`] for the first rule broken.
+pub fn scan(
+    module: &str,
+    default_domain: &str,
+    kinds: Vec<DeviceKind>,
+) -> Result<Vec<ScannedResource>, PolicyError> {
+    let ctx = Ctx { module };
+    if kinds.len() > MAX_KINDS {
+        return Err(ctx.err(
+            "scan",
+            format!("{} kinds is more than the {MAX_KINDS} allowed", kinds.len()),
+        ));
+    }
+    let mut names = HashSet::new();
+    kinds
+        .into_iter()
+        .map(|kind| {
+            let field = format!("kinds[{:?}]", kind.name);
+            let name = ResourceName::for_kind(default_domain, &kind.name)
+                .map_err(|e| ctx.err(&field, e))?;
+            if !names.insert(name.clone()) {
+                return Err(ctx.err(&field, format!("resource {name} is reported twice")));
+            }
+            let devices = kind
+                .devices
+                .into_iter()
+                .map(|d| Device {
+                    id: d.id,
+                    health: health(d.health),
+                    numa_nodes: d.numa_nodes,
+                })
+                .collect();
+            let devices =
+                DeviceSet::new(devices).map_err(|e| ctx.err(format!("{field}.devices"), e))?;
+            Ok(ScannedResource {
+                name,
+                kind: kind.name,
+                devices,
+            })
+        })
+        .collect()
+}
+
+/// The domain value of a guest health.
+pub fn health(h: bindings::Health) -> Health {
+    match h {
+        bindings::Health::Healthy => Health::Healthy,
+        bindings::Health::Unhealthy => Health::Unhealthy,
+    }
+}
+
+/// Checks that a health answer has one entry per device asked about.
+///
+/// # Errors
+/// [`PolicyError`] when the lengths differ.
+pub fn health_answer(
+    module: &str,
+    asked: usize,
+    answer: &[bindings::Health],
+) -> Result<(), PolicyError> {
+    if answer.len() == asked {
+        Ok(())
+    } else {
+        Err(Ctx { module }.err(
+            "health",
+            format!("answered {} entries for {asked} devices", answer.len()),
+        ))
+    }
+}
+
+/// Checks an allocation and converts it.
+///
+/// # Errors
+/// [`PolicyError`] for the first rule broken.
+pub fn allocation(
+    module: &str,
+    containers: usize,
+    responses: Vec<ContainerResponse>,
+) -> Result<Vec<ContainerAllocation>, PolicyError> {
+    let ctx = Ctx { module };
+    if responses.len() != containers {
+        return Err(ctx.err(
+            "allocate",
+            format!(
+                "answered {} containers for {containers} requested",
+                responses.len()
+            ),
+        ));
+    }
+    responses
+        .into_iter()
+        .enumerate()
+        .map(|(n, r)| container(&ctx, n, r))
+        .collect()
+}
+
+fn container(
+    ctx: &Ctx<'_>,
+    n: usize,
+    r: ContainerResponse,
+) -> Result<ContainerAllocation, PolicyError> {
+    let mut envs = BTreeMap::new();
+    for kv in r.envs {
+        if !is_env_name(&kv.key) {
+            return Err(ctx.err(
+                format!("containers[{n}].envs[{:?}]", kv.key),
+                "not a valid environment variable name ([A-Za-z_][A-Za-z0-9_]*)",
+            ));
+        }
+        if envs.insert(kv.key.clone(), kv.value).is_some() {
+            return Err(ctx.err(format!("containers[{n}].envs[{:?}]", kv.key), "set twice"));
+        }
+    }
+    let mut annotations = BTreeMap::new();
+    for kv in r.annotations {
+        if !is_qualified_name(&kv.key) {
+            return Err(ctx.err(
+                format!("containers[{n}].annotations[{:?}]", kv.key),
+                "not a Kubernetes qualified name ([prefix/]name)",
+            ));
+        }
+        if annotations.insert(kv.key.clone(), kv.value).is_some() {
+            return Err(ctx.err(
+                format!("containers[{n}].annotations[{:?}]", kv.key),
+                "set twice",
+            ));
+        }
+    }
+    let devices = r
+        .devices
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let field = format!("containers[{n}].devices[{i}]");
+            check_path(ctx, &format!("{field}.host-path"), &d.host_path)?;
+            check_path(ctx, &format!("{field}.container-path"), &d.container_path)?;
+            if d.permissions.is_empty()
+                || !d.permissions.chars().all(|c| matches!(c, 'r' | 'w' | 'm'))
+            {
+                return Err(ctx.err(format!("{field}.permissions"), "must be made of r, w and m"));
+            }
+            Ok(DeviceNode {
+                host_path: d.host_path,
+                container_path: d.container_path,
+                permissions: d.permissions,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let mounts = r
+        .mounts
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let field = format!("containers[{n}].mounts[{i}]");
+            check_path(ctx, &format!("{field}.host-path"), &m.host_path)?;
+            check_path(ctx, &format!("{field}.container-path"), &m.container_path)?;
+            Ok(Mount {
+                host_path: m.host_path,
+                container_path: m.container_path,
+                read_only: m.read_only,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    for (i, name) in r.cdi_devices.iter().enumerate() {
+        if !is_cdi_name(name) {
+            return Err(ctx.err(
+                format!("containers[{n}].cdi-devices[{i}]"),
+                "not a CDI device name (vendor.com/class=name)",
+            ));
+        }
+    }
+    Ok(ContainerAllocation {
+        envs,
+        devices,
+        mounts,
+        annotations,
+        cdi_devices: r.cdi_devices,
+    })
+}
+
+/// POSIX environment variable name.
+fn is_env_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && !b[0].is_ascii_digit()
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
+}
+
+/// Absolute and normalised: starts with `/`, no `.`, `..` or empty segments, no
+/// trailing `/` (other than `/` itself), no NUL.
+fn check_path(ctx: &Ctx<'_>, field: &str, path: &str) -> Result<(), PolicyError> {
+    if !path.starts_with('/') {
+        return Err(ctx.err(field, format!("`{path}` is not an absolute path")));
+    }
+    if path.contains('\0')
+        || (path != "/"
+            && path[1..]
+                .split('/')
+                .any(|s| s.is_empty() || s == "." || s == ".."))
+    {
+        return Err(ctx.err(
+            field,
+            format!("`{path}` is not a normalised path (no `.`, `..`, `//` or trailing `/`)"),
+        ));
+    }
+    Ok(())
+}
+
+/// A fully qualified CDI device name: `vendor/class=name`, vendor a domain-like
+/// name, class and name made of `[A-Za-z0-9_.-]` (name may also hold `:`).
+fn is_cdi_name(s: &str) -> bool {
+    let Some((kind, name)) = s.split_once('=') else {
+        return false;
+    };
+    let Some((vendor, class)) = kind.split_once('/') else {
+        return false;
+    };
+    let part = |p: &str, extra: &[char]| {
+        !p.is_empty()
+            && p.chars().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') || extra.contains(&c)
+            })
+    };
+    part(vendor, &[]) && part(class, &[]) && part(name, &[':'])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::bindings::wasm_device_plugin::device::types::{
+        Device as GuestDevice, DeviceSpec, KeyValue, Mount as GuestMount,
+    };
+
+    fn kind(name: &str, ids: &[&str]) -> DeviceKind {
+        DeviceKind {
+            name: name.to_string(),
+            devices: ids
+                .iter()
+                .map(|id| GuestDevice {
+                    id: id.to_string(),
+                    health: bindings::Health::Healthy,
+                    numa_nodes: vec![],
+                })
+                .collect(),
+        }
+    }
+
+    fn response() -> ContainerResponse {
+        ContainerResponse {
+            envs: vec![],
+            devices: vec![],
+            mounts: vec![],
+            annotations: vec![],
+            cdi_devices: vec![],
+        }
+    }
+
+    #[test]
+    fn scan_prefixes_bare_kind_names() {
+        let got = scan(
+            "m",
+            "example.com",
+            vec![kind("dev-1", &["a"]), kind("vendor.io/x", &["b"])],
+        )
+        .expect("valid");
+        let names: Vec<_> = got.iter().map(|r| r.name.to_string()).collect();
+        assert_eq!(names, ["example.com/dev-1", "vendor.io/x"]);
+        assert_eq!(got[0].kind, "dev-1");
+    }
+
+    #[test]
+    fn scan_rejects_duplicate_device_ids() {
+        let err =
+            scan("m", "example.com", vec![kind("dev-1", &["a", "a"])]).expect_err("duplicate");
+        assert_eq!(err.module, "m");
+        assert!(err.field.contains("dev-1"));
+    }
+
+    #[test]
+    fn scan_rejects_duplicate_kinds_and_bad_names() {
+        assert!(scan("m", "example.com", vec![kind("x", &[]), kind("x", &[])]).is_err());
+        assert!(scan("m", "example.com", vec![kind("kubernetes.io/x", &[])]).is_err());
+        assert!(scan("m", "example.com", vec![kind("bad name", &[])]).is_err());
+    }
+
+    #[test]
+    fn allocation_must_cover_every_container() {
+        assert!(allocation("m", 2, vec![response()]).is_err());
+        assert_eq!(allocation("m", 1, vec![response()]).map(|v| v.len()), Ok(1));
+    }
+
+    #[test]
+    fn allocation_rejects_bad_env_names() {
+        let mut r = response();
+        r.envs.push(KeyValue {
+            key: "1BAD".into(),
+            value: "x".into(),
+        });
+        let err = allocation("m", 1, vec![r]).expect_err("bad env");
+        assert!(err.field.contains("envs"));
+    }
+
+    #[test]
+    fn allocation_rejects_relative_or_unnormalised_paths() {
+        for path in ["dev/x", "/dev/../etc", "/dev//x", "/dev/x/"] {
+            let mut r = response();
+            r.devices.push(DeviceSpec {
+                host_path: path.into(),
+                container_path: "/dev/x".into(),
+                permissions: "rw".into(),
+            });
+            assert!(allocation("m", 1, vec![r]).is_err(), "{path} accepted");
+        }
+        let mut r = response();
+        r.mounts.push(GuestMount {
+            host_path: "/opt/x".into(),
+            container_path: "opt".into(),
+            read_only: true,
+        });
+        assert!(allocation("m", 1, vec![r]).is_err());
+    }
+
+    #[test]
+    fn allocation_rejects_bad_annotation_keys_and_cdi_names() {
+        let mut r = response();
+        r.annotations.push(KeyValue {
+            key: "not a key".into(),
+            value: "x".into(),
+        });
+        assert!(allocation("m", 1, vec![r]).is_err());
+        let mut r = response();
+        r.cdi_devices.push("no-equals-sign".into());
+        assert!(allocation("m", 1, vec![r]).is_err());
+        let mut r = response();
+        r.cdi_devices.push("vendor.com/fpga=dev0".into());
+        r.annotations.push(KeyValue {
+            key: "com.intel.fpga.mode".into(),
+            value: "fpga.intel.com/region".into(),
+        });
+        assert!(allocation("m", 1, vec![r]).is_ok());
+    }
+}

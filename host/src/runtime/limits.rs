@@ -1,0 +1,213 @@
+//! What one guest call runs in: a fresh `Store` whose data holds an empty WASI
+//! context (no files, environment, network or inherited stdio), a memory limiter,
+//! the module's configuration, and capped stdout/stderr that end up in the log.
+//!
+//! A fresh store per call means no trap, leak or state outlives the call.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{ResourceLimiter, Store};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::runtime::bindings::LogLevel;
+use crate::runtime::bindings::wasm_device_plugin::device::{host, types};
+use crate::runtime::engine::deadline_ticks;
+
+/// Most bytes of a guest's stdout or stderr kept per call.
+const STDIO_CAP: usize = 4096;
+/// Longest guest log line kept.
+const LOG_LINE_CAP: usize = 4096;
+
+/// A module's configuration values, as the `host.config` import returns them.
+pub type ModuleConfig = BTreeMap<String, String>;
+
+/// Per-module limits on every call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest linear memory an instance may grow to, in bytes.
+    pub memory_bytes: usize,
+    /// Deadline of `scan` and `health`.
+    pub scan_deadline: Duration,
+    /// Deadline of `allocate` plus `post-allocate`.
+    pub allocate_deadline: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 64 * 1024 * 1024,
+            scan_deadline: Duration::from_secs(10),
+            allocate_deadline: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Which export is running (for logs and errors).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    /// `scan`.
+    Scan,
+    /// `health`.
+    Health,
+    /// `allocate` (and `post-allocate` on the same instance).
+    Allocate,
+}
+
+impl Call {
+    /// The WIT name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Call::Scan => "scan",
+            Call::Health => "health",
+            Call::Allocate => "allocate",
+        }
+    }
+}
+
+/// Refuses memory growth past the cap and remembers that it did, so a trap that
+/// follows can be reported as "out of memory" rather than as a guest bug.
+struct MemoryCap {
+    max_bytes: usize,
+    exceeded: bool,
+}
+
+impl ResourceLimiter for MemoryCap {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = desired <= self.max_bytes;
+        if !allowed {
+            self.exceeded = true;
+        }
+        Ok(allowed)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// The data of one call's store.
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: MemoryCap,
+    config: Arc<ModuleConfig>,
+    module: Arc<str>,
+    call: Call,
+    stdout: MemoryOutputPipe,
+    stderr: MemoryOutputPipe,
+}
+
+impl HostState {
+    /// Whether the call was refused memory.
+    pub fn memory_exceeded(&self) -> bool {
+        self.limiter.exceeded
+    }
+
+    /// Writes what the guest printed to the log, one event per stream.
+    pub fn flush_stdio(&self) {
+        for (stream, pipe) in [("stdout", &self.stdout), ("stderr", &self.stderr)] {
+            let bytes = pipe.contents();
+            if !bytes.is_empty() {
+                let text = String::from_utf8_lossy(&bytes);
+                tracing::info!(module = %self.module, call = self.call.as_str(), stream, output = %text.trim_end(), "guest output");
+            }
+        }
+    }
+}
+
+/// A store for one call of `module`'s export `call`, with the deadline armed.
+pub fn new_store(
+    engine: &wasmtime::Engine,
+    module: Arc<str>,
+    call: Call,
+    config: Arc<ModuleConfig>,
+    limits: &Limits,
+) -> Store<HostState> {
+    let stdout = MemoryOutputPipe::new(STDIO_CAP);
+    let stderr = MemoryOutputPipe::new(STDIO_CAP);
+    // The builder starts empty: no args, env, preopened directories or inherited
+    // stdio; networking is denied explicitly on top of that.
+    let mut wasi = WasiCtx::builder();
+    wasi.stdout(stdout.clone()).stderr(stderr.clone());
+    wasi.allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false);
+    let state = HostState {
+        wasi: wasi.build(),
+        table: ResourceTable::new(),
+        limiter: MemoryCap {
+            max_bytes: limits.memory_bytes,
+            exceeded: false,
+        },
+        config,
+        module,
+        call,
+        stdout,
+        stderr,
+    };
+    let mut store = Store::new(engine, state);
+    store.limiter(|state| &mut state.limiter);
+    let deadline = match call {
+        Call::Scan | Call::Health => limits.scan_deadline,
+        Call::Allocate => limits.allocate_deadline,
+    };
+    store.set_epoch_deadline(deadline_ticks(deadline));
+    store.epoch_deadline_trap();
+    store
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl types::Host for HostState {}
+
+impl host::Host for HostState {
+    fn log(&mut self, level: LogLevel, mut message: String) {
+        if message.len() > LOG_LINE_CAP {
+            let mut end = LOG_LINE_CAP;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+        }
+        let (module, call) = (&*self.module, self.call.as_str());
+        match level {
+            LogLevel::Trace => tracing::trace!(module, call, "{message}"),
+            LogLevel::Debug => tracing::debug!(module, call, "{message}"),
+            LogLevel::Info => tracing::info!(module, call, "{message}"),
+            LogLevel::Warn => tracing::warn!(module, call, "{message}"),
+            LogLevel::Error => tracing::error!(module, call, "{message}"),
+        }
+    }
+
+    fn config(&mut self) -> Vec<(String, String)> {
+        self.config
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    fn get_config(&mut self, key: String) -> Option<String> {
+        self.config.get(&key).cloned()
+    }
+}
