@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::registry::lifecycle::{self, Control};
-use crate::registry::{self, ModuleState, ModuleStates, Settings};
+use crate::registry::{self, Claims, ModuleState, ModuleStates, Settings};
 use crate::runtime::{ModuleConfig, Runtime};
 
 /// Everything `run` needs, already parsed and defaulted (see `config`).
@@ -65,6 +65,7 @@ impl Host {
             .collect();
         let (states_tx, states) = watch::channel(initial);
         let mut controls = HashMap::new();
+        let claims = Claims::default();
         for spec in specs {
             let (tx, rx) = mpsc::channel(8);
             controls.insert(spec.name.clone(), tx);
@@ -72,6 +73,7 @@ impl Host {
                 runtime.clone(),
                 settings.clone(),
                 spec,
+                claims.clone(),
                 states_tx.clone(),
                 rx,
                 token.child_token(),
@@ -107,11 +109,12 @@ impl Host {
         Ok(states.clone())
     }
 
-    /// Gives module `name` a new configuration; it re-scans at once. Returns
-    /// false when there is no such running module.
-    pub async fn set_module_config(&self, name: &str, config: ModuleConfig) -> bool {
+    /// Gives module `name` a new configuration for its later calls; with
+    /// `rescan` it re-scans at once, otherwise the next health check or scheduled
+    /// scan sees it. Returns false when there is no such running module.
+    pub async fn set_module_config(&self, name: &str, config: ModuleConfig, rescan: bool) -> bool {
         match self.controls.get(name) {
-            Some(tx) => tx.send(Control::SetConfig(config)).await.is_ok(),
+            Some(tx) => tx.send(Control::SetConfig { config, rescan }).await.is_ok(),
             None => false,
         }
     }

@@ -61,9 +61,15 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
 }
 
 fn init_tracing(cli: &Cli) {
+    // The demo's report goes to stdout; keep its log to warnings unless asked.
+    let default = if matches!(cli.command, Command::Demo(_)) {
+        "warn"
+    } else {
+        "info"
+    };
     let filter = match &cli.log {
         Some(directives) => EnvFilter::new(directives),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)),
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

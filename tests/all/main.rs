@@ -1,1 +1,4 @@
+//! End-to-end tests: the host driven through the kubelet simulator over real unix
+//! sockets. One binary, a module per area.
 
+mod foundation;

@@ -1,1 +1,143 @@
+//! Support for the end-to-end tests: the guests built by `build.rs`, and a fixture
+//! that runs the real host against the kubelet simulator over real unix sockets in
+//! a temporary directory.
 
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tokio_util::sync::CancellationToken;
+use wasm_device_plugin::app::{Host, HostConfig};
+use wasm_device_plugin::kubelet::simulator::Simulator;
+use wasm_device_plugin::registry::{ModuleStates, Settings};
+use wasm_device_plugin::runtime::Limits;
+
+/// Paths of the guests built for these tests.
+pub mod guests {
+    include!(concat!(env!("OUT_DIR"), "/guests.rs"));
+}
+
+/// The outer bound of every wait in the tests. Waits end as soon as their
+/// condition holds; this only stops a broken test from hanging.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Logs to the test's captured output (once per process); `RUST_LOG` filters.
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "wasm_device_plugin=debug".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A modules directory and a kubelet directory, both temporary.
+pub struct Dirs {
+    /// Holds both directories; dropping it deletes them (after the host stopped).
+    pub root: TempDir,
+}
+
+impl Dirs {
+    /// Creates `modules/` and `kubelet/` in a new temporary directory.
+    pub fn new() -> Self {
+        let root = tempfile::Builder::new()
+            .prefix("wdp")
+            .tempdir()
+            .expect("temp dir");
+        std::fs::create_dir(root.path().join("modules")).expect("modules dir");
+        std::fs::create_dir(root.path().join("kubelet")).expect("kubelet dir");
+        Self { root }
+    }
+
+    /// The modules directory.
+    pub fn modules(&self) -> PathBuf {
+        self.root.path().join("modules")
+    }
+
+    /// The kubelet directory.
+    pub fn kubelet(&self) -> PathBuf {
+        self.root.path().join("kubelet")
+    }
+
+    /// Copies `wasm` into the modules directory as `<name>.wasm`.
+    pub fn add_module(&self, name: &str, wasm: &str) {
+        std::fs::copy(wasm, self.modules().join(format!("{name}.wasm"))).expect("copy module");
+    }
+
+    /// Writes `bytes` into the modules directory as `file`.
+    pub fn write_module(&self, file: &str, bytes: &[u8]) {
+        std::fs::write(self.modules().join(file), bytes).expect("write module");
+    }
+}
+
+impl Default for Dirs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Settings for tests: health checked every 50 ms, no scheduled re-scan during a
+/// test, default limits.
+pub fn test_settings(kubelet_dir: &Path) -> Settings {
+    Settings {
+        kubelet_dir: kubelet_dir.to_path_buf(),
+        default_domain: "example.com".into(),
+        health_interval: Duration::from_millis(50),
+        scan_interval: Duration::from_secs(3600),
+        limits: Limits::default(),
+    }
+}
+
+/// The host and a simulated kubelet, running on the directories in `dirs`.
+pub struct Fixture {
+    /// The simulated kubelet.
+    pub kubelet: Simulator,
+    /// The host under test.
+    pub host: Host,
+    shutdown: CancellationToken,
+    /// Kept so the directories outlive the host.
+    pub dirs: Dirs,
+}
+
+impl Fixture {
+    /// Starts the kubelet simulator, then the host with `settings`.
+    pub fn start_with(dirs: Dirs, settings: Settings) -> Self {
+        init_logging();
+        let kubelet = Simulator::start(&dirs.kubelet()).expect("kubelet simulator");
+        let shutdown = CancellationToken::new();
+        let host = Host::start(
+            HostConfig {
+                modules_dir: dirs.modules(),
+                settings,
+            },
+            &shutdown,
+        )
+        .expect("host starts");
+        Self {
+            kubelet,
+            host,
+            shutdown,
+            dirs,
+        }
+    }
+
+    /// Starts with [`test_settings`].
+    pub fn start(dirs: Dirs) -> Self {
+        let settings = test_settings(&dirs.kubelet());
+        Self::start_with(dirs, settings)
+    }
+
+    /// Waits until every module has finished loading.
+    pub async fn settled(&self) -> ModuleStates {
+        self.host.settled(WAIT).await.expect("modules settle")
+    }
+
+    /// Stops the host (sockets removed), then the kubelet.
+    pub async fn stop(self) -> Dirs {
+        self.shutdown.cancel();
+        self.host.stop().await;
+        self.kubelet.stop().await;
+        self.dirs
+    }
+}

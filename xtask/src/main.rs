@@ -1,1 +1,158 @@
-fn main() {}
+//! Project tasks, run as `cargo xtask <task>` (an alias in `.cargo/config.toml`):
+//!
+//! - `demo`: builds the shipped guests and runs `wasm-device-plugin demo` on them;
+//! - `test`: installs what the tests need (the `wasm32-wasip2` target) and runs
+//!   every test; the test crate builds the guests itself. With `CI` set it also
+//!   checks formatting and denies clippy warnings;
+//! - `guests`: builds the shipped guests into `target/modules/`.
+//!
+//! Needs only rustup and cargo.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+const WASM_TARGET: &str = "wasm32-wasip2";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (task, rest) = match args.split_first() {
+        Some((task, rest)) => (task.as_str(), rest),
+        None => ("help", &[][..]),
+    };
+    let result = match task {
+        "demo" => demo(rest),
+        "test" => test(rest),
+        "guests" => guests().map(|dir| println!("guests built into {}", dir.display())),
+        _ => {
+            eprintln!("usage: cargo xtask <demo|test|guests> [args...]");
+            eprintln!(
+                "  demo    build the shipped guests and run `wasm-device-plugin demo` on them"
+            );
+            eprintln!(
+                "  test    install the wasm target and run every test (args go to `cargo test`)"
+            );
+            eprintln!("  guests  build the shipped guests into target/modules/");
+            return if task == "help" || task == "--help" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask {task}: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?} failed with {status}"))
+    }
+}
+
+/// Installs the wasm target through rustup unless it is there already.
+fn ensure_wasm_target() -> Result<(), String> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .map_err(|e| format!("rustup is needed to install the {WASM_TARGET} target: {e}"))?;
+    if String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.trim() == WASM_TARGET)
+    {
+        return Ok(());
+    }
+    run(Command::new("rustup").args(["target", "add", WASM_TARGET]))
+}
+
+/// Builds the guests workspace and copies each component into `target/modules/`.
+fn guests() -> Result<PathBuf, String> {
+    ensure_wasm_target()?;
+    let root = root();
+    let target_dir = root.join("target/guests");
+    run(cargo()
+        .args([
+            "build",
+            "--release",
+            "--target",
+            WASM_TARGET,
+            "--manifest-path",
+        ])
+        .arg(root.join("guests/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target_dir))?;
+    let built = target_dir.join(WASM_TARGET).join("release");
+    let modules = root.join("target/modules");
+    std::fs::create_dir_all(&modules)
+        .map_err(|e| format!("cannot create {}: {e}", modules.display()))?;
+    for entry in
+        std::fs::read_dir(&built).map_err(|e| format!("cannot read {}: {e}", built.display()))?
+    {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        if path.extension().is_some_and(|e| e == "wasm") {
+            let to = modules.join(path.file_name().unwrap_or_default());
+            std::fs::copy(&path, &to)
+                .map_err(|e| format!("cannot copy {}: {e}", path.display()))?;
+        }
+    }
+    Ok(modules)
+}
+
+fn demo(extra: &[String]) -> Result<(), String> {
+    let modules = guests()?;
+    run(cargo()
+        .args([
+            "run",
+            "--quiet",
+            "--package",
+            "wasm-device-plugin",
+            "--",
+            "demo",
+            "--modules-dir",
+        ])
+        .arg(modules)
+        .args(extra))
+}
+
+fn test(extra: &[String]) -> Result<(), String> {
+    ensure_wasm_target()?;
+    let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false");
+    if ci {
+        run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    }
+    run(cargo().args(["test", "--workspace"]).args(extra))?;
+    if ci {
+        run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+    Ok(())
+}

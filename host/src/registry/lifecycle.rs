@@ -26,15 +26,21 @@ use crate::domain::{ContainerAllocation, DeviceSet, Health, ResourceName};
 use crate::kubelet::server::{AllocateError, DeviceBackend};
 use crate::kubelet::{self, ServedResource};
 use crate::policy::{self, ScannedResource};
-use crate::registry::{ModuleSpec, ModuleState, ModuleStates, Settings};
+use crate::registry::{Claims, ModuleSpec, ModuleState, ModuleStates, Settings};
 use crate::runtime::bindings::{AllocateRequest, ContainerRequest, DeviceRef, ModuleError};
 use crate::runtime::{CallError, CallFailure, Guest, ModuleConfig, Runtime};
 
 /// Messages to a running module.
 #[derive(Debug)]
 pub enum Control {
-    /// Use this configuration from now on and re-scan.
-    SetConfig(ModuleConfig),
+    /// Use this configuration from later calls on; re-scan at once if `rescan`,
+    /// otherwise the next health check or scheduled scan sees it.
+    SetConfig {
+        /// The new configuration.
+        config: ModuleConfig,
+        /// Re-scan now.
+        rescan: bool,
+    },
 }
 
 /// Allocates through a module for one of its resources.
@@ -112,6 +118,7 @@ pub async fn run(
     runtime: Arc<Runtime>,
     settings: Arc<Settings>,
     spec: ModuleSpec,
+    claims: Claims,
     states: watch::Sender<ModuleStates>,
     mut control: mpsc::Receiver<Control>,
     token: CancellationToken,
@@ -148,6 +155,7 @@ pub async fn run(
     let mut module = Module {
         guest,
         settings,
+        claims,
         resources: BTreeMap::new(),
         token: token.clone(),
     };
@@ -171,10 +179,12 @@ pub async fn run(
             _ = health_tick.tick() => module.check_health().await,
             _ = scan_tick.tick() => module.rescan().await,
             Some(message) = control.recv() => match message {
-                Control::SetConfig(config) => {
-                    tracing::info!(module = %name, "configuration changed; re-scanning");
+                Control::SetConfig { config, rescan } => {
+                    tracing::info!(module = %name, rescan, "configuration changed");
                     module.guest.set_config(config);
-                    module.rescan().await;
+                    if rescan {
+                        module.rescan().await;
+                    }
                 }
             },
         }
@@ -218,6 +228,7 @@ async fn scan(guest: &Guest, settings: &Settings) -> Result<Vec<ScannedResource>
 struct Module {
     guest: Arc<Guest>,
     settings: Arc<Settings>,
+    claims: Claims,
     resources: BTreeMap<ResourceName, Resource>,
     token: CancellationToken,
 }
@@ -241,6 +252,15 @@ impl Module {
                     }
                     changed
                 });
+                continue;
+            }
+            if let Err(owner) = self.claims.claim(&found.name, self.guest.name()) {
+                tracing::error!(
+                    module = %self.guest.name(),
+                    resource = %found.name,
+                    served_by = %owner,
+                    "resource is already served by another module; not serving it from this one"
+                );
                 continue;
             }
             let (tx, rx) = watch::channel(Arc::new(found.devices));
@@ -271,6 +291,7 @@ impl Module {
                 }
                 Err(err) => {
                     tracing::error!(module = %self.guest.name(), resource = %found.name, cause = %err, "cannot serve resource");
+                    self.claims.release(&found.name, self.guest.name());
                 }
             }
         }
@@ -284,6 +305,7 @@ impl Module {
             if let Some(resource) = self.resources.remove(&name) {
                 tracing::info!(module = %self.guest.name(), resource = %name, "resource no longer reported; unregistering");
                 resource.stop().await;
+                self.claims.release(&name, self.guest.name());
             }
         }
     }
@@ -347,8 +369,9 @@ impl Module {
     }
 
     async fn stop(self) {
-        for (_, resource) in self.resources {
+        for (name, resource) in self.resources {
             resource.stop().await;
+            self.claims.release(&name, self.guest.name());
         }
     }
 }

@@ -4,9 +4,12 @@
 
 pub mod lifecycle;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use crate::domain::ResourceName;
 
 use crate::runtime::{Limits, ModuleConfig};
 
@@ -74,4 +77,35 @@ pub fn discover(dir: &Path) -> std::io::Result<Vec<ModuleSpec>> {
     }
     specs.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(specs)
+}
+
+/// Which module serves each resource name. Kubelet keeps one endpoint per
+/// resource, so a second module registering the same name would silently take
+/// the resource from the first: the second is refused instead.
+#[derive(Debug, Clone, Default)]
+pub struct Claims {
+    owners: Arc<Mutex<HashMap<ResourceName, String>>>,
+}
+
+impl Claims {
+    /// Claims `resource` for `module`. Returns the other module that holds it, if
+    /// any (then nothing changes).
+    pub fn claim(&self, resource: &ResourceName, module: &str) -> Result<(), String> {
+        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+        match owners.get(resource) {
+            Some(owner) if owner != module => Err(owner.clone()),
+            _ => {
+                owners.insert(resource.clone(), module.to_string());
+                Ok(())
+            }
+        }
+    }
+
+    /// Releases `resource` if `module` holds it.
+    pub fn release(&self, resource: &ResourceName, module: &str) {
+        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+        if owners.get(resource).is_some_and(|owner| owner == module) {
+            owners.remove(resource);
+        }
+    }
 }

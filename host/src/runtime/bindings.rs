@@ -10,5 +10,5 @@ wasmtime::component::bindgen!({
 
 // The world's `use` already puts `AllocateRequest`, `ContainerResponse`, `DeviceKind`,
 // `DeviceRef`, `Health` and `ModuleError` here.
-pub use wasm_device_plugin::device::host::LogLevel;
-pub use wasm_device_plugin::device::types::ContainerRequest;
+pub use self::wasm_device_plugin::device::host::LogLevel;
+pub use self::wasm_device_plugin::device::types::ContainerRequest;

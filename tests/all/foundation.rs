@@ -1,0 +1,519 @@
+//! The first slice: a wasm guest's devices registered, advertised and allocated
+//! through the device-plugin protocol.
+
+use std::collections::BTreeMap;
+
+use tonic::Code;
+use wasm_device_plugin::kubelet::simulator::{KubeletView, SimulatorError};
+use wasm_device_plugin::registry::ModuleState;
+use wdp_tests::{Dirs, Fixture, WAIT, guests};
+
+const DEV1: &str = "example.com/dev-1";
+const DEV2: &str = "example.com/dev-2";
+
+fn virtual_devices() -> Dirs {
+    let dirs = Dirs::new();
+    dirs.add_module("virtual", guests::VIRTUAL_DEVICES);
+    dirs
+}
+
+/// Waits until both virtual-devices resources have sent their first list.
+async fn both_listed(fixture: &Fixture) -> KubeletView {
+    fixture
+        .kubelet
+        .wait_for(WAIT, "both resources listed", |v| {
+            [DEV1, DEV2]
+                .iter()
+                .all(|r| v.plugin(r).is_some_and(|p| !p.updates.is_empty()))
+        })
+        .await
+        .expect("registered and listed")
+}
+
+fn ids(view: &KubeletView, resource: &str) -> Vec<String> {
+    view.plugin(resource)
+        .map(|p| p.devices.iter().map(|d| d.id.clone()).collect())
+        .unwrap_or_default()
+}
+
+fn status_code(err: SimulatorError) -> (Code, String) {
+    match err {
+        SimulatorError::Status(status) => (status.code(), status.message().to_string()),
+        other => panic!("expected a gRPC status, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn registration_carries_version_endpoint_and_resource_names() {
+    let fixture = Fixture::start(virtual_devices());
+    let view = both_listed(&fixture).await;
+    for resource in [DEV1, DEV2] {
+        let plugin = view.plugin(resource).expect("registered");
+        let r = &plugin.registration;
+        assert_eq!(r.version, "v1beta1");
+        assert_eq!(r.resource_name, resource);
+        assert!(
+            !r.endpoint.contains('/'),
+            "endpoint {} must be a file name",
+            r.endpoint
+        );
+        assert!(
+            r.endpoint.starts_with(&resource.replace('/', "_")),
+            "endpoint {} names the resource",
+            r.endpoint
+        );
+        let path = fixture.dirs.kubelet().join(&r.endpoint);
+        assert!(std::os::unix::fs::FileTypeExt::is_socket(
+            &std::fs::metadata(&path).expect("socket").file_type()
+        ));
+        let options = r.options.expect("options sent");
+        assert!(!options.pre_start_required);
+        assert!(options.get_preferred_allocation_available);
+        assert_eq!(
+            plugin.options,
+            Some(options),
+            "GetDevicePluginOptions agrees with the registration"
+        );
+        assert_eq!(plugin.registrations, 1);
+    }
+    assert_ne!(
+        view.plugins[DEV1].registration.endpoint,
+        view.plugins[DEV2].registration.endpoint
+    );
+    assert!(view.refused.is_empty());
+    fixture.stop().await;
+}
+
+#[tokio::test]
+async fn list_and_watch_lists_the_guests_devices() {
+    let fixture = Fixture::start(virtual_devices());
+    let view = both_listed(&fixture).await;
+    assert_eq!(
+        ids(&view, DEV1),
+        [
+            "/node1/dev1/1",
+            "/node1/dev1/2",
+            "/node1/dev1/3",
+            "/node1/dev1/4"
+        ]
+    );
+    assert_eq!(ids(&view, DEV2), ["/node1/dev2/1", "/node1/dev2/2"]);
+    assert!(
+        view.plugins[DEV1]
+            .devices
+            .iter()
+            .all(|d| d.health == "Healthy" && d.topology.is_none())
+    );
+    let states = fixture.settled().await;
+    assert_eq!(
+        states.get("virtual"),
+        Some(&ModuleState::Serving(vec![
+            DEV1.to_string(),
+            DEV2.to_string()
+        ]))
+    );
+    fixture.stop().await;
+}
+
+#[tokio::test]
+async fn allocate_two_devices_returns_the_guests_env_and_annotations() {
+    let fixture = Fixture::start(virtual_devices());
+    both_listed(&fixture).await;
+    let response = fixture
+        .kubelet
+        .allocate(DEV1, &[&["/node1/dev1/2", "/node1/dev1/4"]])
+        .await
+        .expect("allocated");
+    assert_eq!(response.container_responses.len(), 1);
+    let c = &response.container_responses[0];
+    let envs: BTreeMap<_, _> = c
+        .envs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(
+        envs,
+        BTreeMap::from([
+            ("DEV_dev_1_ID_0", "/node1/dev1/2"),
+            ("DEV_dev_1_ID_1", "/node1/dev1/4")
+        ])
+    );
+    // Added by the guest's post-allocate.
+    assert_eq!(
+        c.annotations
+            .get("virtual.example.com/devices")
+            .map(String::as_str),
+        Some("/node1/dev1/2,/node1/dev1/4")
+    );
+    fixture.stop().await;
+}
+
+#[tokio::test]
+async fn allocate_answers_each_container_in_order() {
+    let fixture = Fixture::start(virtual_devices());
+    both_listed(&fixture).await;
+    let response = fixture
+        .kubelet
+        .allocate(
+            DEV1,
+            &[&["/node1/dev1/3"], &["/node1/dev1/1", "/node1/dev1/2"]],
+        )
+        .await
+        .expect("allocated");
+    let envs: Vec<BTreeMap<&str, &str>> = response
+        .container_responses
+        .iter()
+        .map(|c| {
+            c.envs
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        envs,
+        [
+            BTreeMap::from([("DEV_dev_1_ID_0", "/node1/dev1/3")]),
+            BTreeMap::from([
+                ("DEV_dev_1_ID_0", "/node1/dev1/1"),
+                ("DEV_dev_1_ID_1", "/node1/dev1/2")
+            ]),
+        ]
+    );
+    fixture.stop().await;
+}
+
+#[tokio::test]
+async fn allocate_of_an_unknown_device_is_invalid_argument_naming_it() {
+    let fixture = Fixture::start(virtual_devices());
+    both_listed(&fixture).await;
+    let err = fixture
+        .kubelet
+        .allocate(DEV1, &[&["/node1/dev1/1", "/node1/dev9/9"]])
+        .await
+        .expect_err("refused");
+    let (code, message) = status_code(err);
+    assert_eq!(code, Code::InvalidArgument);
+    assert!(
+        message.contains("/node1/dev9/9"),
+        "message names the id: {message}"
+    );
+    // A device of another resource is unknown here too.
+    let err = fixture
+        .kubelet
+        .allocate(DEV2, &[&["/node1/dev1/1"]])
+        .await
+        .expect_err("refused");
+    assert_eq!(status_code(err).0, Code::InvalidArgument);
+    fixture.stop().await;
+}
+
+#[tokio::test]
+async fn allocate_without_devices_or_with_a_repeated_id_is_invalid_argument() {
+    let fixture = Fixture::start(virtual_devices());
+    both_listed(&fixture).await;
+    let err = fixture
+        .kubelet
+        .allocate(DEV1, &[])
+        .await
+        .expect_err("no containers");
+    assert_eq!(status_code(err).0, Code::InvalidArgument);
+    let err = fixture
+        .kubelet
+        .allocate(DEV1, &[&[]])
+        .await
+        .expect_err("no devices");
+    assert_eq!(status_code(err).0, Code::InvalidArgument);
+    let err = fixture
+        .kubelet
+        .allocate(DEV1, &[&["/node1/dev1/1"], &["/node1/dev1/1"]])
+        .await
+        .expect_err("twice");
+    assert_eq!(status_code(err).0, Code::InvalidArgument);
+    fixture.stop().await;
+}
+
+#[tokio::test]
+async fn device_unhealthy_then_recovered_reaches_the_same_stream_both_times() {
+    let fixture = Fixture::start(virtual_devices());
+    both_listed(&fixture).await;
+    let sick = BTreeMap::from([("unhealthy".to_string(), "/node1/dev1/2".to_string())]);
+    // No re-scan: the periodic health check has to notice.
+    assert!(fixture.host.set_module_config("virtual", sick, false).await);
+    let view = fixture
+        .kubelet
+        .wait_for(WAIT, "dev1/2 unhealthy", |v| {
+            v.plugin(DEV1).is_some_and(|p| {
+                p.devices
+                    .iter()
+                    .any(|d| d.id == "/node1/dev1/2" && d.health == "Unhealthy")
+            })
+        })
+        .await
+        .expect("unhealthy advertised");
+    assert_eq!(
+        view.plugins[DEV1].healthy_ids(),
+        ["/node1/dev1/1", "/node1/dev1/3", "/node1/dev1/4"]
+    );
+
+    // An unhealthy device cannot be allocated.
+    let err = fixture
+        .kubelet
+        .allocate(DEV1, &[&["/node1/dev1/2"]])
+        .await
+        .expect_err("unhealthy");
+    let (code, message) = status_code(err);
+    assert_eq!(code, Code::FailedPrecondition);
+    assert!(message.contains("/node1/dev1/2"));
+
+    assert!(
+        fixture
+            .host
+            .set_module_config("virtual", BTreeMap::new(), false)
+            .await
+    );
+    let view = fixture
+        .kubelet
+        .wait_for(WAIT, "dev1/2 healthy again", |v| {
+            v.plugin(DEV1).is_some_and(|p| p.healthy_ids().len() == 4)
+        })
+        .await
+        .expect("recovery advertised");
+    let plugin = &view.plugins[DEV1];
+    assert_eq!(plugin.registrations, 1, "no re-registration was needed");
+    assert!(plugin.streaming);
+    let health_of_2: Vec<&str> = plugin
+        .updates
+        .iter()
+        .filter_map(|u| {
+            u.iter()
+                .find(|d| d.id == "/node1/dev1/2")
+                .map(|d| d.health.as_str())
+        })
+        .collect();
+    assert_eq!(
+        health_of_2,
+        ["Healthy", "Unhealthy", "Healthy"],
+        "one update per change, on one stream"
+    );
+    fixture
+        .kubelet
+        .allocate(DEV1, &[&["/node1/dev1/2"]])
+        .await
+        .expect("allocatable again");
+    fixture.stop().await;
+}
+
+#[tokio::test]
+async fn rescan_sends_a_changed_device_list_on_the_same_stream() {
+    let fixture = Fixture::start(virtual_devices());
+    both_listed(&fixture).await;
+    let config = BTreeMap::from([("kinds".to_string(), "dev-1=6,dev-2=2".to_string())]);
+    assert!(
+        fixture
+            .host
+            .set_module_config("virtual", config, true)
+            .await
+    );
+    let view = fixture
+        .kubelet
+        .wait_for(WAIT, "six dev-1 devices", |v| {
+            v.plugin(DEV1).is_some_and(|p| p.devices.len() == 6)
+        })
+        .await
+        .expect("new list");
+    assert_eq!(view.plugins[DEV1].registrations, 1);
+    assert_eq!(
+        view.plugins[DEV1].updates.len(),
+        2,
+        "first list, then the changed one"
+    );
+    assert_eq!(
+        view.plugins[DEV2].updates.len(),
+        1,
+        "an unchanged resource gets no update"
+    );
+    fixture.stop().await;
+}
+
+#[tokio::test]
+async fn preferred_allocation_keeps_must_include_and_fills_from_available() {
+    let fixture = Fixture::start(virtual_devices());
+    both_listed(&fixture).await;
+    let response = fixture
+        .kubelet
+        .preferred_allocation(
+            DEV1,
+            &["/node1/dev1/1", "/node1/dev1/3", "/node1/dev1/4"],
+            &["/node1/dev1/4"],
+            2,
+        )
+        .await
+        .expect("preferred");
+    assert_eq!(response.container_responses.len(), 1);
+    assert_eq!(
+        response.container_responses[0].device_i_ds,
+        ["/node1/dev1/4", "/node1/dev1/1"]
+    );
+    fixture.stop().await;
+}
+
+#[tokio::test]
+async fn broken_modules_are_refused_and_a_good_one_still_serves() {
+    let dirs = virtual_devices();
+    dirs.write_module("garbage.wasm", b"this is not webassembly");
+    // A valid core module (the 8-byte header of an empty one), not a component.
+    dirs.write_module("core.wasm", b"\0asm\x01\0\0\0");
+    // A component header with a truncated body.
+    dirs.write_module("truncated.wasm", b"\0asm\x0d\0\x01\0\x01\x02");
+    let fixture = Fixture::start(dirs);
+    both_listed(&fixture).await;
+    let states = fixture.settled().await;
+    let failed = |name: &str| match states.get(name) {
+        Some(ModuleState::Failed(reason)) => reason.clone(),
+        other => panic!("{name}: expected Failed, got {other:?}"),
+    };
+    assert!(failed("garbage").contains("not a WebAssembly binary"));
+    assert!(failed("core").contains("core WebAssembly module"));
+    assert!(failed("truncated").contains("invalid component"));
+    fixture
+        .kubelet
+        .allocate(DEV1, &[&["/node1/dev1/1"]])
+        .await
+        .expect("the good module still allocates");
+    fixture.stop().await;
+}
+
+#[tokio::test]
+async fn stopping_the_host_removes_its_sockets_and_ends_the_streams() {
+    let fixture = Fixture::start(virtual_devices());
+    let view = both_listed(&fixture).await;
+    let sockets: Vec<_> = [DEV1, DEV2]
+        .iter()
+        .map(|r| {
+            fixture
+                .dirs
+                .kubelet()
+                .join(&view.plugins[*r].registration.endpoint)
+        })
+        .collect();
+    assert!(sockets.iter().all(|s| s.exists()));
+    let kubelet_view = fixture.kubelet.subscribe();
+    let dirs = {
+        let Fixture {
+            kubelet,
+            host,
+            dirs,
+            ..
+        } = fixture;
+        host.stop().await;
+        let view = kubelet
+            .wait_for(WAIT, "streams ended", |v| {
+                v.plugins.values().all(|p| !p.streaming)
+            })
+            .await
+            .expect("streams end");
+        assert!(view.plugins.values().all(|p| p.stream_error.is_some()));
+        kubelet.stop().await;
+        dirs
+    };
+    drop(kubelet_view);
+    for socket in sockets {
+        assert!(!socket.exists(), "{} left behind", socket.display());
+    }
+    drop(dirs);
+}
+
+#[tokio::test]
+async fn demo_prints_registrations_devices_and_an_allocation_from_the_guest() {
+    let dirs = virtual_devices();
+    let args = wasm_device_plugin::config::DemoArgs {
+        modules_dir: dirs.modules(),
+        host: wasm_device_plugin::config::HostArgs {
+            domain: "example.com".into(),
+            health_interval: std::time::Duration::from_secs(10),
+            scan_interval: std::time::Duration::from_secs(60),
+            allocate_timeout: std::time::Duration::from_secs(1),
+            scan_timeout: std::time::Duration::from_secs(10),
+            memory_limit_mib: 64,
+        },
+    };
+    let mut out = Vec::new();
+    wasm_device_plugin::demo::run(&args, &mut out)
+        .await
+        .expect("demo runs");
+    let out = String::from_utf8(out).expect("utf-8");
+    assert!(
+        out.contains("virtual: serving example.com/dev-1, example.com/dev-2"),
+        "{out}"
+    );
+    assert!(out.contains("version=v1beta1"), "{out}");
+    assert!(out.contains("/node1/dev1/4"), "{out}");
+    assert!(out.contains("DEV_dev_1_ID_0=/node1/dev1/1"), "{out}");
+    assert!(
+        out.contains("annotation  virtual.example.com/devices="),
+        "{out}"
+    );
+    assert!(out.contains("unknown device id `/no/such/device`"), "{out}");
+}
+
+#[tokio::test]
+async fn modules_serve_side_by_side_and_a_resource_is_served_by_one_module_only() {
+    let dirs = Dirs::new();
+    dirs.add_module("first", guests::VIRTUAL_DEVICES);
+    dirs.add_module("second", guests::VIRTUAL_DEVICES);
+    let fixture = Fixture::start(dirs);
+    both_listed(&fixture).await;
+    let states = fixture.settled().await;
+    let serving = |name: &str| match states.get(name) {
+        Some(ModuleState::Serving(resources)) => resources.clone(),
+        other => panic!("{name}: expected Serving, got {other:?}"),
+    };
+    // Both load; each resource name goes to exactly one of them.
+    let (first, second) = (serving("first"), serving("second"));
+    let mut all: Vec<_> = first.iter().chain(&second).cloned().collect();
+    all.sort();
+    assert_eq!(all, [DEV1, DEV2], "first {first:?}, second {second:?}");
+    let view = fixture.kubelet.view();
+    assert!(
+        view.plugins.values().all(|p| p.registrations == 1),
+        "no resource was registered twice"
+    );
+
+    // Reconfigured to report a kind of its own, one module serves that too, and
+    // the other keeps serving what it had. (Which module won which name depends on
+    // which scan finished first.)
+    let (moved, kept) = if first.len() <= second.len() {
+        ("first", second)
+    } else {
+        ("second", first)
+    };
+    let config = BTreeMap::from([("kinds".to_string(), "dev-3=1".to_string())]);
+    assert!(fixture.host.set_module_config(moved, config, true).await);
+    fixture
+        .kubelet
+        .wait_for(WAIT, "dev-3 listed", |v| {
+            v.plugin("example.com/dev-3")
+                .is_some_and(|p| p.devices.len() == 1)
+        })
+        .await
+        .expect("the reconfigured module serves its own resource");
+    fixture
+        .kubelet
+        .allocate("example.com/dev-3", &[&["/node1/dev3/1"]])
+        .await
+        .expect("allocated");
+    for resource in &kept {
+        let id = if resource == DEV1 {
+            "/node1/dev1/1"
+        } else {
+            "/node1/dev2/1"
+        };
+        fixture
+            .kubelet
+            .allocate(resource, &[&[id]])
+            .await
+            .expect("the other module still allocates");
+    }
+    fixture.stop().await;
+}
