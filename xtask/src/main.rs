@@ -141,6 +141,8 @@ fn test(extra: &[String]) -> Result<(), String> {
     ensure_wasm_target()?;
     let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false");
     if ci {
+        // Present in rustup's default profile; added here for minimal installs.
+        run(Command::new("rustup").args(["component", "add", "rustfmt", "clippy"]))?;
         run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     }
     run(cargo().args(["test", "--workspace"]).args(extra))?;
