@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -111,12 +111,21 @@ impl Host {
 
     /// Gives module `name` a new configuration for its later calls; with
     /// `rescan` it re-scans at once, otherwise the next health check or scheduled
-    /// scan sees it. Returns false when there is no such running module.
+    /// scan sees it. Returns once the module uses it (and has re-scanned), or
+    /// false when there is no such running module.
     pub async fn set_module_config(&self, name: &str, config: ModuleConfig, rescan: bool) -> bool {
-        match self.controls.get(name) {
-            Some(tx) => tx.send(Control::SetConfig { config, rescan }).await.is_ok(),
-            None => false,
-        }
+        let Some(tx) = self.controls.get(name) else {
+            return false;
+        };
+        let (applied, done) = oneshot::channel();
+        tx.send(Control::SetConfig {
+            config,
+            rescan,
+            applied,
+        })
+        .await
+        .is_ok()
+            && done.await.is_ok()
     }
 
     /// Stops every module: streams end, servers stop, sockets are removed.

@@ -2,3 +2,4 @@
 //! sockets. One binary, a module per area.
 
 mod foundation;
+mod guest_errors;

@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior, interval_at};
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +40,8 @@ pub enum Control {
         config: ModuleConfig,
         /// Re-scan now.
         rescan: bool,
+        /// Told once the configuration is in use (and the re-scan done).
+        applied: oneshot::Sender<()>,
     },
 }
 
@@ -179,12 +181,14 @@ pub async fn run(
             _ = health_tick.tick() => module.check_health().await,
             _ = scan_tick.tick() => module.rescan().await,
             Some(message) = control.recv() => match message {
-                Control::SetConfig { config, rescan } => {
+                Control::SetConfig { config, rescan, applied } => {
                     tracing::info!(module = %name, rescan, "configuration changed");
                     module.guest.set_config(config);
                     if rescan {
                         module.rescan().await;
                     }
+                    // The caller may have stopped waiting; nothing to undo then.
+                    let _ = applied.send(());
                 }
             },
         }
