@@ -31,11 +31,18 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
     /// Log format.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "WDP_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t = LogFormat::Text,
+        env = "WDP_LOG_FORMAT",
+        help_heading = "Logging"
+    )]
     pub log_format: LogFormat,
     /// Log filter, in `tracing` env-filter syntax (e.g. `info`,
     /// `wasm_device_plugin=debug`). `RUST_LOG` is used when this is not given.
-    #[arg(long, global = true, env = "WDP_LOG")]
+    #[arg(long, global = true, env = "WDP_LOG", help_heading = "Logging")]
     pub log: Option<String>,
 }
 
@@ -62,7 +69,8 @@ pub enum LogFormat {
 #[derive(Debug, Clone, clap::Args)]
 pub struct HostArgs {
     /// Domain prefixed to a module's bare kind names: kind `dev-1` is served as
-    /// resource `<domain>/dev-1`. Kinds that already hold a `/` are used as they are.
+    /// resource `<domain>/dev-1`. Kinds that already hold a `/` are used as they
+    /// are. Set a domain you own; `example.com` is for trying things out.
     #[arg(long, default_value = DEFAULT_DOMAIN, env = "WDP_DOMAIN")]
     pub domain: String,
     /// How often each module's `health` runs (e.g. `500ms`, `10s`, `1m`).
@@ -144,6 +152,30 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// The README's flag table lists exactly the flags `run` takes.
+    #[test]
+    fn readme_documents_every_run_flag() {
+        let readme = include_str!("../../README.md");
+        let mut documented: Vec<String> = readme
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `--"))
+            .filter_map(|l| l.split([' ', '`']).next())
+            .map(str::to_string)
+            .collect();
+        documented.sort();
+        let mut cli = Cli::command();
+        cli.build();
+        let run = cli.find_subcommand("run").expect("run subcommand");
+        let mut flags: Vec<String> = run
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .filter(|l| !matches!(*l, "help" | "version"))
+            .map(str::to_string)
+            .collect();
+        flags.sort();
+        assert_eq!(documented, flags);
     }
 
     #[test]
