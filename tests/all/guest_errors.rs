@@ -163,3 +163,43 @@ async fn a_failed_rescan_keeps_the_last_good_device_list() {
     );
     fixture.stop().await;
 }
+
+#[tokio::test]
+async fn a_guest_has_no_environment_files_or_network() {
+    let fixture = faulty().await;
+    // A listener the guest would reach if it had network access.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let addr = listener.local_addr().expect("address").to_string();
+    let config = BTreeMap::from([
+        ("probe".to_string(), "sandbox".to_string()),
+        ("probe-addr".to_string(), addr),
+    ]);
+    assert!(
+        fixture
+            .host
+            .set_module_config("faulty", config, false)
+            .await
+    );
+    let response = fixture
+        .kubelet
+        .allocate(FAULTY, &[&["f0"]])
+        .await
+        .expect("probe answers");
+    let envs: BTreeMap<&str, &str> = response.container_responses[0]
+        .envs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(
+        envs,
+        BTreeMap::from([
+            ("PROBE_ENV", "0"),
+            ("PROBE_ARGS", "0"),
+            ("PROBE_READ", "denied"),
+            ("PROBE_LIST", "denied"),
+            ("PROBE_CWD", "denied"),
+            ("PROBE_TCP", "denied"),
+        ])
+    );
+    fixture.stop().await;
+}

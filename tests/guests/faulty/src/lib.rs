@@ -8,6 +8,14 @@
 //! - `trap`: the export panics (a trap);
 //! - `spin`: the export never returns;
 //! - `grow`: the export allocates memory until it is stopped.
+//!
+//! With `probe=sandbox`, `allocate` instead reports what the guest could reach, as
+//! env vars of the first container: `PROBE_ENV` (number of environment variables),
+//! `PROBE_ARGS` (number of arguments), `PROBE_READ` (reading `/etc/passwd`),
+//! `PROBE_LIST` (listing `/`), `PROBE_CWD` (current directory), `PROBE_TCP`
+//! (connecting to the address in config `probe-addr`, where the test listens):
+//! `ok` or `denied`. It also prints to stdout and
+//! stderr, which the host must capture rather than inherit.
 
 wit_bindgen::generate!({
     path: "../../../wit",
@@ -69,6 +77,9 @@ impl Guest for Faulty {
 
     fn allocate(request: AllocateRequest) -> Result<Vec<ContainerResponse>, ModuleError> {
         misbehave("allocate")?;
+        if host::get_config("probe").as_deref() == Some("sandbox") {
+            return Ok(probe(request.containers.len()));
+        }
         Ok(request
             .containers
             .iter()
@@ -94,6 +105,39 @@ impl Guest for Faulty {
         misbehave("post-allocate")?;
         Ok(response)
     }
+}
+
+fn outcome<T, E>(result: Result<T, E>) -> String {
+    if result.is_ok() { "ok".into() } else { "denied".into() }
+}
+
+/// What the sandbox lets this guest reach, one env var per probe.
+fn probe(containers: usize) -> Vec<ContainerResponse> {
+    println!("faulty guest: hello on stdout");
+    eprintln!("faulty guest: hello on stderr");
+    let probes = [
+        ("PROBE_ENV", std::env::vars().count().to_string()),
+        ("PROBE_ARGS", std::env::args().count().to_string()),
+        ("PROBE_READ", outcome(std::fs::read("/etc/passwd"))),
+        ("PROBE_LIST", outcome(std::fs::read_dir("/"))),
+        ("PROBE_CWD", outcome(std::fs::read_dir("."))),
+        (
+            "PROBE_TCP",
+            outcome(std::net::TcpStream::connect(
+                host::get_config("probe-addr").unwrap_or_else(|| "127.0.0.1:9".into()),
+            )),
+        ),
+    ];
+    let first = ContainerResponse {
+        envs: probes.into_iter().map(|(key, value)| KeyValue { key: key.into(), value }).collect(),
+        devices: Vec::new(),
+        mounts: Vec::new(),
+        annotations: Vec::new(),
+        cdi_devices: Vec::new(),
+    };
+    let mut responses = vec![first];
+    responses.resize(containers, responses[0].clone());
+    responses
 }
 
 export!(Faulty);
