@@ -74,20 +74,20 @@ pub struct HostArgs {
     #[arg(long, default_value = DEFAULT_DOMAIN, env = "WDP_DOMAIN")]
     pub domain: String,
     /// How often each module's `health` runs (e.g. `500ms`, `10s`, `1m`).
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = positive_duration)]
     pub health_interval: Duration,
     /// How often each module's `scan` runs again to find added or removed devices.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = positive_duration)]
     pub scan_interval: Duration,
     /// Deadline of each `allocate` + `post-allocate` call.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = positive_duration)]
     pub allocate_timeout: Duration,
     /// Deadline of each `scan` and `health` call.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = positive_duration)]
     pub scan_timeout: Duration,
-    /// Largest memory one module instance may use, in MiB.
-    #[arg(long, default_value_t = 64)]
-    pub memory_limit_mib: usize,
+    /// Largest memory one module instance may use, in MiB (1 to 4096).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub memory_limit_mib: u32,
 }
 
 /// `run` arguments.
@@ -117,6 +117,15 @@ pub struct DemoArgs {
     pub host: HostArgs,
 }
 
+/// A duration such as `500ms`, `10s` or `1m`, greater than zero.
+fn positive_duration(raw: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(raw) {
+        Ok(d) if d.is_zero() => Err("must be greater than zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 impl HostArgs {
     /// The registry settings these flags describe, serving into `kubelet_dir`.
     pub fn settings(&self, kubelet_dir: PathBuf) -> Settings {
@@ -126,7 +135,9 @@ impl HostArgs {
             health_interval: self.health_interval,
             scan_interval: self.scan_interval,
             limits: Limits {
-                memory_bytes: self.memory_limit_mib.saturating_mul(1024 * 1024),
+                memory_bytes: usize::try_from(self.memory_limit_mib)
+                    .unwrap_or(usize::MAX)
+                    .saturating_mul(1024 * 1024),
                 scan_deadline: self.scan_timeout,
                 allocate_deadline: self.allocate_timeout,
             },
@@ -176,6 +187,26 @@ mod tests {
             .collect();
         flags.sort();
         assert_eq!(documented, flags);
+    }
+
+    #[test]
+    fn zero_or_malformed_durations_are_refused() {
+        for bad in ["0s", "ten seconds", "-1s"] {
+            let parsed =
+                Cli::try_parse_from(["wasm-device-plugin", "run", "--health-interval", bad]);
+            assert!(parsed.is_err(), "{bad} accepted");
+        }
+        for bad in ["0", "4097"] {
+            let parsed =
+                Cli::try_parse_from(["wasm-device-plugin", "run", "--memory-limit-mib", bad]);
+            assert!(parsed.is_err(), "memory limit {bad} accepted");
+        }
+        let parsed = Cli::try_parse_from(["wasm-device-plugin", "run", "--scan-interval", "1m30s"])
+            .expect("parses");
+        let Command::Run(args) = parsed.command else {
+            panic!("not run")
+        };
+        assert_eq!(args.host.scan_interval, Duration::from_secs(90));
     }
 
     #[test]

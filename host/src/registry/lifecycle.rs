@@ -126,10 +126,9 @@ pub async fn run(
     token: CancellationToken,
 ) {
     let name = spec.name.clone();
+    // Publishes only real changes: watchers (readiness, tests) wake on each send.
     let set_state = |state: ModuleState| {
-        states.send_modify(|s| {
-            s.insert(name.clone(), state);
-        });
+        states.send_if_modified(|s| s.insert(name.clone(), state.clone()).as_ref() != Some(&state));
     };
     set_state(ModuleState::Loading);
     let guest = tokio::select! {
