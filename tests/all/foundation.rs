@@ -359,6 +359,18 @@ async fn preferred_allocation_keeps_must_include_and_fills_from_available() {
 }
 
 #[tokio::test]
+async fn pre_start_container_is_answered_though_not_required() {
+    let fixture = Fixture::start(virtual_devices());
+    both_listed(&fixture).await;
+    fixture
+        .kubelet
+        .pre_start_container(DEV1, &["/node1/dev1/1"])
+        .await
+        .expect("answered");
+    fixture.stop().await;
+}
+
+#[tokio::test]
 async fn broken_modules_are_refused_and_a_good_one_still_serves() {
     let dirs = virtual_devices();
     dirs.write_module("garbage.wasm", b"this is not webassembly");

@@ -23,8 +23,8 @@ use tonic::{Request, Response, Status};
 use crate::domain::ResourceName;
 use crate::kubelet::proto::{
     self, AllocateRequest, AllocateResponse, ContainerAllocateRequest,
-    ContainerPreferredAllocationRequest, DevicePluginOptions, Empty, PreferredAllocationRequest,
-    PreferredAllocationResponse, RegisterRequest,
+    ContainerPreferredAllocationRequest, DevicePluginOptions, Empty, PreStartContainerRequest,
+    PreferredAllocationRequest, PreferredAllocationResponse, RegisterRequest,
     device_plugin_client::DevicePluginClient,
     registration_server::{Registration, RegistrationServer},
 };
@@ -247,6 +247,23 @@ impl Simulator {
             .get_preferred_allocation(request)
             .await?
             .into_inner())
+    }
+
+    /// Calls PreStartContainer with `ids` (kubelet does so only when the plugin's
+    /// options ask for it; a plugin must answer anyway).
+    ///
+    /// # Errors
+    /// Not registered, or the plugin's error status.
+    pub async fn pre_start_container(
+        &self,
+        resource: &str,
+        ids: &[&str],
+    ) -> Result<(), SimulatorError> {
+        let request = PreStartContainerRequest {
+            devices_ids: ids.iter().map(|s| s.to_string()).collect(),
+        };
+        self.client(resource)?.pre_start_container(request).await?;
+        Ok(())
     }
 
     /// Stops serving, ends every stream and removes `kubelet.sock`.
