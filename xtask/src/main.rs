@@ -106,19 +106,43 @@ fn guests() -> Result<PathBuf, String> {
         .arg(&target_dir))?;
     let built = target_dir.join(WASM_TARGET).join("release");
     let modules = root.join("target/modules");
+    // Start empty: the test fixtures share target/guests and must never be shipped.
+    if modules.exists() {
+        std::fs::remove_dir_all(&modules)
+            .map_err(|e| format!("cannot clear {}: {e}", modules.display()))?;
+    }
     std::fs::create_dir_all(&modules)
         .map_err(|e| format!("cannot create {}: {e}", modules.display()))?;
-    for entry in
-        std::fs::read_dir(&built).map_err(|e| format!("cannot read {}: {e}", built.display()))?
-    {
-        let path = entry.map_err(|e| e.to_string())?.path();
-        if path.extension().is_some_and(|e| e == "wasm") {
-            let to = modules.join(path.file_name().unwrap_or_default());
-            std::fs::copy(&path, &to)
-                .map_err(|e| format!("cannot copy {}: {e}", path.display()))?;
-        }
+    for name in shipped_guests(&root.join("guests"))? {
+        let file = format!("{}.wasm", name.replace('-', "_"));
+        let from = built.join(&file);
+        std::fs::copy(&from, modules.join(&file))
+            .map_err(|e| format!("cannot copy {}: {e}", from.display()))?;
     }
     Ok(modules)
+}
+
+/// The crates of the guests workspace: its subdirectories with a `Cargo.toml`
+/// and a `cdylib` (a guest), by directory name.
+fn shipped_guests(dir: &Path) -> Result<Vec<String>, String> {
+    let mut names = Vec::new();
+    for entry in
+        std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?
+    {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        let manifest = path.join("Cargo.toml");
+        let is_guest = std::fs::read_to_string(&manifest).is_ok_and(|m| m.contains("cdylib"));
+        if is_guest {
+            names.push(
+                path.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        }
+    }
+    names.sort();
+    Ok(names)
 }
 
 fn demo(extra: &[String]) -> Result<(), String> {
