@@ -5,8 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tonic::Code;
-use wasm_device_plugin::kubelet::simulator::SimulatorError;
-use wdp_tests::{Dirs, Fixture, WAIT, guests, test_settings};
+use wdp_tests::{Dirs, Fixture, WAIT, guests, status_of, test_settings};
 
 const FAULTY: &str = "example.com/faulty";
 
@@ -39,10 +38,7 @@ async fn configure(fixture: &Fixture, key: &str, value: &str) {
 
 /// Allocates `f0` and returns the gRPC code and message.
 async fn allocate_error(fixture: &Fixture) -> (Code, String) {
-    match fixture.kubelet.allocate(FAULTY, &[&["f0"]]).await {
-        Err(SimulatorError::Status(status)) => (status.code(), status.message().to_string()),
-        other => panic!("expected an error status, got {other:?}"),
-    }
+    status_of(fixture.kubelet.allocate(FAULTY, &[&["f0"]]).await)
 }
 
 /// After a failure, a well-behaved call on the same module succeeds.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
 use wasm_device_plugin::app::{Host, HostConfig};
-use wasm_device_plugin::kubelet::simulator::Simulator;
+use wasm_device_plugin::kubelet::simulator::{Simulator, SimulatorError};
 use wasm_device_plugin::registry::{ModuleStates, Settings};
 use wasm_device_plugin::runtime::Limits;
 
@@ -20,6 +20,15 @@ pub mod guests {
 /// The outer bound of every wait in the tests. Waits end as soon as their
 /// condition holds; this only stops a broken test from hanging.
 pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The gRPC code and message of a call that the plugin refused; panics on any
+/// other outcome.
+pub fn status_of<T: std::fmt::Debug>(result: Result<T, SimulatorError>) -> (tonic::Code, String) {
+    match result {
+        Err(SimulatorError::Status(status)) => (status.code(), status.message().to_string()),
+        other => panic!("expected an error status from the plugin, got {other:?}"),
+    }
+}
 
 /// Logs to the test's captured output (once per process); `RUST_LOG` filters.
 pub fn init_logging() {
