@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
+use clap::Parser;
 use tonic::Code;
+use wasm_device_plugin::config::{Cli, Command};
 use wasm_device_plugin::kubelet::simulator::KubeletView;
 use wasm_device_plugin::registry::ModuleState;
 use wdp_tests::{Dirs, Fixture, WAIT, guests, status_of};
@@ -414,16 +416,17 @@ async fn stopping_the_host_removes_its_sockets_and_ends_the_streams() {
 #[tokio::test]
 async fn demo_prints_registrations_devices_and_an_allocation_from_the_guest() {
     let dirs = virtual_devices();
-    let args = wasm_device_plugin::config::DemoArgs {
-        modules_dir: dirs.modules(),
-        host: wasm_device_plugin::config::HostArgs {
-            domain: "example.com".into(),
-            health_interval: std::time::Duration::from_secs(10),
-            scan_interval: std::time::Duration::from_secs(60),
-            allocate_timeout: std::time::Duration::from_secs(1),
-            scan_timeout: std::time::Duration::from_secs(10),
-            memory_limit_mib: 64,
-        },
+    // The demo's own defaults, as `wasm-device-plugin demo --modules-dir DIR` gets them.
+    let modules = dirs.modules();
+    let cli = Cli::try_parse_from([
+        "wasm-device-plugin".as_ref(),
+        "demo".as_ref(),
+        "--modules-dir".as_ref(),
+        modules.as_os_str(),
+    ])
+    .expect("demo arguments parse");
+    let Command::Demo(args) = cli.command else {
+        panic!("not the demo subcommand")
     };
     let mut out = Vec::new();
     wasm_device_plugin::demo::run(&args, &mut out)

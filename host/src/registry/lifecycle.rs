@@ -26,7 +26,7 @@ use crate::domain::{ContainerAllocation, DeviceSet, Health, ResourceName};
 use crate::kubelet::server::{AllocateError, DeviceBackend};
 use crate::kubelet::{self, ServedResource};
 use crate::policy::{self, ScannedResource};
-use crate::registry::{Claims, ModuleSpec, ModuleState, ModuleStates, Settings};
+use crate::registry::{Claim, Claims, ModuleSpec, ModuleState, ModuleStates, Settings};
 use crate::runtime::bindings::{AllocateRequest, ContainerRequest, DeviceRef, ModuleError};
 use crate::runtime::{CallError, CallFailure, Guest, ModuleConfig, Runtime};
 
@@ -103,6 +103,8 @@ struct Resource {
     devices: watch::Sender<Arc<DeviceSet>>,
     token: CancellationToken,
     served: ServedResource,
+    /// Dropped last, when `stop` returns: the name is free only once the socket is gone.
+    _claim: Claim,
 }
 
 impl Resource {
@@ -257,15 +259,18 @@ impl Module {
                 });
                 continue;
             }
-            if let Err(owner) = self.claims.claim(&found.name, self.guest.name()) {
-                tracing::error!(
-                    module = %self.guest.name(),
-                    resource = %found.name,
-                    served_by = %owner,
-                    "resource is already served by another module; not serving it from this one"
-                );
-                continue;
-            }
+            let claim = match self.claims.claim(&found.name, self.guest.name()) {
+                Ok(claim) => claim,
+                Err(owner) => {
+                    tracing::error!(
+                        module = %self.guest.name(),
+                        resource = %found.name,
+                        served_by = %owner,
+                        "resource is already served by another module; not serving it from this one"
+                    );
+                    continue;
+                }
+            };
             let (tx, rx) = watch::channel(Arc::new(found.devices));
             let backend = Arc::new(GuestBackend {
                 guest: self.guest.clone(),
@@ -289,12 +294,12 @@ impl Module {
                             devices: tx,
                             token,
                             served,
+                            _claim: claim,
                         },
                     );
                 }
                 Err(err) => {
                     tracing::error!(module = %self.guest.name(), resource = %found.name, cause = %err, "cannot serve resource");
-                    self.claims.release(&found.name, self.guest.name());
                 }
             }
         }
@@ -308,7 +313,6 @@ impl Module {
             if let Some(resource) = self.resources.remove(&name) {
                 tracing::info!(module = %self.guest.name(), resource = %name, "resource no longer reported; unregistering");
                 resource.stop().await;
-                self.claims.release(&name, self.guest.name());
             }
         }
     }
@@ -372,9 +376,8 @@ impl Module {
     }
 
     async fn stop(self) {
-        for (name, resource) in self.resources {
+        for resource in self.resources.into_values() {
             resource.stop().await;
-            self.claims.release(&name, self.guest.name());
         }
     }
 }

@@ -88,24 +88,43 @@ pub struct Claims {
 }
 
 impl Claims {
-    /// Claims `resource` for `module`. Returns the other module that holds it, if
-    /// any (then nothing changes).
-    pub fn claim(&self, resource: &ResourceName, module: &str) -> Result<(), String> {
+    /// Claims `resource` for `module`; the claim lasts as long as the returned
+    /// guard. Errs with the module that holds it already (then nothing changes).
+    ///
+    /// # Errors
+    /// The name of the module that holds `resource`.
+    pub fn claim(&self, resource: &ResourceName, module: &str) -> Result<Claim, String> {
         let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
         match owners.get(resource) {
             Some(owner) if owner != module => Err(owner.clone()),
             _ => {
                 owners.insert(resource.clone(), module.to_string());
-                Ok(())
+                Ok(Claim {
+                    claims: self.clone(),
+                    resource: resource.clone(),
+                    module: module.to_string(),
+                })
             }
         }
     }
+}
 
-    /// Releases `resource` if `module` holds it.
-    pub fn release(&self, resource: &ResourceName, module: &str) {
-        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
-        if owners.get(resource).is_some_and(|owner| owner == module) {
-            owners.remove(resource);
+/// A module's hold on a resource name, released when dropped.
+#[derive(Debug)]
+pub struct Claim {
+    claims: Claims,
+    resource: ResourceName,
+    module: String,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut owners = self.claims.owners.lock().unwrap_or_else(|e| e.into_inner());
+        if owners
+            .get(&self.resource)
+            .is_some_and(|owner| *owner == self.module)
+        {
+            owners.remove(&self.resource);
         }
     }
 }
