@@ -1,42 +1,64 @@
-//! Wires the subsystems together: the runtime, one lifecycle task per module, and
-//! the tree of cancellation tokens that stops them. Owns the root token's children
-//! and every task it spawns.
+//! Wires the subsystems together: the runtime, the watched kubelet and modules
+//! directories, and one lifecycle task per module file, started, fed and stopped
+//! as the modules directory changes. Owns the tree of cancellation tokens below
+//! the caller's and every task it spawns.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::Context as _;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::registry::lifecycle::{self, Control};
-use crate::registry::{self, Claims, ModuleState, ModuleStates, Settings};
-use crate::runtime::{ModuleConfig, Runtime};
+use crate::kubelet::dir::KubeletDir;
+use crate::registry::lifecycle::{self, Context, Control};
+use crate::registry::watch::{DirEvent, ModuleFiles};
+use crate::registry;
+use crate::registry::{Claims, ModuleState, ModuleStates, Settings};
+use crate::runtime::{ModuleConfig, Runtime, RuntimeStats};
+
+/// How long a module file that is being written without being closed must stay
+/// unchanged before it is read.
+pub const DEFAULT_SETTLE: Duration = Duration::from_secs(2);
 
 /// Everything `run` needs, already parsed and defaulted (see `config`).
 #[derive(Debug, Clone)]
 pub struct HostConfig {
-    /// Directory holding the `*.wasm` modules.
+    /// Directory holding the `*.wasm` modules and their manifests.
     pub modules_dir: PathBuf,
+    /// Where compiled modules are cached; `None` compiles every module at load.
+    pub cache_dir: Option<PathBuf>,
+    /// See [`DEFAULT_SETTLE`].
+    pub settle: Duration,
     /// Registry settings (kubelet directory, intervals, limits, domain).
     pub settings: Settings,
 }
 
-/// A running host: one lifecycle task per module.
+type Controls = Arc<Mutex<HashMap<String, mpsc::Sender<Control>>>>;
+
+/// A running host: one lifecycle task per module file.
 pub struct Host {
     states: watch::Receiver<ModuleStates>,
-    controls: HashMap<String, mpsc::Sender<Control>>,
+    controls: Controls,
+    runtime: Arc<Runtime>,
     token: CancellationToken,
     tasks: TaskTracker,
 }
 
+/// A module's task, as the supervisor holds it.
+struct Running {
+    token: CancellationToken,
+    task: JoinHandle<()>,
+}
+
 impl Host {
-    /// Loads every module in the modules directory and starts serving them; each
-    /// module registers its resources as soon as its own first scan returns.
-    /// Returns once the tasks are started, not when they are ready.
+    /// Starts serving every module in the modules directory and following the
+    /// directory; each module registers its resources as soon as its own first
+    /// scan returns. Returns once the tasks are started, not when they are ready.
     ///
     /// # Errors
     /// The runtime cannot start, or a directory is missing or unreadable.
@@ -44,45 +66,47 @@ impl Host {
         let settings = Arc::new(config.settings);
         anyhow::ensure!(
             settings.kubelet_dir.is_dir(),
-            "kubelet directory {} does not exist (is kubelet running? is the directory mounted?)",
+            "kubelet directory {} does not exist (is the kubelet's device-plugins directory mounted?)",
             settings.kubelet_dir.display()
         );
-        let specs = registry::discover(&config.modules_dir).with_context(|| {
-            format!(
-                "cannot read modules directory {}",
-                config.modules_dir.display()
-            )
-        })?;
-        if specs.is_empty() {
-            tracing::warn!(dir = %config.modules_dir.display(), "no *.wasm modules found");
-        }
-        let runtime = Arc::new(Runtime::new()?);
         let token = shutdown.child_token();
-        let tasks = TaskTracker::new();
-        let initial: ModuleStates = specs
-            .iter()
-            .map(|s| (s.name.clone(), ModuleState::Loading))
-            .collect();
-        let (states_tx, states) = watch::channel(initial);
-        let mut controls = HashMap::new();
-        let claims = Claims::default();
-        for spec in specs {
-            let (tx, rx) = mpsc::channel(8);
-            controls.insert(spec.name.clone(), tx);
-            tasks.spawn(lifecycle::run(
-                runtime.clone(),
-                settings.clone(),
-                spec,
-                claims.clone(),
-                states_tx.clone(),
-                rx,
-                token.child_token(),
-            ));
+        let (initial, events) = registry::watch::watch(&config.modules_dir, config.settle, token.child_token())
+            .with_context(|| {
+                format!(
+                    "cannot read modules directory {}",
+                    config.modules_dir.display()
+                )
+            })?;
+        if initial.is_empty() {
+            tracing::warn!(dir = %config.modules_dir.display(), "no *.wasm modules yet; watching the directory for some");
         }
+        let runtime = Arc::new(Runtime::new(config.cache_dir.as_deref())?);
+        let (states_tx, states) = watch::channel(ModuleStates::new());
+        let kubelet = KubeletDir::watch(&settings.kubelet_dir);
+        let ctx = Arc::new(Context {
+            runtime: runtime.clone(),
+            settings,
+            claims: Claims::default(),
+            kubelet,
+            states: states_tx,
+        });
+        let controls = Controls::default();
+        let mut supervisor = Supervisor {
+            ctx,
+            controls: controls.clone(),
+            running: HashMap::new(),
+            token: token.clone(),
+        };
+        for event in initial {
+            supervisor.handle_now(event);
+        }
+        let tasks = TaskTracker::new();
+        tasks.spawn(supervisor.run(events));
         tasks.close();
         Ok(Self {
             states,
             controls,
+            runtime,
             token,
             tasks,
         })
@@ -93,8 +117,13 @@ impl Host {
         self.states.clone()
     }
 
-    /// Waits until no module is loading any more (each is serving or failed), at
-    /// most `timeout`, and returns the states then.
+    /// What loading modules has cost: compilations, cache hits, refusals.
+    pub fn stats(&self) -> RuntimeStats {
+        self.runtime.stats()
+    }
+
+    /// Waits until no module is settling or loading any more (each is serving or
+    /// failed), at most `timeout`, and returns the states then.
     ///
     /// # Errors
     /// The timeout passed first.
@@ -102,19 +131,28 @@ impl Host {
         let mut rx = self.states.clone();
         let states = tokio::time::timeout(
             timeout,
-            rx.wait_for(|s| s.values().all(|m| *m != ModuleState::Loading)),
+            rx.wait_for(|s| {
+                s.values()
+                    .all(|m| !matches!(m, ModuleState::Loading | ModuleState::Settling))
+            }),
         )
         .await
         .context("modules still loading")??;
         Ok(states.clone())
     }
 
-    /// Gives module `name` a new configuration for its later calls; with
-    /// `rescan` it re-scans at once, otherwise the next health check or scheduled
-    /// scan sees it. Returns once the module uses it (and has re-scanned), or
-    /// false when there is no such running module.
+    /// Gives module `name` a new configuration for its later calls, until its
+    /// manifest next changes; with `rescan` it re-scans at once, otherwise the
+    /// next health check or scheduled scan sees it. Returns once the module uses
+    /// it (and has re-scanned), or false when there is no such module.
     pub async fn set_module_config(&self, name: &str, config: ModuleConfig, rescan: bool) -> bool {
-        let Some(tx) = self.controls.get(name) else {
+        let tx = self
+            .controls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned();
+        let Some(tx) = tx else {
             return false;
         };
         let (applied, done) = oneshot::channel();
@@ -135,6 +173,100 @@ impl Host {
     }
 }
 
+/// Starts, feeds and stops lifecycle tasks as the modules directory changes.
+struct Supervisor {
+    ctx: Arc<Context>,
+    controls: Controls,
+    running: HashMap<String, Running>,
+    token: CancellationToken,
+}
+
+impl Supervisor {
+    async fn run(mut self, mut events: mpsc::Receiver<DirEvent>) {
+        loop {
+            let event = tokio::select! {
+                () = self.token.cancelled() => break,
+                event = events.recv() => event,
+            };
+            let Some(event) = event else { break };
+            match event {
+                DirEvent::Removed(name) => self.remove(&name).await,
+                DirEvent::Module(files) => {
+                    let tx = self.control(&files.name);
+                    match tx {
+                        // A full queue means the module is busy: wait for room
+                        // rather than drop the newest files.
+                        Some(tx) => {
+                            let _ = tx.send(Control::Files(files)).await;
+                        }
+                        None => self.spawn(files),
+                    }
+                }
+                DirEvent::Settling(name) => self.settling(&name),
+            }
+        }
+        // Every module's token is a child of ours: they are all stopping.
+        let tasks: Vec<_> = self.running.drain().map(|(_, r)| r.task).collect();
+        futures::future::join_all(tasks).await;
+    }
+
+    /// Handles an event of the initial listing, before the supervisor runs.
+    fn handle_now(&mut self, event: DirEvent) {
+        match event {
+            DirEvent::Module(files) => self.spawn(files),
+            DirEvent::Settling(name) => self.settling(&name),
+            DirEvent::Removed(_) => {}
+        }
+    }
+
+    fn control(&self, name: &str) -> Option<mpsc::Sender<Control>> {
+        self.controls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    fn settling(&self, name: &str) {
+        if !self.running.contains_key(name) {
+            self.ctx.set_state(name, ModuleState::Settling);
+        }
+    }
+
+    fn spawn(&mut self, files: ModuleFiles) {
+        let name = files.name.clone();
+        tracing::info!(module = %name, file = %files.wasm_path.display(), "module found");
+        let (tx, rx) = mpsc::channel(8);
+        self.controls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.clone(), tx);
+        // Loading from now, so a `settled` wait that starts next waits for it.
+        self.ctx.set_state(&name, ModuleState::Loading);
+        let token = self.token.child_token();
+        let task = tokio::spawn(lifecycle::run(self.ctx.clone(), files, rx, token.clone()));
+        self.running.insert(name, Running { token, task });
+    }
+
+    /// Stops a removed module and waits until its sockets are gone, so that a
+    /// module added again under the same name finds its resource names free.
+    async fn remove(&mut self, name: &str) {
+        self.controls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        if let Some(running) = self.running.remove(name) {
+            tracing::info!(module = %name, "module file removed; stopping it");
+            running.token.cancel();
+            let _ = running.task.await;
+            tracing::info!(module = %name, "module stopped; its sockets are removed");
+        }
+        self.ctx
+            .states
+            .send_if_modified(|s| s.remove(name).is_some());
+    }
+}
+
 /// Runs the host until `shutdown` is cancelled.
 ///
 /// # Errors
@@ -142,7 +274,8 @@ impl Host {
 pub async fn run(config: HostConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let host = Host::start(config, &shutdown)?;
     shutdown.cancelled().await;
-    tracing::info!("shutting down");
+    tracing::info!("shutting down: stopping every module and removing its sockets");
     host.stop().await;
+    tracing::info!("stopped");
     Ok(())
 }

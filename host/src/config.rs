@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::app::HostConfig;
+use crate::app::{DEFAULT_SETTLE, HostConfig};
 use crate::registry::Settings;
 use crate::runtime::Limits;
 
@@ -14,6 +14,8 @@ use crate::runtime::Limits;
 pub const DEFAULT_KUBELET_DIR: &str = "/var/lib/kubelet/device-plugins";
 /// Where the container image keeps its modules.
 pub const DEFAULT_MODULES_DIR: &str = "/etc/wasm-device-plugin/modules";
+/// Where compiled modules are cached.
+pub const DEFAULT_CACHE_DIR: &str = "/var/cache/wasm-device-plugin";
 /// Domain given to modules' bare kind names.
 pub const DEFAULT_DOMAIN: &str = "example.com";
 
@@ -100,6 +102,14 @@ pub struct RunArgs {
     /// one socket per resource here.
     #[arg(long, default_value = DEFAULT_KUBELET_DIR, env = "WDP_KUBELET_DIR")]
     pub kubelet_dir: PathBuf,
+    /// Directory for compiled modules, so a restart does not compile them again.
+    /// Created (mode 0700) if missing; used only if owned by this user and not
+    /// writable by group or others.
+    #[arg(long, default_value = DEFAULT_CACHE_DIR, env = "WDP_CACHE_DIR")]
+    pub cache_dir: PathBuf,
+    /// Compile every module at load; read and write no cache.
+    #[arg(long, conflicts_with = "cache_dir")]
+    pub no_cache: bool,
     /// Host settings.
     #[command(flatten)]
     pub host: HostArgs,
@@ -150,6 +160,8 @@ impl RunArgs {
     pub fn host_config(&self) -> HostConfig {
         HostConfig {
             modules_dir: self.modules_dir.clone(),
+            cache_dir: (!self.no_cache).then(|| self.cache_dir.clone()),
+            settle: DEFAULT_SETTLE,
             settings: self.host.settings(self.kubelet_dir.clone()),
         }
     }

@@ -30,6 +30,8 @@ pub async fn run(args: &DemoArgs, out: &mut impl Write) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let config = HostConfig {
         modules_dir: args.modules_dir.clone(),
+        cache_dir: None,
+        settle: crate::app::DEFAULT_SETTLE,
         settings: args.host.settings(dir.path().to_path_buf()),
     };
     let host = Host::start(config, &shutdown)?;

@@ -254,6 +254,94 @@ impl DeviceSet {
     }
 }
 
+impl DeviceSet {
+    /// The set advertised when each device is shared `replicas` times: device `a`
+    /// becomes `a::0` … `a::<replicas-1>` (in that order, each with `a`'s health
+    /// and NUMA nodes). With `replicas` 1 it is the set itself, ids unchanged.
+    ///
+    /// # Errors
+    /// [`DeviceSetError::TooMany`] when the replicas exceed the per-resource limit.
+    pub fn replicated(&self, replicas: u32) -> Result<Self, DeviceSetError> {
+        if replicas <= 1 {
+            return Ok(self.clone());
+        }
+        let total = self.devices.len().saturating_mul(replicas as usize);
+        if total > MAX_DEVICES_PER_RESOURCE {
+            return Err(DeviceSetError::TooMany(total));
+        }
+        let mut devices = Vec::with_capacity(total);
+        for device in &self.devices {
+            for n in 0..replicas {
+                devices.push(Device {
+                    id: format!("{}{REPLICA_SEPARATOR}{n}", device.id),
+                    ..device.clone()
+                });
+            }
+        }
+        Self::new(devices)
+    }
+}
+
+/// Between a device id and its replica number in an advertised id (`a::0`).
+pub const REPLICA_SEPARATOR: &str = "::";
+
+/// The device behind an advertised id when devices are shared `replicas` times
+/// (see [`DeviceSet::replicated`]): `a::3` is `a`. With `replicas` 1 the id is
+/// the device's own.
+pub fn replica_device(advertised: &str, replicas: u32) -> &str {
+    if replicas <= 1 {
+        return advertised;
+    }
+    advertised
+        .rsplit_once(REPLICA_SEPARATOR)
+        .map_or(advertised, |(device, _)| device)
+}
+
+/// Health with hysteresis: a device's health changes only after `threshold`
+/// consecutive answers that differ from it (`unhealthy_after` to go unhealthy,
+/// `healthy_after` to come back); one answer that agrees resets the count.
+#[derive(Debug, Clone, Default)]
+pub struct HealthTracker {
+    /// Per device: consecutive answers that disagreed with its current health.
+    streaks: HashMap<String, u32>,
+}
+
+impl HealthTracker {
+    /// Feeds one answer about device `id`, whose health is `current`; returns its
+    /// health after it.
+    pub fn observe(
+        &mut self,
+        id: &str,
+        current: Health,
+        answer: Health,
+        unhealthy_after: u32,
+        healthy_after: u32,
+    ) -> Health {
+        if answer == current {
+            self.streaks.remove(id);
+            return current;
+        }
+        let threshold = match answer {
+            Health::Unhealthy => unhealthy_after,
+            Health::Healthy => healthy_after,
+        }
+        .max(1);
+        let streak = self.streaks.entry(id.to_string()).or_insert(0);
+        *streak += 1;
+        if *streak >= threshold {
+            self.streaks.remove(id);
+            answer
+        } else {
+            current
+        }
+    }
+
+    /// Forgets devices that are no longer listed.
+    pub fn retain(&mut self, set: &DeviceSet) {
+        self.streaks.retain(|id, _| set.get(id).is_some());
+    }
+}
+
 impl PartialEq for DeviceSet {
     fn eq(&self, other: &Self) -> bool {
         self.devices == other.devices
@@ -394,5 +482,46 @@ mod tests {
         let next = set.with_health(&sick).expect("changed");
         assert_eq!(next.get("b").map(|d| d.health), Some(Health::Unhealthy));
         assert_eq!(next.get("a").map(|d| d.health), Some(Health::Healthy));
+    }
+
+    #[test]
+    fn replicas_share_a_device_under_derived_ids() {
+        let set = DeviceSet::new(vec![
+            Device { id: "a".into(), health: Health::Healthy, numa_nodes: vec![1] },
+            Device { id: "x::y".into(), health: Health::Unhealthy, numa_nodes: vec![] },
+        ])
+        .expect("valid");
+        assert_eq!(set.replicated(1).expect("same"), set);
+        let shared = set.replicated(3).expect("replicated");
+        let ids: Vec<&str> = shared.devices().iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["a::0", "a::1", "a::2", "x::y::0", "x::y::1", "x::y::2"]);
+        assert_eq!(shared.get("a::2").map(|d| d.numa_nodes.clone()), Some(vec![1]));
+        assert_eq!(shared.get("x::y::1").map(|d| d.health), Some(Health::Unhealthy));
+        for id in ids {
+            assert!(set.get(replica_device(id, 3)).is_some(), "{id}");
+        }
+        assert_eq!(replica_device("x::y", 1), "x::y");
+        let many = DeviceSet::new(vec![Device { id: "a".into(), health: Health::Healthy, numa_nodes: vec![] }])
+            .expect("valid");
+        assert!(matches!(many.replicated(10_001), Err(DeviceSetError::TooMany(_))));
+    }
+
+    #[test]
+    fn hysteresis_needs_consecutive_answers_both_ways() {
+        use Health::{Healthy as H, Unhealthy as U};
+        let mut t = HealthTracker::default();
+        // Unhealthy after 3 in a row; a good answer in between resets the count.
+        assert_eq!(t.observe("a", H, U, 3, 2), H);
+        assert_eq!(t.observe("a", H, U, 3, 2), H);
+        assert_eq!(t.observe("a", H, H, 3, 2), H);
+        assert_eq!(t.observe("a", H, U, 3, 2), H);
+        assert_eq!(t.observe("a", H, U, 3, 2), H);
+        assert_eq!(t.observe("a", H, U, 3, 2), U);
+        // Back after 2 in a row.
+        assert_eq!(t.observe("a", U, H, 3, 2), U);
+        assert_eq!(t.observe("a", U, H, 3, 2), H);
+        // Thresholds of 1 follow every answer.
+        assert_eq!(t.observe("b", H, U, 1, 1), U);
+        assert_eq!(t.observe("b", U, H, 1, 1), H);
     }
 }

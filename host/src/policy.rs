@@ -14,7 +14,7 @@ use std::fmt;
 
 use crate::domain::{
     ContainerAllocation, Device, DeviceNode, DeviceSet, Health, Mount, ResourceName,
-    is_qualified_name,
+    ResourceNameError, is_qualified_name,
 };
 use crate::runtime::bindings::{self, ContainerResponse, DeviceKind};
 
@@ -59,13 +59,14 @@ pub struct ScannedResource {
     pub devices: DeviceSet,
 }
 
-/// Checks a scan and resolves kind names against `default_domain`.
+/// Checks a scan and names each kind's resource with `name_of` (the module's
+/// domain and the operator's renames).
 ///
 /// # Errors
 /// [`PolicyError`] for the first rule broken.
 pub fn scan(
     module: &str,
-    default_domain: &str,
+    name_of: impl Fn(&str) -> Result<ResourceName, ResourceNameError>,
     kinds: Vec<DeviceKind>,
 ) -> Result<Vec<ScannedResource>, PolicyError> {
     let ctx = Ctx { module };
@@ -80,8 +81,7 @@ pub fn scan(
         .into_iter()
         .map(|kind| {
             let field = format!("kinds[{:?}]", kind.name);
-            let name = ResourceName::for_kind(default_domain, &kind.name)
-                .map_err(|e| ctx.err(&field, e))?;
+            let name = name_of(&kind.name).map_err(|e| ctx.err(&field, e))?;
             if !names.insert(name.clone()) {
                 return Err(ctx.err(&field, format!("resource {name} is reported twice")));
             }
@@ -291,6 +291,9 @@ fn is_cdi_name(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const EX: fn(&str) -> Result<ResourceName, ResourceNameError> =
+        |kind| ResourceName::for_kind("example.com", kind);
     use crate::runtime::bindings::wasm_device_plugin::device::types::{
         Device as GuestDevice, DeviceSpec, KeyValue, Mount as GuestMount,
     };
@@ -323,7 +326,7 @@ mod tests {
     fn scan_prefixes_bare_kind_names() {
         let got = scan(
             "m",
-            "example.com",
+            EX,
             vec![kind("dev-1", &["a"]), kind("vendor.io/x", &["b"])],
         )
         .expect("valid");
@@ -335,16 +338,16 @@ mod tests {
     #[test]
     fn scan_rejects_duplicate_device_ids() {
         let err =
-            scan("m", "example.com", vec![kind("dev-1", &["a", "a"])]).expect_err("duplicate");
+            scan("m", EX, vec![kind("dev-1", &["a", "a"])]).expect_err("duplicate");
         assert_eq!(err.module, "m");
         assert!(err.field.contains("dev-1"));
     }
 
     #[test]
     fn scan_rejects_duplicate_kinds_and_bad_names() {
-        assert!(scan("m", "example.com", vec![kind("x", &[]), kind("x", &[])]).is_err());
-        assert!(scan("m", "example.com", vec![kind("kubernetes.io/x", &[])]).is_err());
-        assert!(scan("m", "example.com", vec![kind("bad name", &[])]).is_err());
+        assert!(scan("m", EX, vec![kind("x", &[]), kind("x", &[])]).is_err());
+        assert!(scan("m", EX, vec![kind("kubernetes.io/x", &[])]).is_err());
+        assert!(scan("m", EX, vec![kind("bad name", &[])]).is_err());
     }
 
     #[test]

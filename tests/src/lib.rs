@@ -98,6 +98,20 @@ pub fn test_settings(kubelet_dir: &Path) -> Settings {
     }
 }
 
+/// How long a test waits for a module file written without being closed to
+/// settle. Long, so that a test holding a file open mid-write is never read early.
+pub const TEST_SETTLE: Duration = Duration::from_secs(10);
+
+/// The host configuration for `dirs` with `settings`: no compiled-module cache.
+pub fn host_config(dirs: &Dirs, settings: Settings) -> HostConfig {
+    HostConfig {
+        modules_dir: dirs.modules(),
+        cache_dir: None,
+        settle: TEST_SETTLE,
+        settings,
+    }
+}
+
 /// The host and a simulated kubelet, running on the directories in `dirs`.
 pub struct Fixture {
     /// The simulated kubelet.
@@ -112,17 +126,16 @@ pub struct Fixture {
 impl Fixture {
     /// Starts the kubelet simulator, then the host with `settings`.
     pub fn start_with(dirs: Dirs, settings: Settings) -> Self {
+        let config = host_config(&dirs, settings);
+        Self::start_config(dirs, config)
+    }
+
+    /// Starts the kubelet simulator, then the host with `config`.
+    pub fn start_config(dirs: Dirs, config: HostConfig) -> Self {
         init_logging();
         let kubelet = Simulator::start(&dirs.kubelet()).expect("kubelet simulator");
         let shutdown = CancellationToken::new();
-        let host = Host::start(
-            HostConfig {
-                modules_dir: dirs.modules(),
-                settings,
-            },
-            &shutdown,
-        )
-        .expect("host starts");
+        let host = Host::start(config, &shutdown).expect("host starts");
         Self {
             kubelet,
             host,

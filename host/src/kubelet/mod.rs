@@ -2,6 +2,7 @@
 //! `DevicePlugin` service, registration, and a kubelet simulator for the demo and
 //! the tests. Never names a wasmtime type.
 
+pub mod dir;
 pub mod preferred;
 pub mod proto;
 pub mod registration;
@@ -9,18 +10,20 @@ pub mod server;
 pub mod simulator;
 pub mod socket;
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{DeviceSet, ResourceName};
+use dir::{FileIdentity, KubeletDir, file_identity};
 use registration::RegistrationError;
 use server::{DeviceBackend, PluginService};
 
-/// Why a resource could not be served.
+/// Why one attempt to serve a resource failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
     /// Binding or checking the plugin socket failed.
@@ -36,63 +39,285 @@ pub enum PluginError {
     Registration(#[from] RegistrationError),
 }
 
-/// A resource being served: its socket's file name and the server task, which
-/// ends (and removes the socket) once the shutdown token passed to [`serve`] is
-/// cancelled.
+/// Where a served resource stands with kubelet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PluginStatus {
+    /// Not registered: kubelet is absent, restarting or refused; retrying.
+    Waiting,
+    /// Registered, served on this socket file name.
+    Registered(String),
+}
+
+/// A resource being served: a task that keeps it served and registered across
+/// kubelet restarts until the token passed to [`serve`] is cancelled, then
+/// stops its server and removes its socket.
 #[derive(Debug)]
 pub struct ServedResource {
-    /// The socket's file name in the kubelet directory (the registered endpoint).
-    pub endpoint: String,
-    /// The gRPC server; await it after cancelling to know the socket is gone.
+    /// Where it stands with kubelet.
+    pub status: watch::Receiver<PluginStatus>,
+    /// The plugin task; await it after cancelling to know the socket is gone.
     pub task: JoinHandle<()>,
 }
 
-/// Serves `resource` on a new socket in `kubelet_dir`, confirms the socket accepts,
-/// then registers it with kubelet: serve first, so kubelet can dial the endpoint
-/// the moment it learns of it.
-///
-/// # Errors
-/// [`PluginError`]: the socket could not be bound or the registration failed. On
-/// error the server is stopped and the socket removed.
-pub async fn serve<B: DeviceBackend>(
-    kubelet_dir: &Path,
-    resource: &ResourceName,
+/// First wait before retrying a failed registration; doubled on each failure.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+/// Longest wait between retries while kubelet is absent or unreachable.
+const RETRY_MAX: Duration = Duration::from_secs(5);
+/// Longest wait between retries after kubelet refused a registration.
+const RETRY_MAX_REFUSED: Duration = Duration::from_secs(60);
+/// How often a registered plugin re-checks its socket and kubelet's, in case a
+/// directory event was missed.
+const RECHECK: Duration = Duration::from_secs(5);
+
+/// Serves `resource` and keeps it registered, in a task of its own; returns at
+/// once. Each incarnation binds a new socket in the kubelet directory, confirms it
+/// accepts, then registers (serve first, so kubelet can dial the endpoint the
+/// moment it learns of it). When kubelet restarts (a new `kubelet.sock`) or the
+/// socket is deleted, the incarnation is stopped and a new one registered; while
+/// kubelet is absent or refuses, it retries with backoff, woken early by a new
+/// `kubelet.sock`.
+pub fn serve<B: DeviceBackend>(
+    dir: Arc<KubeletDir>,
+    resource: ResourceName,
     devices: watch::Receiver<Arc<DeviceSet>>,
     backend: Arc<B>,
     shutdown: CancellationToken,
-) -> Result<ServedResource, PluginError> {
-    let name = socket::plugin_socket_name(resource);
-    let socket_err = |cause| PluginError::Socket {
-        path: kubelet_dir.join(&name).display().to_string(),
-        cause,
-    };
-    let (listener, socket_file) = socket::bind(kubelet_dir, &name).map_err(socket_err)?;
-    let path = socket_file.path().to_path_buf();
-    // The server gets its own child token so that a failed registration below can
-    // stop it without touching the caller's token.
-    let server_token = shutdown.child_token();
-    let service = PluginService::new(resource.clone(), devices, backend, server_token.clone());
-    let span_resource = resource.to_string();
-    let task = tokio::spawn(async move {
-        if let Err(err) = service.serve(listener).await {
-            tracing::error!(resource = %span_resource, cause = %err, "device plugin server failed");
+) -> ServedResource {
+    let (status_tx, status) = watch::channel(PluginStatus::Waiting);
+    let task = tokio::spawn(keep_registered(
+        dir, resource, devices, backend, shutdown, status_tx,
+    ));
+    ServedResource { status, task }
+}
+
+/// Why a registered incarnation ended.
+enum Ended {
+    Shutdown,
+    KubeletRestarted,
+    SocketRemoved,
+    ServerStopped,
+}
+
+async fn keep_registered<B: DeviceBackend>(
+    dir: Arc<KubeletDir>,
+    resource: ResourceName,
+    devices: watch::Receiver<Arc<DeviceSet>>,
+    backend: Arc<B>,
+    shutdown: CancellationToken,
+    status: watch::Sender<PluginStatus>,
+) {
+    let mut changes = dir.changes();
+    let mut backoff = RETRY_FIRST;
+    let mut waiting_since: Option<Instant> = None;
+    let mut last_error = String::new();
+    while !shutdown.is_cancelled() {
+        changes.mark_unchanged();
+        let kubelet = dir.kubelet_identity();
+        if kubelet.is_none() {
+            if waiting_since.is_none() {
+                tracing::info!(resource = %resource, socket = %dir.kubelet_socket().display(), "waiting for kubelet to create its socket");
+                waiting_since = Some(Instant::now());
+            }
+            if !retry_wait(&dir, &mut changes, kubelet, &mut backoff, RETRY_MAX, &shutdown).await {
+                break;
+            }
+            continue;
         }
-        // Dropped only after the server has stopped accepting.
-        drop(socket_file);
-    });
-    let started = async {
-        socket::check_accepting(&path).await.map_err(socket_err)?;
-        registration::register(kubelet_dir, &name, resource).await?;
-        Ok::<_, PluginError>(())
-    };
-    if let Err(err) = started.await {
-        server_token.cancel();
-        let _ = task.await;
-        return Err(err);
+        let incarnation = match Incarnation::start(&dir, &resource, &devices, &backend, &shutdown).await {
+            Ok(incarnation) => incarnation,
+            Err(err) => {
+                log_retry(&resource, &err, &mut last_error);
+                if !retry_wait(&dir, &mut changes, kubelet, &mut backoff, RETRY_MAX, &shutdown).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        let registered = tokio::select! {
+            () = shutdown.cancelled() => None,
+            result = registration::register(dir.path(), &incarnation.endpoint, &resource) => Some(result),
+        };
+        let cap = match registered {
+            None => {
+                incarnation.stop().await;
+                break;
+            }
+            Some(Ok(())) => {
+                match waiting_since.take() {
+                    Some(since) => tracing::info!(resource = %resource, endpoint = %incarnation.endpoint, waited_ms = since.elapsed().as_millis() as u64, "registered with kubelet"),
+                    None => tracing::info!(resource = %resource, endpoint = %incarnation.endpoint, "registered with kubelet"),
+                }
+                last_error.clear();
+                backoff = RETRY_FIRST;
+                status.send_replace(PluginStatus::Registered(incarnation.endpoint.clone()));
+                let ended = incarnation.watch(&dir, &mut changes, kubelet, &shutdown).await;
+                status.send_replace(PluginStatus::Waiting);
+                incarnation.stop().await;
+                match ended {
+                    Ended::Shutdown => break,
+                    Ended::KubeletRestarted => tracing::info!(resource = %resource, "kubelet restarted; registering again"),
+                    Ended::SocketRemoved => tracing::info!(resource = %resource, "plugin socket was removed; serving on a new one and registering again"),
+                    Ended::ServerStopped => tracing::warn!(resource = %resource, "plugin server stopped; starting it again"),
+                }
+                waiting_since = Some(Instant::now());
+                continue;
+            }
+            Some(Err(err)) => {
+                incarnation.stop().await;
+                let refused = matches!(err, RegistrationError::Refused(_));
+                log_retry(&resource, &PluginError::Registration(err), &mut last_error);
+                if refused { RETRY_MAX_REFUSED } else { RETRY_MAX }
+            }
+        };
+        if !retry_wait(&dir, &mut changes, kubelet, &mut backoff, cap, &shutdown).await {
+            break;
+        }
     }
-    tracing::info!(resource = %resource, endpoint = %name, "registered with kubelet");
-    Ok(ServedResource {
-        endpoint: name,
-        task,
-    })
+    status.send_replace(PluginStatus::Waiting);
+}
+
+/// Logs a failed attempt: an error the first time it happens, at debug level
+/// while it repeats, so a node without kubelet does not flood the log.
+fn log_retry(resource: &ResourceName, err: &PluginError, last_error: &mut String) {
+    let message = err.to_string();
+    if *last_error == message {
+        tracing::debug!(resource = %resource, cause = %message, "still cannot register; retrying");
+    } else {
+        match err {
+            PluginError::Registration(RegistrationError::Unreachable { .. }) => {
+                tracing::info!(resource = %resource, cause = %message, "kubelet not reachable yet; retrying with backoff")
+            }
+            _ => tracing::error!(resource = %resource, cause = %message, "cannot register with kubelet; retrying with backoff"),
+        }
+        *last_error = message;
+    }
+}
+
+/// Waits out `backoff` (then doubles it, up to `cap`), or less when kubelet's
+/// socket changes from `kubelet` (a kubelet started or restarted). False on shutdown.
+async fn retry_wait(
+    dir: &KubeletDir,
+    changes: &mut watch::Receiver<u64>,
+    kubelet: Option<FileIdentity>,
+    backoff: &mut Duration,
+    cap: Duration,
+    shutdown: &CancellationToken,
+) -> bool {
+    let deadline = tokio::time::sleep(*backoff);
+    *backoff = (*backoff * 2).min(cap);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return false,
+            () = &mut deadline => return true,
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    // The watcher is gone; only the timer is left.
+                    (&mut deadline).await;
+                    return true;
+                }
+                // Our own socket coming and going changes the directory too: only
+                // a different kubelet socket is worth an early retry.
+                let now = dir.kubelet_identity();
+                if now.is_some() && now != kubelet {
+                    *backoff = RETRY_FIRST;
+                    return true;
+                }
+            }
+        }
+    }
+}
+
+/// One bound socket with its gRPC server.
+struct Incarnation {
+    endpoint: String,
+    path: PathBuf,
+    socket: Option<FileIdentity>,
+    token: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Incarnation {
+    async fn start<B: DeviceBackend>(
+        dir: &KubeletDir,
+        resource: &ResourceName,
+        devices: &watch::Receiver<Arc<DeviceSet>>,
+        backend: &Arc<B>,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, PluginError> {
+        let endpoint = socket::plugin_socket_name(resource);
+        let socket_path = dir.path().join(&endpoint).display().to_string();
+        let socket_err = |cause| PluginError::Socket {
+            path: socket_path.clone(),
+            cause,
+        };
+        let (listener, socket_file) = socket::bind(dir.path(), &endpoint).map_err(socket_err)?;
+        let path = socket_file.path().to_path_buf();
+        let socket = file_identity(&path);
+        let token = shutdown.child_token();
+        let service = PluginService::new(resource.clone(), devices.clone(), backend.clone(), token.clone());
+        let span_resource = resource.to_string();
+        let task = tokio::spawn(async move {
+            if let Err(err) = service.serve(listener).await {
+                tracing::error!(resource = %span_resource, cause = %err, "device plugin server failed");
+            }
+            // Dropped only after the server has stopped accepting.
+            drop(socket_file);
+        });
+        let incarnation = Self {
+            endpoint,
+            path,
+            socket,
+            token,
+            task,
+        };
+        if let Err(cause) = socket::check_accepting(&incarnation.path).await {
+            let err = socket_err(cause);
+            incarnation.stop().await;
+            return Err(err);
+        }
+        Ok(incarnation)
+    }
+
+    /// Waits until this incarnation must end: shutdown, a new kubelet, our socket
+    /// gone or replaced, or the server stopped on its own.
+    async fn watch(
+        &self,
+        dir: &KubeletDir,
+        changes: &mut watch::Receiver<u64>,
+        kubelet: Option<FileIdentity>,
+        shutdown: &CancellationToken,
+    ) -> Ended {
+        let mut recheck = tokio::time::interval(RECHECK);
+        recheck.tick().await;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ended::Shutdown,
+                () = self.token.cancelled() => return Ended::Shutdown,
+                _ = recheck.tick() => {}
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        // Cannot happen while `dir` lives; fall back to the timer.
+                        recheck.tick().await;
+                    }
+                }
+            }
+            if self.task.is_finished() {
+                return Ended::ServerStopped;
+            }
+            if file_identity(&self.path) != self.socket {
+                return Ended::SocketRemoved;
+            }
+            if dir.kubelet_identity() != kubelet {
+                return Ended::KubeletRestarted;
+            }
+        }
+    }
+
+    /// Stops the server (its ListAndWatch streams end) and waits until the socket
+    /// is removed.
+    async fn stop(self) {
+        self.token.cancel();
+        let _ = self.task.await;
+    }
 }

@@ -117,11 +117,14 @@ pub struct Simulator {
 }
 
 impl Simulator {
-    /// Serves `Registration` on `dir/kubelet.sock`.
+    /// Serves `Registration` on `dir/kubelet.sock`. First removes every socket
+    /// in `dir`, as kubelet's device manager does when it starts: a restarted
+    /// kubelet leaves plugins to notice that and register again.
     ///
     /// # Errors
     /// The socket could not be bound.
     pub fn start(dir: &Path) -> Result<Self, SimulatorError> {
+        remove_sockets(dir);
         let (listener, socket_file) =
             socket::bind(dir, proto::KUBELET_SOCKET).map_err(|cause| SimulatorError::Bind {
                 path: dir.join(proto::KUBELET_SOCKET).display().to_string(),
@@ -278,6 +281,19 @@ impl Simulator {
 impl Drop for Simulator {
     fn drop(&mut self) {
         self.shared.shutdown.cancel();
+    }
+}
+
+/// Removes the unix sockets in `dir` (best effort, like kubelet's clean-up).
+fn remove_sockets(dir: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_socket()) {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 

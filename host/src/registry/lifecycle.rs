@@ -1,40 +1,86 @@
-//! One module's life: load → first scan → serve each resource → (health checks,
-//! re-scans, configuration changes)* → stop.
+//! One module's life, from its files appearing to their removal:
 //!
 //! ```text
-//!   Loading ──compile + first scan ok──▶ Serving ──token cancelled──▶ Stopped
-//!      │                                  │  ▲
-//!      └──bad file / scan failed──▶ Failed │  └─ health tick: update health
-//!                                         └──── scan tick / new config: re-scan;
-//!                                               resources appear (serve + register)
-//!                                               or disappear (server stopped, socket removed)
+//!            files (wasm + manifest)
+//!                    │
+//!                    ▼
+//!   ┌──────────── Loading ── manifest bad / not a component / first scan failed ──▶ Failed
+//!   │                │ compiled (or from cache) + first scan ok                       │
+//!   │                ▼                                                                │
+//!   │   ┌──────▶ Serving ◀─── new files: replaced / reconfigured in place ◀───────────┘
+//!   │   │            │            (a bad new version is refused; the old one keeps serving)
+//!   │   └─ ticks ────┤  health tick: health with hysteresis → same streams
+//!   │                │  scan tick:   re-scan → lists change on the same streams;
+//!   │                │               resources appear (served + registered) or go
+//!   │                │               (server stopped, socket removed)
+//!   │                ▼
+//!   └─ cancelled ─▶ Stopped  (every resource's server stopped, sockets removed)
 //! ```
 //!
-//! Each resource keeps its device list in a `watch` channel that its
-//! ListAndWatch streams follow; only real changes are published. A failed health
-//! check or re-scan keeps the last good state and is logged: one bad answer never
-//! withdraws devices that pods may be using.
+//! Each resource keeps the module's real devices and publishes the advertised
+//! list (replicas expanded) in a `watch` channel that its ListAndWatch streams
+//! follow; only real changes are published, so a replaced module or an edited
+//! manifest that leaves a resource's devices alone is invisible to kubelet. A
+//! failed health check or re-scan keeps the last good state and is logged: one
+//! bad answer never withdraws devices that pods may be using.
+//!
+//! A replaced module is swapped in behind a lock that Allocate reads once per
+//! call: calls in flight finish on the old version, later calls use the new one.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::time::{Instant, MissedTickBehavior, interval_at};
+use tokio::time::{Instant, Interval, MissedTickBehavior, interval_at};
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{ContainerAllocation, DeviceSet, Health, ResourceName};
+use crate::domain::{
+    ContainerAllocation, Device, DeviceSet, Health, HealthTracker, ResourceName, replica_device,
+};
+use crate::kubelet::dir::KubeletDir;
 use crate::kubelet::server::{AllocateError, DeviceBackend};
 use crate::kubelet::{self, ServedResource};
 use crate::policy::{self, ScannedResource};
-use crate::registry::{Claim, Claims, ModuleSpec, ModuleState, ModuleStates, Settings};
+use crate::registry::manifest::{self, ManifestError, ModuleSettings, ResourcePolicy};
+use crate::registry::watch::ModuleFiles;
+use crate::registry::{Claim, Claims, ModuleState, ModuleStates, Settings};
 use crate::runtime::bindings::{AllocateRequest, ContainerRequest, DeviceRef, ModuleError};
-use crate::runtime::{CallError, CallFailure, Guest, ModuleConfig, Runtime};
+use crate::runtime::cache::content_hash;
+use crate::runtime::{CallError, CallFailure, CallSettings, Guest, ModuleConfig, Runtime};
+
+/// What every module's lifecycle shares.
+pub struct Context {
+    /// The engine and the compiled-module cache.
+    pub runtime: Arc<Runtime>,
+    /// The host's settings (defaults under each module's manifest).
+    pub settings: Arc<Settings>,
+    /// Which module serves which resource name.
+    pub claims: Claims,
+    /// The watched kubelet directory.
+    pub kubelet: Arc<KubeletDir>,
+    /// Every module's state.
+    pub states: watch::Sender<ModuleStates>,
+}
+
+impl Context {
+    /// Publishes `name`'s state; watchers (readiness, tests) wake only on changes.
+    pub fn set_state(&self, name: &str, state: ModuleState) {
+        self.states.send_if_modified(|s| {
+            s.insert(name.to_string(), state.clone()).as_ref() != Some(&state)
+        });
+    }
+}
 
 /// Messages to a running module.
 #[derive(Debug)]
 pub enum Control {
-    /// Use this configuration from later calls on; re-scan at once if `rescan`,
-    /// otherwise the next health check or scheduled scan sees it.
+    /// The module's files changed (new content, a manifest added, edited or removed).
+    Files(ModuleFiles),
+    /// Use this configuration from later calls on (until the manifest changes);
+    /// re-scan at once if `rescan`, otherwise the next health check or scheduled
+    /// scan sees it.
     SetConfig {
         /// The new configuration.
         config: ModuleConfig,
@@ -45,10 +91,18 @@ pub enum Control {
     },
 }
 
+/// The module version that new calls use; swapped when the module is replaced.
+type GuestSlot = RwLock<Arc<Guest>>;
+
+fn current(slot: &GuestSlot) -> Arc<Guest> {
+    slot.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
 /// Allocates through a module for one of its resources.
 pub struct GuestBackend {
-    guest: Arc<Guest>,
+    guest: Arc<GuestSlot>,
     kind: String,
+    replicas: Arc<AtomicU32>,
 }
 
 impl DeviceBackend for GuestBackend {
@@ -57,19 +111,33 @@ impl DeviceBackend for GuestBackend {
         containers: Vec<Vec<String>>,
     ) -> Result<Vec<ContainerAllocation>, AllocateError> {
         let count = containers.len();
+        let replicas = self.replicas.load(Ordering::Relaxed);
+        let containers = containers
+            .into_iter()
+            .map(|ids| ContainerRequest {
+                device_ids: if replicas > 1 {
+                    // Replicas of one device in a container are that device, once.
+                    let mut devices: Vec<String> = Vec::with_capacity(ids.len());
+                    for id in &ids {
+                        let device = replica_device(id, replicas);
+                        if !devices.iter().any(|d| d == device) {
+                            devices.push(device.to_string());
+                        }
+                    }
+                    devices
+                } else {
+                    ids
+                },
+            })
+            .collect();
         let request = AllocateRequest {
             kind: self.kind.clone(),
-            containers: containers
-                .into_iter()
-                .map(|device_ids| ContainerRequest { device_ids })
-                .collect(),
+            containers,
         };
-        let responses = self
-            .guest
-            .allocate(&request)
-            .await
-            .map_err(allocate_error)?;
-        policy::allocation(self.guest.name(), count, responses)
+        // One version per call: a replacement arriving now is used by later calls.
+        let guest = current(&self.guest);
+        let responses = guest.allocate(&request).await.map_err(allocate_error)?;
+        policy::allocation(guest.name(), count, responses)
             .map_err(|e| AllocateError::Failed(e.to_string()))
     }
 }
@@ -100,6 +168,13 @@ fn allocate_error(err: CallError) -> AllocateError {
 /// A resource being served.
 struct Resource {
     kind: String,
+    policy: ResourcePolicy,
+    /// The module's devices, health after hysteresis.
+    real: DeviceSet,
+    tracker: HealthTracker,
+    /// The replicas the advertised list was built with (read by Allocate).
+    replicas: Arc<AtomicU32>,
+    /// The advertised list.
     devices: watch::Sender<Arc<DeviceSet>>,
     token: CancellationToken,
     served: ServedResource,
@@ -107,7 +182,59 @@ struct Resource {
     _claim: Claim,
 }
 
+/// The list to advertise for `real` shared `replicas` times, and the replicas
+/// used: 1 when sharing would exceed the per-resource device limit (logged).
+fn advertise(resource: &ResourceName, real: &DeviceSet, replicas: u32) -> (DeviceSet, u32) {
+    match real.replicated(replicas) {
+        Ok(set) => (set, replicas),
+        Err(err) => {
+            tracing::error!(resource = %resource, replicas, cause = %err, "cannot advertise replicas; advertising each device once");
+            (real.clone(), 1)
+        }
+    }
+}
+
 impl Resource {
+    /// Publishes the advertised list if it changed.
+    fn publish(&self, name: &ResourceName) {
+        let (advertised, replicas) = advertise(name, &self.real, self.policy.replicas);
+        self.replicas.store(replicas, Ordering::Relaxed);
+        self.devices.send_if_modified(|current| {
+            let changed = **current != advertised;
+            if changed {
+                *current = Arc::new(advertised);
+            }
+            changed
+        });
+    }
+
+    /// Takes a scan's devices: the ids and NUMA nodes as scanned; for devices
+    /// already known, the scanned health counts as one more health answer.
+    fn update(&mut self, name: &ResourceName, scanned: DeviceSet, policy: ResourcePolicy) {
+        let merged: Vec<Device> = scanned
+            .devices()
+            .iter()
+            .map(|d| match self.real.get(&d.id) {
+                Some(old) => Device {
+                    health: self.tracker.observe(
+                        &d.id,
+                        old.health,
+                        d.health,
+                        policy.unhealthy_after,
+                        policy.healthy_after,
+                    ),
+                    ..d.clone()
+                },
+                None => d.clone(),
+            })
+            .collect();
+        // Same ids as a valid set, so this cannot fail; keep the scan if it did.
+        self.real = DeviceSet::new(merged).unwrap_or(scanned);
+        self.tracker.retain(&self.real);
+        self.policy = policy;
+        self.publish(name);
+    }
+
     async fn stop(self) {
         self.token.cancel();
         // Dropping the sender ends the ListAndWatch streams; the task ends when
@@ -117,123 +244,262 @@ impl Resource {
     }
 }
 
-/// Runs one module until `token` is cancelled, publishing its state in `states`.
+/// Runs one module from its first `files` until `token` is cancelled (the file
+/// was removed, or the host stops), publishing its state in `ctx.states`.
 pub async fn run(
-    runtime: Arc<Runtime>,
-    settings: Arc<Settings>,
-    spec: ModuleSpec,
-    claims: Claims,
-    states: watch::Sender<ModuleStates>,
+    ctx: Arc<Context>,
+    files: ModuleFiles,
     mut control: mpsc::Receiver<Control>,
     token: CancellationToken,
 ) {
-    let name = spec.name.clone();
-    // Publishes only real changes: watchers (readiness, tests) wake on each send.
-    let set_state = |state: ModuleState| {
-        states.send_if_modified(|s| s.insert(name.clone(), state.clone()).as_ref() != Some(&state));
-    };
-    set_state(ModuleState::Loading);
-    let guest = tokio::select! {
-        () = token.cancelled() => return set_state(ModuleState::Stopped),
-        guest = load(&runtime, &settings, &spec) => guest,
-    };
-    let guest = match guest {
-        Ok(guest) => Arc::new(guest),
-        Err(reason) => {
-            tracing::error!(module = %name, file = %spec.path.display(), %reason, "module not loaded");
-            return set_state(ModuleState::Failed(reason));
-        }
-    };
-    let first = tokio::select! {
-        () = token.cancelled() => return set_state(ModuleState::Stopped),
-        scanned = scan(&guest, &settings) => scanned,
-    };
-    let scanned = match first {
-        Ok(scanned) => scanned,
-        Err(reason) => {
-            tracing::error!(module = %name, %reason, "first scan failed; module not served");
-            return set_state(ModuleState::Failed(reason));
-        }
-    };
-    let mut module = Module {
-        guest,
-        settings,
-        claims,
-        resources: BTreeMap::new(),
-        token: token.clone(),
-    };
-    module.apply_scan(scanned).await;
-    set_state(ModuleState::Serving(module.resource_names()));
-
-    let settings = module.settings.clone();
-    let mut health_tick = interval_at(
-        Instant::now() + settings.health_interval,
-        settings.health_interval,
-    );
-    health_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut scan_tick = interval_at(
-        Instant::now() + settings.scan_interval,
-        settings.scan_interval,
-    );
-    scan_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let name = files.name.clone();
+    ctx.set_state(&name, ModuleState::Loading);
+    let mut module: Option<Module> = None;
+    let mut next_files = Some(files);
+    let mut ticks: Option<Ticks> = None;
     loop {
-        tokio::select! {
-            () = token.cancelled() => break,
-            _ = health_tick.tick() => module.check_health().await,
-            _ = scan_tick.tick() => module.rescan().await,
-            Some(message) = control.recv() => match message {
-                Control::SetConfig { config, rescan, applied } => {
-                    tracing::info!(module = %name, rescan, "configuration changed");
-                    module.guest.set_config(config);
-                    if rescan {
-                        module.rescan().await;
+        if let Some(files) = next_files.take() {
+            let applied = token
+                .run_until_cancelled(apply_files(&ctx, &mut module, files, &token))
+                .await;
+            if applied.is_none() {
+                break;
+            }
+            if let Some(m) = &module
+                && ticks.as_ref().is_none_or(|t| !t.matches(&m.settings))
+            {
+                ticks = Some(Ticks::new(&m.settings));
+            }
+        } else {
+            let (health_due, scan_due) = match ticks.as_mut() {
+                Some(t) => (Some(&mut t.health), Some(&mut t.scan)),
+                None => (None, None),
+            };
+            tokio::select! {
+                () = token.cancelled() => break,
+                Some(_) = tick(health_due) => {
+                    if let Some(m) = module.as_mut()
+                        && token.run_until_cancelled(m.check_health()).await.is_none()
+                    {
+                        break;
                     }
-                    // The caller may have stopped waiting; nothing to undo then.
-                    let _ = applied.send(());
                 }
-            },
+                Some(_) = tick(scan_due) => {
+                    if let Some(m) = module.as_mut()
+                        && token.run_until_cancelled(m.rescan()).await.is_none()
+                    {
+                        break;
+                    }
+                }
+                message = control.recv() => match message {
+                    None => break,
+                    Some(Control::Files(files)) => next_files = Some(files),
+                    Some(Control::SetConfig { config, rescan, applied }) => {
+                        if let Some(m) = module.as_mut() {
+                            tracing::info!(module = %name, rescan, "configuration changed");
+                            m.settings.call.config = config;
+                            current(&m.guest).set_settings(m.settings.call.clone());
+                            if rescan && token.run_until_cancelled(m.rescan()).await.is_none() {
+                                break;
+                            }
+                        }
+                        // The caller may have stopped waiting; nothing to undo then.
+                        let _ = applied.send(());
+                    }
+                },
+            }
         }
-        set_state(ModuleState::Serving(module.resource_names()));
+        if let Some(m) = &module {
+            ctx.set_state(&name, ModuleState::Serving(m.resource_names()));
+        }
     }
-    module.stop().await;
-    set_state(ModuleState::Stopped);
+    if let Some(m) = module {
+        m.stop().await;
+    }
+    ctx.set_state(&name, ModuleState::Stopped);
+}
+
+/// The health and scan timers of a serving module.
+struct Ticks {
+    health: Interval,
+    scan: Interval,
+    periods: (Duration, Duration),
+}
+
+impl Ticks {
+    fn new(settings: &ModuleSettings) -> Self {
+        let every = |period: Duration| {
+            let mut t = interval_at(Instant::now() + period, period);
+            t.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            t
+        };
+        Self {
+            health: every(settings.health_interval),
+            scan: every(settings.scan_interval),
+            periods: (settings.health_interval, settings.scan_interval),
+        }
+    }
+
+    fn matches(&self, settings: &ModuleSettings) -> bool {
+        self.periods == (settings.health_interval, settings.scan_interval)
+    }
+}
+
+/// The next tick of `interval`, or never when there is none.
+async fn tick(interval: Option<&mut Interval>) -> Option<Instant> {
+    match interval {
+        Some(i) => Some(i.tick().await),
+        None => std::future::pending().await,
+    }
+}
+
+/// Why a module's files are not used; logged, and the module's state when it
+/// has nothing serving.
+fn refuse(ctx: &Context, module: &Option<Module>, name: &str, reason: String) {
+    if module.is_some() {
+        tracing::error!(module = %name, %reason, "new module files refused; the running version keeps serving");
+    } else {
+        tracing::error!(module = %name, %reason, "module not loaded");
+        ctx.set_state(name, ModuleState::Failed(reason));
+    }
+}
+
+/// Applies new files: a new manifest reconfigures in place, new module bytes
+/// replace the running version once they compile and scan.
+async fn apply_files(
+    ctx: &Arc<Context>,
+    module: &mut Option<Module>,
+    files: ModuleFiles,
+    token: &CancellationToken,
+) {
+    let name = files.name.clone();
+    let manifest_hash = files.manifest.as_ref().map(|m| match m {
+        Ok(text) => content_hash(text.as_bytes()),
+        Err(e) => content_hash(e.as_bytes()),
+    });
+    let manifest_changed = module
+        .as_ref()
+        .is_none_or(|m| m.manifest_hash != manifest_hash);
+    let new_settings = if manifest_changed {
+        let parsed = match &files.manifest {
+            None => Ok(ModuleSettings::defaults(&ctx.settings)),
+            Some(Ok(text)) => manifest::parse(&files.manifest_path, text, &ctx.settings),
+            Some(Err(reason)) => Err(ManifestError {
+                file: files.manifest_path.clone(),
+                field: "file".into(),
+                message: reason.clone(),
+            }),
+        };
+        match parsed {
+            Ok(settings) => Some(settings),
+            Err(err) => {
+                refuse(ctx, module, &name, err.to_string());
+                if module.is_none() {
+                    return;
+                }
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    let wasm_changed = module.as_ref().is_none_or(|m| m.wasm_hash != files.wasm_hash);
+    if wasm_changed {
+        let settings = new_settings
+            .clone()
+            .or_else(|| module.as_ref().map(|m| m.settings.clone()))
+            .unwrap_or_else(|| ModuleSettings::defaults(&ctx.settings));
+        let loaded = async {
+            let bytes = files
+                .wasm
+                .clone()
+                .map_err(|e| format!("{}: {e}", files.wasm_path.display()))?;
+            let guest = load(&ctx.runtime, &name, bytes, settings.call.clone()).await?;
+            let scanned = scan(&guest, &settings)
+                .await
+                .map_err(|e| format!("first scan failed: {e}"))?;
+            Ok::<_, String>((guest, scanned))
+        };
+        match loaded.await {
+            Ok((guest, scanned)) => {
+                let guest = Arc::new(guest);
+                match module.as_mut() {
+                    Some(m) => {
+                        tracing::info!(module = %name, "module replaced; new calls use the new version");
+                        *m.guest.write().unwrap_or_else(|e| e.into_inner()) = guest;
+                        m.wasm_hash = files.wasm_hash.clone();
+                        m.settings = settings;
+                        if new_settings.is_some() {
+                            m.manifest_hash = manifest_hash;
+                        }
+                        m.apply_scan(scanned).await;
+                    }
+                    None => {
+                        let mut m = Module {
+                            name: name.clone(),
+                            ctx: ctx.clone(),
+                            guest: Arc::new(RwLock::new(guest)),
+                            wasm_hash: files.wasm_hash.clone(),
+                            manifest_hash,
+                            settings,
+                            resources: BTreeMap::new(),
+                            token: token.clone(),
+                        };
+                        m.apply_scan(scanned).await;
+                        *module = Some(m);
+                    }
+                }
+                return;
+            }
+            Err(reason) => {
+                refuse(ctx, module, &name, reason);
+                if module.is_none() {
+                    return;
+                }
+            }
+        }
+    }
+    if let (Some(m), Some(settings)) = (module.as_mut(), new_settings) {
+        tracing::info!(module = %name, manifest = %files.manifest_path.display(), "manifest changed; reconfiguring in place");
+        current(&m.guest).set_settings(settings.call.clone());
+        m.settings = settings;
+        m.manifest_hash = manifest_hash;
+        m.rescan().await;
+    }
 }
 
 async fn load(
     runtime: &Arc<Runtime>,
-    settings: &Settings,
-    spec: &ModuleSpec,
+    name: &str,
+    bytes: Arc<[u8]>,
+    settings: CallSettings,
 ) -> Result<Guest, String> {
-    let bytes = tokio::fs::read(&spec.path)
-        .await
-        .map_err(|e| format!("cannot read: {e}"))?;
-    let (runtime, limits, name, config) = (
-        runtime.clone(),
-        settings.limits,
-        spec.name.clone(),
-        spec.config.clone(),
-    );
+    let (runtime, module) = (runtime.clone(), name.to_string());
     let started = std::time::Instant::now();
     // Compiling is CPU-bound for tens of milliseconds: keep it off the executor.
-    let guest = tokio::task::spawn_blocking(move || {
-        Guest::compile(&runtime, &name, &bytes, limits, config)
-    })
-    .await
-    .map_err(|e| format!("compilation task failed: {e}"))?
-    .map_err(|e| e.to_string())?;
-    tracing::info!(module = %spec.name, file = %spec.path.display(), elapsed_ms = started.elapsed().as_millis() as u64, "module compiled");
+    let guest =
+        tokio::task::spawn_blocking(move || Guest::compile(&runtime, &module, &bytes, settings))
+            .await
+            .map_err(|e| format!("compilation task failed: {e}"))?
+            .map_err(|e| e.to_string())?;
+    tracing::info!(module = %name, elapsed_ms = started.elapsed().as_millis() as u64, "module loaded");
     Ok(guest)
 }
 
-async fn scan(guest: &Guest, settings: &Settings) -> Result<Vec<ScannedResource>, String> {
+async fn scan(guest: &Guest, settings: &ModuleSettings) -> Result<Vec<ScannedResource>, String> {
     let kinds = guest.scan().await.map_err(|e| e.to_string())?;
-    policy::scan(guest.name(), &settings.default_domain, kinds).map_err(|e| e.to_string())
+    policy::scan(guest.name(), |kind| settings.resource_name(kind), kinds)
+        .map_err(|e| e.to_string())
 }
 
 struct Module {
-    guest: Arc<Guest>,
-    settings: Arc<Settings>,
-    claims: Claims,
+    name: String,
+    ctx: Arc<Context>,
+    guest: Arc<GuestSlot>,
+    wasm_hash: String,
+    manifest_hash: Option<String>,
+    settings: ModuleSettings,
     resources: BTreeMap<ResourceName, Resource>,
     token: CancellationToken,
 }
@@ -249,21 +515,22 @@ impl Module {
         let mut seen = Vec::with_capacity(scanned.len());
         for found in scanned {
             seen.push(found.name.clone());
-            if let Some(resource) = self.resources.get(&found.name) {
-                resource.devices.send_if_modified(|current| {
-                    let changed = **current != found.devices;
-                    if changed {
-                        *current = Arc::new(found.devices.clone());
-                    }
-                    changed
-                });
-                continue;
+            let policy = self.settings.resource(&found.kind).clone();
+            if let Some(resource) = self.resources.get_mut(&found.name) {
+                if resource.kind == found.kind {
+                    resource.update(&found.name, found.devices, policy);
+                    continue;
+                }
+                // Another kind renamed onto this name: serve it afresh.
+                if let Some(old) = self.resources.remove(&found.name) {
+                    old.stop().await;
+                }
             }
-            let claim = match self.claims.claim(&found.name, self.guest.name()) {
+            let claim = match self.ctx.claims.claim(&found.name, &self.name) {
                 Ok(claim) => claim,
                 Err(owner) => {
                     tracing::error!(
-                        module = %self.guest.name(),
+                        module = %self.name,
                         resource = %found.name,
                         served_by = %owner,
                         "resource is already served by another module; not serving it from this one"
@@ -271,37 +538,37 @@ impl Module {
                     continue;
                 }
             };
-            let (tx, rx) = watch::channel(Arc::new(found.devices));
+            let (advertised, replicas) = advertise(&found.name, &found.devices, policy.replicas);
+            let replicas = Arc::new(AtomicU32::new(replicas));
+            let (tx, rx) = watch::channel(Arc::new(advertised));
             let backend = Arc::new(GuestBackend {
                 guest: self.guest.clone(),
                 kind: found.kind.clone(),
+                replicas: replicas.clone(),
             });
             let token = self.token.child_token();
-            match kubelet::serve(
-                &self.settings.kubelet_dir,
-                &found.name,
+            let served = kubelet::serve(
+                self.ctx.kubelet.clone(),
+                found.name.clone(),
                 rx,
                 backend,
                 token.clone(),
-            )
-            .await
-            {
-                Ok(served) => {
-                    self.resources.insert(
-                        found.name,
-                        Resource {
-                            kind: found.kind,
-                            devices: tx,
-                            token,
-                            served,
-                            _claim: claim,
-                        },
-                    );
-                }
-                Err(err) => {
-                    tracing::error!(module = %self.guest.name(), resource = %found.name, cause = %err, "cannot serve resource");
-                }
-            }
+            );
+            tracing::info!(module = %self.name, resource = %found.name, devices = found.devices.len(), replicas = policy.replicas, "serving resource");
+            self.resources.insert(
+                found.name,
+                Resource {
+                    kind: found.kind,
+                    policy,
+                    real: found.devices,
+                    tracker: HealthTracker::default(),
+                    replicas,
+                    devices: tx,
+                    token,
+                    served,
+                    _claim: claim,
+                },
+            );
         }
         let gone: Vec<ResourceName> = self
             .resources
@@ -311,17 +578,18 @@ impl Module {
             .collect();
         for name in gone {
             if let Some(resource) = self.resources.remove(&name) {
-                tracing::info!(module = %self.guest.name(), resource = %name, "resource no longer reported; unregistering");
+                tracing::info!(module = %self.name, resource = %name, "resource no longer reported; unregistering");
                 resource.stop().await;
             }
         }
     }
 
     async fn rescan(&mut self) {
-        match scan(&self.guest, &self.settings).await {
+        let guest = current(&self.guest);
+        match scan(&guest, &self.settings).await {
             Ok(scanned) => self.apply_scan(scanned).await,
             Err(reason) => {
-                tracing::warn!(module = %self.guest.name(), %reason, "re-scan failed; keeping the last good device list")
+                tracing::warn!(module = %self.name, %reason, "re-scan failed; keeping the last good device list")
             }
         }
     }
@@ -329,8 +597,7 @@ impl Module {
     async fn check_health(&mut self) {
         let mut refs = Vec::new();
         for resource in self.resources.values() {
-            let devices = resource.devices.borrow().clone();
-            refs.extend(devices.devices().iter().map(|d| DeviceRef {
+            refs.extend(resource.real.devices().iter().map(|d| DeviceRef {
                 kind: resource.kind.clone(),
                 id: d.id.clone(),
             }));
@@ -338,46 +605,43 @@ impl Module {
         if refs.is_empty() {
             return;
         }
-        let answer = match self.guest.health(&refs).await {
+        let guest = current(&self.guest);
+        let answer = match guest.health(&refs).await {
             Ok(answer) => answer,
             Err(err) => {
-                tracing::warn!(module = %self.guest.name(), cause = %err, "health check failed; keeping the last known health");
+                tracing::warn!(module = %self.name, cause = %err, "health check failed; keeping the last known health");
                 return;
             }
         };
-        if let Err(err) = policy::health_answer(self.guest.name(), refs.len(), &answer) {
+        if let Err(err) = policy::health_answer(&self.name, refs.len(), &answer) {
             tracing::warn!(cause = %err, "health answer refused; keeping the last known health");
             return;
         }
-        let mut by_kind: HashMap<&str, HashMap<&str, Health>> = HashMap::new();
-        for (r, h) in refs.iter().zip(answer) {
-            by_kind
-                .entry(r.kind.as_str())
-                .or_default()
-                .insert(r.id.as_str(), policy::health(h));
-        }
-        for (name, resource) in &self.resources {
-            let Some(health) = by_kind.get(resource.kind.as_str()) else {
-                continue;
-            };
-            resource.devices.send_if_modified(|current| match current.with_health(health) {
-                Some(next) => {
-                    for d in next.devices() {
-                        if current.get(&d.id).is_some_and(|old| old.health != d.health) {
-                            tracing::info!(resource = %name, device = %d.id, health = d.health.as_str(), "device health changed");
-                        }
-                    }
-                    *current = Arc::new(next);
-                    true
+        let mut answers = answer.into_iter().map(policy::health);
+        for (name, resource) in &mut self.resources {
+            let mut next: HashMap<&str, Health> = HashMap::new();
+            for device in resource.real.devices() {
+                let Some(answer) = answers.next() else { break };
+                let health = resource.tracker.observe(
+                    &device.id,
+                    device.health,
+                    answer,
+                    resource.policy.unhealthy_after,
+                    resource.policy.healthy_after,
+                );
+                if health != device.health {
+                    tracing::info!(resource = %name, device = %device.id, health = health.as_str(), "device health changed");
+                    next.insert(&device.id, health);
                 }
-                None => false,
-            });
+            }
+            if let Some(updated) = resource.real.with_health(&next) {
+                resource.real = updated;
+                resource.publish(name);
+            }
         }
     }
 
     async fn stop(self) {
-        for resource in self.resources.into_values() {
-            resource.stop().await;
-        }
+        futures::future::join_all(self.resources.into_values().map(Resource::stop)).await;
     }
 }

@@ -1,17 +1,19 @@
-//! The modules this host serves: finding them in the modules directory, and
-//! running each through its lifecycle (load, first scan, serve every resource,
-//! periodic health checks and re-scans, stop).
+//! The modules this host serves: following the modules directory (`watch`),
+//! reading each module's manifest (`manifest`), and running each module through
+//! its lifecycle (`lifecycle`: load, first scan, serve every resource, health
+//! checks and re-scans, replacement and reconfiguration, stop).
 
 pub mod lifecycle;
+pub mod manifest;
+pub mod watch;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::domain::ResourceName;
-
-use crate::runtime::{Limits, ModuleConfig};
+use crate::runtime::Limits;
 
 /// What the registry needs to know to serve modules.
 #[derive(Debug, Clone)]
@@ -28,56 +30,23 @@ pub struct Settings {
     pub limits: Limits,
 }
 
-/// One module to serve.
-#[derive(Debug, Clone)]
-pub struct ModuleSpec {
-    /// Its name: the file name without `.wasm`.
-    pub name: String,
-    /// The component file.
-    pub path: PathBuf,
-    /// Configuration handed to the guest.
-    pub config: ModuleConfig,
-}
-
 /// Where a module is in its lifecycle.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModuleState {
+    /// Its file is still being written; it loads once the file is complete.
+    Settling,
     /// Compiling or running its first scan.
     Loading,
     /// Registered with kubelet; the resource names it serves.
     Serving(Vec<String>),
-    /// It could not be loaded; why.
+    /// It could not be loaded; why. It loads again when its files change.
     Failed(String),
-    /// Stopped.
+    /// Stopped (the host is stopping, or its file was removed).
     Stopped,
 }
 
 /// The state of every module, by name.
 pub type ModuleStates = BTreeMap<String, ModuleState>;
-
-/// The `*.wasm` files directly in `dir`, sorted by name.
-///
-/// # Errors
-/// The directory cannot be read.
-pub fn discover(dir: &Path) -> std::io::Result<Vec<ModuleSpec>> {
-    let mut specs = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "wasm") && path.is_file() {
-            let name = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            specs.push(ModuleSpec {
-                name,
-                path,
-                config: ModuleConfig::new(),
-            });
-        }
-    }
-    specs.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(specs)
-}
 
 /// Which module serves each resource name. Kubelet keeps one endpoint per
 /// resource, so a second module registering the same name would silently take

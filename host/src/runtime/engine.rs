@@ -4,35 +4,69 @@
 //! One engine per process: compiled components are only valid with the engine
 //! (and its settings) that compiled them.
 
+use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use wasmtime::component::{HasSelf, Linker};
+use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine};
 
-use crate::runtime::RuntimeError;
 use crate::runtime::bindings::DevicePlugin;
+use crate::runtime::cache::{self, Cache, Lookup};
 use crate::runtime::limits::HostState;
+use crate::runtime::{LoadError, RuntimeError};
 
 /// How often the epoch advances. Deadlines are whole ticks, so this is their
 /// resolution; a tick costs one atomic increment.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
-/// The engine, the linker holding every import a module may use, and the ticker.
+/// The first bytes of every WebAssembly binary.
+const WASM_MAGIC: [u8; 4] = *b"\0asm";
+/// The version field of a core module (a component's differs).
+const CORE_MODULE_VERSION: [u8; 4] = [1, 0, 0, 0];
+
+/// Counts of what loading modules cost, since the runtime started.
+#[derive(Debug, Default)]
+struct Counters {
+    compiled: AtomicU64,
+    cache_hits: AtomicU64,
+    cache_rejected: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// A snapshot of [`Runtime::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RuntimeStats {
+    /// Components compiled from source.
+    pub compiled: u64,
+    /// Components read from the compiled-module cache instead.
+    pub cache_hits: u64,
+    /// Cache entries found but not trusted (corrupt, stale, foreign) and rebuilt.
+    pub cache_rejected: u64,
+    /// Files refused as modules (not wasm, not a component, invalid).
+    pub refused: u64,
+}
+
+/// The engine, the linker holding every import a module may use, the
+/// compiled-module cache, and the ticker.
 pub struct Runtime {
     engine: Engine,
     linker: Arc<Linker<HostState>>,
+    cache: Option<Cache>,
+    counters: Counters,
     stop_ticker: Arc<AtomicBool>,
 }
 
 impl Runtime {
     /// Builds the engine (component model, async calls, epoch interruption) and a
     /// linker with WASI 0.2 and the `host` interface, and starts the ticker.
+    /// Compiled components are cached in `cache_dir` when given; a directory that
+    /// cannot be used is logged and the host compiles every module instead.
     ///
     /// # Errors
     /// [`RuntimeError::Engine`] if wasmtime rejects the configuration.
-    pub fn new() -> Result<Self, RuntimeError> {
+    pub fn new(cache_dir: Option<&Path>) -> Result<Self, RuntimeError> {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
@@ -56,11 +90,84 @@ impl Runtime {
                 }
             })
             .map_err(|e| RuntimeError::Engine(format!("cannot start the epoch ticker: {e}")))?;
+        let cache = cache_dir.and_then(|dir| match Cache::open(dir, &engine) {
+            Ok(cache) => {
+                tracing::info!(dir = %dir.display(), "compiled-module cache in use");
+                Some(cache)
+            }
+            Err(err) => {
+                tracing::warn!(dir = %dir.display(), cause = %err, "compiled-module cache not used; every module is compiled at load");
+                None
+            }
+        });
         Ok(Self {
             engine,
             linker: Arc::new(linker),
+            cache,
+            counters: Counters::default(),
             stop_ticker,
         })
+    }
+
+    /// What loading modules has cost so far.
+    pub fn stats(&self) -> RuntimeStats {
+        let c = &self.counters;
+        RuntimeStats {
+            compiled: c.compiled.load(Ordering::Relaxed),
+            cache_hits: c.cache_hits.load(Ordering::Relaxed),
+            cache_rejected: c.cache_rejected.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The component in `bytes`, from the cache when it holds a valid entry for
+    /// them, else compiled (and cached). CPU-bound for tens of milliseconds when
+    /// it compiles: call it off the async executor.
+    ///
+    /// # Errors
+    /// [`LoadError`] saying why the bytes are not a component.
+    pub fn component(&self, module: &str, bytes: &[u8]) -> Result<Component, LoadError> {
+        let refused = |err| {
+            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            Err(err)
+        };
+        if bytes.len() < 8 || bytes[..4] != WASM_MAGIC {
+            return refused(LoadError::NotWasm);
+        }
+        if bytes[4..8] == CORE_MODULE_VERSION {
+            return refused(LoadError::CoreModule);
+        }
+        let hash = self.cache.as_ref().map(|_| cache::content_hash(bytes));
+        if let (Some(cache), Some(hash)) = (&self.cache, &hash) {
+            match cache.load(&self.engine, hash) {
+                (Lookup::Hit, Some(component)) => {
+                    self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(module, "compiled module read from the cache");
+                    return Ok(component);
+                }
+                (Lookup::Rejected(reason), _) => {
+                    self.counters.cache_rejected.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(module, entry = %cache.entry_path(hash).display(), %reason, "cache entry not trusted; compiling again");
+                }
+                _ => {}
+            }
+        }
+        let component = match Component::from_binary(&self.engine, bytes) {
+            Ok(component) => component,
+            Err(e) => return refused(LoadError::Invalid(format!("{e:#}"))),
+        };
+        self.counters.compiled.fetch_add(1, Ordering::Relaxed);
+        if let (Some(cache), Some(hash)) = (&self.cache, &hash)
+            && let Err(err) = cache.store(&component, hash)
+        {
+            tracing::warn!(module, dir = %cache.dir().display(), cause = %err, "cannot write the compiled-module cache");
+        }
+        Ok(component)
+    }
+
+    /// Counts a component that compiled but does not fit our world.
+    pub(crate) fn count_refused(&self) {
+        self.counters.refused.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The engine.

@@ -4,7 +4,6 @@
 
 use std::sync::{Arc, RwLock};
 
-use wasmtime::component::Component;
 use wasmtime::{Store, Trap};
 
 use crate::runtime::bindings::{
@@ -12,7 +11,7 @@ use crate::runtime::bindings::{
     Health, ModuleError,
 };
 use crate::runtime::engine::Runtime;
-use crate::runtime::limits::{Call, HostState, Limits, ModuleConfig, new_store};
+use crate::runtime::limits::{Call, CallSettings, HostState, new_store};
 use crate::runtime::{CallError, CallFailure, LoadError};
 
 /// A compiled module, ready to be called.
@@ -20,18 +19,13 @@ pub struct Guest {
     name: Arc<str>,
     engine: wasmtime::Engine,
     pre: DevicePluginPre<HostState>,
-    limits: Limits,
-    config: RwLock<Arc<ModuleConfig>>,
+    settings: RwLock<Arc<CallSettings>>,
 }
 
-/// The first bytes of every WebAssembly binary.
-const WASM_MAGIC: [u8; 4] = *b"\0asm";
-/// The version field of a core module (a component's differs).
-const CORE_MODULE_VERSION: [u8; 4] = [1, 0, 0, 0];
-
 impl Guest {
-    /// Compiles `bytes` and checks that they are a component of our world.
-    /// CPU-bound (tens of milliseconds): call it off the async executor.
+    /// Compiles `bytes` (or reads them from the compiled-module cache) and checks
+    /// that they are a component of our world. CPU-bound (tens of milliseconds
+    /// when it compiles): call it off the async executor.
     ///
     /// # Errors
     /// [`LoadError`] saying why the bytes are not a usable module.
@@ -39,29 +33,23 @@ impl Guest {
         runtime: &Runtime,
         name: &str,
         bytes: &[u8],
-        limits: Limits,
-        config: ModuleConfig,
+        settings: CallSettings,
     ) -> Result<Self, LoadError> {
-        if bytes.len() < 8 || bytes[..4] != WASM_MAGIC {
-            return Err(LoadError::NotWasm);
-        }
-        if bytes[4..8] == CORE_MODULE_VERSION {
-            return Err(LoadError::CoreModule);
-        }
-        let component = Component::from_binary(runtime.engine(), bytes)
-            .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+        let component = runtime.component(name, bytes)?;
+        let incompatible = |e: wasmtime::Error| {
+            runtime.count_refused();
+            LoadError::Incompatible(format!("{e:#}"))
+        };
         let instance_pre = runtime
             .linker()
             .instantiate_pre(&component)
-            .map_err(|e| LoadError::Incompatible(format!("{e:#}")))?;
-        let pre = DevicePluginPre::new(instance_pre)
-            .map_err(|e| LoadError::Incompatible(format!("{e:#}")))?;
+            .map_err(incompatible)?;
+        let pre = DevicePluginPre::new(instance_pre).map_err(incompatible)?;
         Ok(Self {
             name: name.into(),
             engine: runtime.engine().clone(),
             pre,
-            limits,
-            config: RwLock::new(Arc::new(config)),
+            settings: RwLock::new(Arc::new(settings)),
         })
     }
 
@@ -70,18 +58,22 @@ impl Guest {
         &self.name
     }
 
-    /// Replaces the configuration that later calls see.
-    pub fn set_config(&self, config: ModuleConfig) {
-        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+    /// Replaces the settings (limits, configuration, grants) that later calls
+    /// see; calls in flight keep theirs.
+    pub fn set_settings(&self, settings: CallSettings) {
+        *self.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
+    }
+
+    /// The settings calls run with now.
+    pub fn settings(&self) -> Arc<CallSettings> {
+        self.settings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn store(&self, call: Call) -> Store<HostState> {
-        let config = self
-            .config
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        new_store(&self.engine, self.name.clone(), call, config, &self.limits)
+        new_store(&self.engine, self.name.clone(), call, &self.settings())
     }
 
     async fn instantiate(
@@ -99,13 +91,14 @@ impl Guest {
     /// limiter's record, never by the message text.
     fn failure(&self, call: Call, store: &Store<HostState>, err: wasmtime::Error) -> CallError {
         store.data().flush_stdio();
+        let limits = &store.data().settings().limits;
         let failure = if store.data().memory_exceeded() {
-            CallFailure::OutOfMemory(self.limits.memory_bytes)
+            CallFailure::OutOfMemory(limits.memory_bytes)
         } else {
             match err.downcast_ref::<Trap>() {
                 Some(Trap::Interrupt) => CallFailure::Deadline(match call {
-                    Call::Scan | Call::Health => self.limits.scan_deadline,
-                    Call::Allocate => self.limits.allocate_deadline,
+                    Call::Scan | Call::Health => limits.scan_deadline,
+                    Call::Allocate => limits.allocate_deadline,
                 }),
                 Some(trap) => CallFailure::Trap(format!("{trap}: {err:#}")),
                 None => CallFailure::Trap(format!("{err:#}")),

@@ -5,13 +5,14 @@
 //! A fresh store per call means no trap, leak or state outlives the call.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, Store};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
 use crate::runtime::bindings::LogLevel;
 use crate::runtime::bindings::wasm_device_plugin::device::{host, types};
@@ -44,6 +45,27 @@ impl Default for Limits {
             allocate_deadline: Duration::from_secs(1),
         }
     }
+}
+
+/// What the operator lets a module reach beyond its own memory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grants {
+    /// Host directories the guest may read (not write), each visible in the guest
+    /// at the same path. Nothing outside them is reachable, through `..` or
+    /// symlinks either.
+    pub read_only_dirs: Vec<PathBuf>,
+}
+
+/// Everything a call of one module runs with; replaced as a whole when the
+/// operator edits the module's manifest, so a call sees one consistent version.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallSettings {
+    /// Deadlines and memory cap.
+    pub limits: Limits,
+    /// The values `host.config` returns.
+    pub config: ModuleConfig,
+    /// Directories the guest may read.
+    pub grants: Grants,
 }
 
 /// Which export is running (for logs and errors).
@@ -104,7 +126,7 @@ pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: MemoryCap,
-    config: Arc<ModuleConfig>,
+    settings: Arc<CallSettings>,
     module: Arc<str>,
     call: Call,
     stdout: MemoryOutputPipe,
@@ -112,6 +134,11 @@ pub struct HostState {
 }
 
 impl HostState {
+    /// The settings this call runs with.
+    pub fn settings(&self) -> &CallSettings {
+        &self.settings
+    }
+
     /// Whether the call was refused memory.
     pub fn memory_exceeded(&self) -> bool {
         self.limiter.exceeded
@@ -134,9 +161,9 @@ pub fn new_store(
     engine: &wasmtime::Engine,
     module: Arc<str>,
     call: Call,
-    config: Arc<ModuleConfig>,
-    limits: &Limits,
+    settings: &Arc<CallSettings>,
 ) -> Store<HostState> {
+    let limits = &settings.limits;
     let stdout = MemoryOutputPipe::new(STDIO_CAP);
     let stderr = MemoryOutputPipe::new(STDIO_CAP);
     // The builder starts empty: no args, env, preopened directories or inherited
@@ -146,6 +173,14 @@ pub fn new_store(
     wasi.allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false);
+    for dir in &settings.grants.read_only_dirs {
+        let guest_path = dir.to_string_lossy();
+        if let Err(err) = wasi.preopened_dir(dir, &*guest_path, FsPerms::ReadOnly) {
+            // A granted directory that is missing now (a device not plugged in) is
+            // simply not visible to this call.
+            tracing::debug!(module = %module, dir = %dir.display(), cause = %err, "granted directory not available");
+        }
+    }
     let state = HostState {
         wasi: wasi.build(),
         table: ResourceTable::new(),
@@ -153,7 +188,7 @@ pub fn new_store(
             max_bytes: limits.memory_bytes,
             exceeded: false,
         },
-        config,
+        settings: settings.clone(),
         module,
         call,
         stdout,
@@ -201,13 +236,14 @@ impl host::Host for HostState {
     }
 
     fn config(&mut self) -> Vec<(String, String)> {
-        self.config
+        self.settings
+            .config
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     }
 
     fn get_config(&mut self, key: String) -> Option<String> {
-        self.config.get(&key).cloned()
+        self.settings.config.get(&key).cloned()
     }
 }

@@ -2,6 +2,7 @@
 //! limits, and the `Guest` handle with typed calls. Never names a tonic type.
 
 pub mod bindings;
+pub mod cache;
 pub mod engine;
 pub mod guest;
 pub mod limits;
@@ -9,9 +10,9 @@ pub mod limits;
 use std::time::Duration;
 
 pub use bindings::ModuleError;
-pub use engine::Runtime;
+pub use engine::{Runtime, RuntimeStats};
 pub use guest::Guest;
-pub use limits::{Limits, ModuleConfig};
+pub use limits::{CallSettings, Grants, Limits, ModuleConfig};
 
 /// The runtime could not be set up.
 #[derive(Debug, thiserror::Error)]

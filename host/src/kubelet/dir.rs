@@ -1,0 +1,94 @@
+//! The kubelet's device-plugin directory, watched: every change in it (kubelet
+//! restarting and recreating `kubelet.sock`, kubelet wiping plugin sockets) bumps
+//! a counter that plugin tasks wait on, so they re-check their registration at
+//! once instead of polling. Which change matters is decided by looking at the
+//! files (`kubelet_identity`, a socket's inode), never by decoding events, so a
+//! missed or coalesced event costs only latency: plugins also re-check on a timer.
+//!
+//! Uses inotify through the `notify` crate; if the watch cannot be set up (no
+//! inotify instances left, say), the timer is the only trigger and a warning says so.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use tokio::sync::watch;
+
+use crate::kubelet::proto;
+
+/// A file's identity: device and inode. A recreated file has a new one.
+pub type FileIdentity = (u64, u64);
+
+/// The identity of the file at `path`, if there is one.
+pub fn file_identity(path: &Path) -> Option<FileIdentity> {
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// The watched directory.
+pub struct KubeletDir {
+    path: PathBuf,
+    changes: watch::Receiver<u64>,
+    // Kept so that `changes` never reports a closed channel, watcher or not.
+    _sender: Arc<watch::Sender<u64>>,
+    // Dropping the watcher stops the inotify thread; kept for the directory's life.
+    _watcher: Option<RecommendedWatcher>,
+}
+
+impl std::fmt::Debug for KubeletDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeletDir")
+            .field("path", &self.path)
+            .field("watched", &self._watcher.is_some())
+            .finish()
+    }
+}
+
+impl KubeletDir {
+    /// Starts watching `path`.
+    pub fn watch(path: &Path) -> Arc<Self> {
+        let (sender, changes) = watch::channel(0u64);
+        let sender = Arc::new(sender);
+        let tx = sender.clone();
+        // Any event, an error (queue overflow) included, means "look again".
+        let watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
+        })
+        .and_then(|mut w| w.watch(path, RecursiveMode::NonRecursive).map(|()| w));
+        let watcher = match watcher {
+            Ok(watcher) => Some(watcher),
+            Err(err) => {
+                tracing::warn!(dir = %path.display(), cause = %err, "cannot watch the kubelet directory; kubelet restarts are noticed by periodic checks only");
+                None
+            }
+        };
+        Arc::new(Self {
+            path: path.to_path_buf(),
+            changes,
+            _sender: sender,
+            _watcher: watcher,
+        })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A counter that changes whenever something in the directory changed.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.clone()
+    }
+
+    /// Kubelet's registration socket.
+    pub fn kubelet_socket(&self) -> PathBuf {
+        self.path.join(proto::KUBELET_SOCKET)
+    }
+
+    /// The identity of `kubelet.sock` now; a restarted kubelet has a new one.
+    pub fn kubelet_identity(&self) -> Option<FileIdentity> {
+        file_identity(&self.kubelet_socket())
+    }
+}

@@ -1,0 +1,476 @@
+//! The optional manifest beside a module (`<name>.toml` next to `<name>.wasm`):
+//! what the operator decides about a module, parsed and checked in one place.
+//!
+//! ```toml
+//! domain = "vendor.example"          # default: --domain
+//! scan-interval = "60s"              # default: --scan-interval
+//! health-interval = "10s"            # default: --health-interval
+//!
+//! [limits]
+//! memory-mib = 64                    # default: --memory-limit-mib
+//! allocate-timeout = "1s"            # default: --allocate-timeout
+//! scan-timeout = "10s"               # default: --scan-timeout
+//!
+//! [grants]
+//! read-only-dirs = ["/sys/class/fpga_region"]
+//! device-paths = ["/dev/fpga"]       # host paths device nodes may use
+//! mount-paths = []                   # host paths mounts may use
+//!
+//! [config]                           # handed to the guest (`host.config`)
+//! kinds = "dev-1=4"
+//!
+//! [resources."*"]                    # defaults for every kind
+//! unhealthy-after = 3
+//!
+//! [resources.dev-1]                  # the kind name the module reports
+//! name = "gpu"                       # served as <domain>/gpu (or a full domain/name)
+//! replicas = 4
+//! healthy-after = 2
+//! ```
+//!
+//! Parsing is strict: an unknown key, a wrong type or an out-of-range value is an
+//! error naming the file and the field, never silently ignored. Knows nothing of
+//! running modules; `lifecycle` applies what this returns.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::domain::{ResourceName, ResourceNameError};
+use crate::registry::Settings;
+use crate::runtime::{CallSettings, Grants, Limits, ModuleConfig};
+
+/// Largest `replicas` value.
+pub const MAX_REPLICAS: u32 = 1000;
+/// Largest `healthy-after` / `unhealthy-after` value.
+pub const MAX_HYSTERESIS: u32 = 1000;
+/// The `resources` key whose settings apply to every kind without its own entry.
+pub const ALL_KINDS: &str = "*";
+
+/// A manifest that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("manifest {}: {field}: {message}", file.display())]
+pub struct ManifestError {
+    /// The manifest file.
+    pub file: PathBuf,
+    /// The field at fault (`limits.memory-mib`, `resources.dev-1.replicas`), or
+    /// where parsing stopped (`line 3`).
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawManifest {
+    domain: Option<String>,
+    scan_interval: Option<String>,
+    health_interval: Option<String>,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    grants: RawGrants,
+    #[serde(default)]
+    config: BTreeMap<String, ConfigValue>,
+    #[serde(default)]
+    resources: BTreeMap<String, RawResource>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawLimits {
+    memory_mib: Option<u32>,
+    allocate_timeout: Option<String>,
+    scan_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawGrants {
+    #[serde(default)]
+    read_only_dirs: Vec<PathBuf>,
+    #[serde(default)]
+    device_paths: Vec<PathBuf>,
+    #[serde(default)]
+    mount_paths: Vec<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawResource {
+    name: Option<String>,
+    replicas: Option<u32>,
+    unhealthy_after: Option<u32>,
+    healthy_after: Option<u32>,
+}
+
+/// A `[config]` value: strings as they are; numbers and booleans are handed to
+/// the guest in their TOML spelling.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ConfigValue {
+    String(String),
+    Integer(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl fmt::Display for ConfigValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigValue::String(s) => f.write_str(s),
+            ConfigValue::Integer(i) => write!(f, "{i}"),
+            ConfigValue::Float(x) => write!(f, "{x}"),
+            ConfigValue::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+/// How one resource is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourcePolicy {
+    /// The resource name to serve the kind as, instead of `<domain>/<kind>`:
+    /// bare (`gpu`, prefixed with the domain) or full (`vendor.example/gpu`).
+    pub name: Option<String>,
+    /// How many times each device is advertised (`1`: once, under its own id).
+    pub replicas: u32,
+    /// Consecutive unhealthy answers that mark a healthy device unhealthy.
+    pub unhealthy_after: u32,
+    /// Consecutive healthy answers that bring an unhealthy device back.
+    pub healthy_after: u32,
+}
+
+impl Default for ResourcePolicy {
+    fn default() -> Self {
+        Self {
+            name: None,
+            replicas: 1,
+            unhealthy_after: 1,
+            healthy_after: 1,
+        }
+    }
+}
+
+/// Host paths that a module's allocations may hand to containers (enforced by the
+/// output policy).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostPaths {
+    /// Extra prefixes allowed for device nodes' host paths.
+    pub device_paths: Vec<PathBuf>,
+    /// Prefixes allowed for mounts' host paths.
+    pub mount_paths: Vec<PathBuf>,
+}
+
+/// A module's settings: the manifest (if any) over the host's flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleSettings {
+    /// Domain given to bare kind names.
+    pub domain: String,
+    /// How often `scan` runs again.
+    pub scan_interval: Duration,
+    /// How often `health` runs.
+    pub health_interval: Duration,
+    /// Limits, configuration and grants of every call.
+    pub call: CallSettings,
+    /// Host paths allowed in allocations.
+    pub host_paths: HostPaths,
+    /// Per kind, as the module names it.
+    pub resources: BTreeMap<String, ResourcePolicy>,
+    /// For kinds without an entry.
+    pub default_resource: ResourcePolicy,
+}
+
+impl ModuleSettings {
+    /// The host's flags alone: what a module without a manifest runs with.
+    pub fn defaults(settings: &Settings) -> Self {
+        Self {
+            domain: settings.default_domain.clone(),
+            scan_interval: settings.scan_interval,
+            health_interval: settings.health_interval,
+            call: CallSettings {
+                limits: settings.limits,
+                config: ModuleConfig::new(),
+                grants: Grants::default(),
+            },
+            host_paths: HostPaths::default(),
+            resources: BTreeMap::new(),
+            default_resource: ResourcePolicy::default(),
+        }
+    }
+
+    /// How the kind `kind` is served.
+    pub fn resource(&self, kind: &str) -> &ResourcePolicy {
+        self.resources.get(kind).unwrap_or(&self.default_resource)
+    }
+
+    /// The resource name for `kind`: the manifest's `name` or the kind itself,
+    /// under this module's domain unless it names its own.
+    ///
+    /// # Errors
+    /// The result is not a valid extended resource name.
+    pub fn resource_name(&self, kind: &str) -> Result<ResourceName, ResourceNameError> {
+        let name = self.resource(kind).name.as_deref().unwrap_or(kind);
+        ResourceName::for_kind(&self.domain, name)
+    }
+}
+
+/// Parses the manifest `text` (read from `file`) over the host's `settings`.
+///
+/// # Errors
+/// [`ManifestError`] for the first field that is unknown, mistyped or out of range.
+pub fn parse(file: &Path, text: &str, settings: &Settings) -> Result<ModuleSettings, ManifestError> {
+    let err = |field: &str, message: String| ManifestError {
+        file: file.to_path_buf(),
+        field: field.to_string(),
+        message,
+    };
+    let raw: RawManifest = toml::from_str(text).map_err(|e| {
+        let field = e
+            .span()
+            .map(|span| {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                format!("line {line}")
+            })
+            .unwrap_or_else(|| "file".to_string());
+        err(&field, e.message().trim().to_string())
+    })?;
+
+    let mut out = ModuleSettings::defaults(settings);
+    if let Some(domain) = raw.domain {
+        ResourceName::parse(&format!("{domain}/x")).map_err(|_| {
+            err(
+                "domain",
+                format!("`{domain}` is not a DNS subdomain other than kubernetes.io"),
+            )
+        })?;
+        out.domain = domain;
+    }
+    let duration = |field: &str, raw: Option<String>, default: Duration| match raw {
+        None => Ok(default),
+        Some(text) => match humantime::parse_duration(&text) {
+            Ok(d) if d.is_zero() => Err(err(field, "must be greater than zero".into())),
+            Ok(d) => Ok(d),
+            Err(e) => Err(err(field, format!("`{text}`: {e} (e.g. \"500ms\", \"10s\")"))),
+        },
+    };
+    out.scan_interval = duration("scan-interval", raw.scan_interval, out.scan_interval)?;
+    out.health_interval = duration("health-interval", raw.health_interval, out.health_interval)?;
+
+    let limits = &mut out.call.limits;
+    if let Some(mib) = raw.limits.memory_mib {
+        if !(1..=4096).contains(&mib) {
+            return Err(err(
+                "limits.memory-mib",
+                format!("{mib} is outside 1 to 4096"),
+            ));
+        }
+        limits.memory_bytes = usize::try_from(mib)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(1024 * 1024);
+    }
+    *limits = Limits {
+        allocate_deadline: duration(
+            "limits.allocate-timeout",
+            raw.limits.allocate_timeout,
+            limits.allocate_deadline,
+        )?,
+        scan_deadline: duration(
+            "limits.scan-timeout",
+            raw.limits.scan_timeout,
+            limits.scan_deadline,
+        )?,
+        ..*limits
+    };
+
+    let paths = |field: &str, paths: Vec<PathBuf>| {
+        paths
+            .into_iter()
+            .map(|p| absolute_normal(&p).ok_or_else(|| err(field, format!("`{}` is not an absolute path without `.` or `..`", p.display()))))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    out.call.grants.read_only_dirs = paths("grants.read-only-dirs", raw.grants.read_only_dirs)?;
+    out.host_paths.device_paths = paths("grants.device-paths", raw.grants.device_paths)?;
+    out.host_paths.mount_paths = paths("grants.mount-paths", raw.grants.mount_paths)?;
+
+    out.call.config = raw
+        .config
+        .into_iter()
+        .map(|(k, v)| (k, v.to_string()))
+        .collect();
+
+    let mut resources = raw.resources;
+    let base = match resources.remove(ALL_KINDS) {
+        Some(all) => {
+            if all.name.is_some() {
+                return Err(err(
+                    "resources.\"*\".name",
+                    "a name cannot apply to every kind".into(),
+                ));
+            }
+            resource_policy("resources.\"*\"", all, &ResourcePolicy::default(), &err)?
+        }
+        None => ResourcePolicy::default(),
+    };
+    for (kind, raw) in resources {
+        let field = format!("resources.{kind}");
+        let policy = resource_policy(&field, raw, &base, &err)?;
+        let name = policy.name.as_deref().unwrap_or(&kind);
+        ResourceName::for_kind(&out.domain, name)
+            .map_err(|e| err(&format!("{field}.name"), e.to_string()))?;
+        out.resources.insert(kind, policy);
+    }
+    out.default_resource = base;
+    Ok(out)
+}
+
+fn resource_policy(
+    field: &str,
+    raw: RawResource,
+    base: &ResourcePolicy,
+    err: &impl Fn(&str, String) -> ManifestError,
+) -> Result<ResourcePolicy, ManifestError> {
+    let bounded = |key: &str, value: Option<u32>, default: u32, max: u32| match value {
+        None => Ok(default),
+        Some(v) if (1..=max).contains(&v) => Ok(v),
+        Some(v) => Err(err(&format!("{field}.{key}"), format!("{v} is outside 1 to {max}"))),
+    };
+    Ok(ResourcePolicy {
+        name: raw.name,
+        replicas: bounded("replicas", raw.replicas, base.replicas, MAX_REPLICAS)?,
+        unhealthy_after: bounded(
+            "unhealthy-after",
+            raw.unhealthy_after,
+            base.unhealthy_after,
+            MAX_HYSTERESIS,
+        )?,
+        healthy_after: bounded(
+            "healthy-after",
+            raw.healthy_after,
+            base.healthy_after,
+            MAX_HYSTERESIS,
+        )?,
+    })
+}
+
+/// `path` if it is absolute and has no `.` or `..` parts, with repeated and
+/// trailing slashes dropped.
+fn absolute_normal(path: &Path) -> Option<PathBuf> {
+    if !path.is_absolute() {
+        return None;
+    }
+    let mut out = PathBuf::from("/");
+    for part in path.components() {
+        match part {
+            Component::RootDir => {}
+            Component::Normal(p) => out.push(p),
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            kubelet_dir: "/k".into(),
+            default_domain: "example.com".into(),
+            health_interval: Duration::from_secs(10),
+            scan_interval: Duration::from_secs(60),
+            limits: Limits::default(),
+        }
+    }
+
+    fn parse_ok(text: &str) -> ModuleSettings {
+        parse(Path::new("m.toml"), text, &settings()).expect("valid manifest")
+    }
+
+    fn parse_err(text: &str) -> ManifestError {
+        parse(Path::new("m.toml"), text, &settings()).expect_err("invalid manifest")
+    }
+
+    #[test]
+    fn empty_manifest_is_the_host_defaults() {
+        assert_eq!(parse_ok(""), ModuleSettings::defaults(&settings()));
+    }
+
+    #[test]
+    fn full_manifest_overrides_every_default() {
+        let m = parse_ok(
+            r#"
+            domain = "vendor.example"
+            scan-interval = "2m"
+            health-interval = "500ms"
+            [limits]
+            memory-mib = 16
+            allocate-timeout = "250ms"
+            scan-timeout = "3s"
+            [grants]
+            read-only-dirs = ["/sys/class/fpga_region/"]
+            device-paths = ["/dev/fpga"]
+            [config]
+            kinds = "dev-1=4"
+            count = 3
+            verbose = true
+            [resources."*"]
+            unhealthy-after = 3
+            [resources.dev-1]
+            name = "gpu"
+            replicas = 4
+            "#,
+        );
+        assert_eq!(m.domain, "vendor.example");
+        assert_eq!(m.scan_interval, Duration::from_secs(120));
+        assert_eq!(m.health_interval, Duration::from_millis(500));
+        assert_eq!(m.call.limits.memory_bytes, 16 << 20);
+        assert_eq!(m.call.limits.allocate_deadline, Duration::from_millis(250));
+        assert_eq!(m.call.limits.scan_deadline, Duration::from_secs(3));
+        assert_eq!(
+            m.call.grants.read_only_dirs,
+            vec![PathBuf::from("/sys/class/fpga_region")]
+        );
+        assert_eq!(m.host_paths.device_paths, vec![PathBuf::from("/dev/fpga")]);
+        assert_eq!(m.call.config["count"], "3");
+        assert_eq!(m.call.config["verbose"], "true");
+        let dev1 = m.resource("dev-1");
+        assert_eq!((dev1.replicas, dev1.unhealthy_after, dev1.healthy_after), (4, 3, 1));
+        assert_eq!(m.resource_name("dev-1").expect("name").as_str(), "vendor.example/gpu");
+        assert_eq!(m.resource("other").unhealthy_after, 3);
+        assert_eq!(m.resource_name("other").expect("name").as_str(), "vendor.example/other");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            ("colour = 1", "line 1"),
+            ("[limits]\nmemory-mib = 0", "limits.memory-mib"),
+            ("[limits]\nmemory-mib = \"lots\"", "line 2"),
+            ("scan-interval = \"0s\"", "scan-interval"),
+            ("health-interval = \"soon\"", "health-interval"),
+            ("domain = \"kubernetes.io\"", "domain"),
+            ("[grants]\nread-only-dirs = [\"sys\"]", "grants.read-only-dirs"),
+            ("[grants]\nmount-paths = [\"/var/../etc\"]", "grants.mount-paths"),
+            ("[resources.dev-1]\nreplicas = 0", "resources.dev-1.replicas"),
+            ("[resources.dev-1]\nhealthy-after = 1001", "resources.dev-1.healthy-after"),
+            ("[resources.dev-1]\nname = \"Bad Name\"", "resources.dev-1.name"),
+            ("[resources.\"*\"]\nname = \"x\"", "resources.\"*\".name"),
+            ("[resources.dev-1]\nreplica = 2", "line 2"),
+        ];
+        for (text, field) in cases {
+            let e = parse_err(text);
+            assert_eq!(e.field, field, "{text}: {e}");
+            assert!(e.to_string().starts_with("manifest m.toml: "), "{e}");
+        }
+    }
+
+    #[test]
+    fn unknown_key_message_names_it() {
+        let e = parse_err("[resources.dev-1]\nreplica = 2");
+        assert!(e.message.contains("replica"), "{e}");
+    }
+}
