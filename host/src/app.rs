@@ -18,7 +18,7 @@ use crate::kubelet::dir::KubeletDir;
 use crate::registry::lifecycle::{self, Context, Control};
 use crate::registry::watch::{DirEvent, ModuleFiles};
 use crate::registry;
-use crate::registry::{Claims, ModuleState, ModuleStates, Settings};
+use crate::registry::{Claims, ModuleState, ModuleStates, Refusals, Settings};
 use crate::runtime::{ModuleConfig, Runtime, RuntimeStats};
 
 /// How long a module file that is being written without being closed must stay
@@ -42,6 +42,7 @@ type Controls = Arc<Mutex<HashMap<String, mpsc::Sender<Control>>>>;
 
 /// A running host: one lifecycle task per module file.
 pub struct Host {
+    ctx: Arc<Context>,
     states: watch::Receiver<ModuleStates>,
     controls: Controls,
     runtime: Arc<Runtime>,
@@ -89,10 +90,11 @@ impl Host {
             claims: Claims::default(),
             kubelet,
             states: states_tx,
+            refusals: watch::channel(Refusals::new()).0,
         });
         let controls = Controls::default();
         let mut supervisor = Supervisor {
-            ctx,
+            ctx: ctx.clone(),
             controls: controls.clone(),
             running: HashMap::new(),
             token: token.clone(),
@@ -104,6 +106,7 @@ impl Host {
         tasks.spawn(supervisor.run(events));
         tasks.close();
         Ok(Self {
+            ctx,
             states,
             controls,
             runtime,
@@ -115,6 +118,12 @@ impl Host {
     /// The state of every module, updated as they change.
     pub fn states(&self) -> watch::Receiver<ModuleStates> {
         self.states.clone()
+    }
+
+    /// Module files refused so far (the newest last), each naming the module, the
+    /// file and why; a refused file leaves its module as it was.
+    pub fn refusals(&self) -> watch::Receiver<Refusals> {
+        self.ctx.refusals.subscribe()
     }
 
     /// What loading modules has cost: compilations, cache hits, refusals.

@@ -8,7 +8,7 @@ use tonic::Code;
 use wasm_device_plugin::config::{Cli, Command};
 use wasm_device_plugin::kubelet::simulator::KubeletView;
 use wasm_device_plugin::registry::ModuleState;
-use wdp_tests::{Dirs, Fixture, WAIT, guests, status_of};
+use wdp_tests::{Dirs, Fixture, WAIT, guests, ids, status_of};
 
 const DEV1: &str = "example.com/dev-1";
 const DEV2: &str = "example.com/dev-2";
@@ -32,11 +32,6 @@ async fn both_listed(fixture: &Fixture) -> KubeletView {
         .expect("registered and listed")
 }
 
-fn ids(view: &KubeletView, resource: &str) -> Vec<String> {
-    view.plugin(resource)
-        .map(|p| p.devices.iter().map(|d| d.id.clone()).collect())
-        .unwrap_or_default()
-}
 
 #[tokio::test]
 async fn registration_carries_version_endpoint_and_resource_names() {

@@ -3,3 +3,5 @@
 
 mod foundation;
 mod guest_errors;
+mod kubelet_restarts;
+mod live;

@@ -8,9 +8,29 @@ use std::time::Duration;
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
 use wasm_device_plugin::app::{Host, HostConfig};
-use wasm_device_plugin::kubelet::simulator::{Simulator, SimulatorError};
-use wasm_device_plugin::registry::{ModuleStates, Settings};
+use wasm_device_plugin::kubelet::simulator::{KubeletView, Simulator, SimulatorError};
+use wasm_device_plugin::registry::{ModuleState, ModuleStates, Settings};
 use wasm_device_plugin::runtime::Limits;
+
+/// The ids `resource` advertises in the simulator's `view`.
+pub fn ids(view: &KubeletView, resource: &str) -> Vec<String> {
+    view.plugin(resource)
+        .map(|p| p.devices.iter().map(|d| d.id.clone()).collect())
+        .unwrap_or_default()
+}
+
+/// The socket files (other than `kubelet.sock`) in `dir`.
+pub fn plugin_sockets(dir: &Path) -> Vec<PathBuf> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut sockets: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("kubelet dir")
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_socket()) && e.file_name() != "kubelet.sock")
+        .map(|e| e.path())
+        .collect();
+    sockets.sort();
+    sockets
+}
 
 /// Paths of the guests built for these tests.
 pub mod guests {
@@ -77,6 +97,25 @@ impl Dirs {
     /// Writes `bytes` into the modules directory as `file`.
     pub fn write_module(&self, file: &str, bytes: &[u8]) {
         std::fs::write(self.modules().join(file), bytes).expect("write module");
+    }
+
+    /// Replaces `<name>.wasm` with `wasm` the way careful tools do: copy to a
+    /// hidden temporary file, then rename over the module.
+    pub fn replace_module(&self, name: &str, wasm: &str) {
+        let tmp = self.modules().join(format!(".{name}.wasm.tmp"));
+        std::fs::copy(wasm, &tmp).expect("copy module");
+        std::fs::rename(&tmp, self.modules().join(format!("{name}.wasm"))).expect("rename module");
+    }
+
+    /// Deletes `<name>.wasm`.
+    pub fn remove_module(&self, name: &str) {
+        std::fs::remove_file(self.modules().join(format!("{name}.wasm"))).expect("remove module");
+    }
+
+    /// Writes the manifest `<module>.toml`.
+    pub fn write_manifest(&self, module: &str, text: &str) {
+        std::fs::write(self.modules().join(format!("{module}.toml")), text)
+            .expect("write manifest");
     }
 }
 
@@ -153,6 +192,65 @@ impl Fixture {
     /// Waits until every module has finished loading.
     pub async fn settled(&self) -> ModuleStates {
         self.host.settled(WAIT).await.expect("modules settle")
+    }
+
+    /// Waits until the kubelet simulator's view satisfies `condition`.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        condition: impl FnMut(&KubeletView) -> bool,
+    ) -> KubeletView {
+        match self.kubelet.wait_for(WAIT, what, condition).await {
+            Ok(view) => view,
+            Err(err) => panic!("{err}; the simulator saw: {:#?}", self.kubelet.view()),
+        }
+    }
+
+    /// Waits until `resource` is registered and has sent a list.
+    pub async fn listed(&self, resource: &str) -> KubeletView {
+        self.wait_for(&format!("{resource} listed"), |v| {
+            v.plugin(resource).is_some_and(|p| p.streaming && !p.updates.is_empty())
+        })
+        .await
+    }
+
+    /// Waits until the module `name` is in a state for which `condition` holds.
+    pub async fn module_state(
+        &self,
+        name: &str,
+        mut condition: impl FnMut(Option<&ModuleState>) -> bool,
+    ) -> Option<ModuleState> {
+        let mut states = self.host.states();
+        match tokio::time::timeout(WAIT, states.wait_for(|s| condition(s.get(name)))).await {
+            Ok(Ok(s)) => s.get(name).cloned(),
+            _ => panic!(
+                "module {name} never reached the state waited for; states: {:?}",
+                *self.host.states().borrow()
+            ),
+        }
+    }
+
+    /// Waits until a file of module `name` has been refused `count` times in
+    /// all; returns the last reason.
+    pub async fn refused(&self, name: &str, count: usize) -> String {
+        let mut refusals = self.host.refusals();
+        let found = tokio::time::timeout(
+            WAIT,
+            refusals.wait_for(|r| r.iter().filter(|r| r.module == name).count() >= count),
+        )
+        .await;
+        match found {
+            Ok(Ok(r)) => r
+                .iter()
+                .rev()
+                .find(|r| r.module == name)
+                .map(|r| r.reason.clone())
+                .unwrap_or_default(),
+            _ => panic!(
+                "module {name} was not refused {count} times: {:?}",
+                *self.host.refusals().borrow()
+            ),
+        }
     }
 
     /// Stops the host (sockets removed), then the kubelet.

@@ -269,6 +269,22 @@ impl Simulator {
         Ok(())
     }
 
+    /// Restarts in place, as kubelet does: stops (every stream ends,
+    /// `kubelet.sock` is removed), then starts afresh in the same directory with an
+    /// empty view, removing the plugins' sockets.
+    ///
+    /// # Errors
+    /// The new socket could not be bound.
+    pub async fn restart(&mut self) -> Result<(), SimulatorError> {
+        self.shared.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        let dir = self.shared.dir.clone();
+        *self = Self::start(&dir)?;
+        Ok(())
+    }
+
     /// Stops serving, ends every stream and removes `kubelet.sock`.
     pub async fn stop(mut self) {
         self.shared.shutdown.cancel();

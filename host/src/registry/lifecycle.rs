@@ -45,7 +45,9 @@ use crate::kubelet::{self, ServedResource};
 use crate::policy::{self, ScannedResource};
 use crate::registry::manifest::{self, ManifestError, ModuleSettings, ResourcePolicy};
 use crate::registry::watch::ModuleFiles;
-use crate::registry::{Claim, Claims, ModuleState, ModuleStates, Settings};
+use crate::registry::{
+    Claim, Claims, MAX_REFUSALS, ModuleState, ModuleStates, Refusal, Refusals, Settings,
+};
 use crate::runtime::bindings::{AllocateRequest, ContainerRequest, DeviceRef, ModuleError};
 use crate::runtime::cache::content_hash;
 use crate::runtime::{CallError, CallFailure, CallSettings, Guest, ModuleConfig, Runtime};
@@ -62,6 +64,8 @@ pub struct Context {
     pub kubelet: Arc<KubeletDir>,
     /// Every module's state.
     pub states: watch::Sender<ModuleStates>,
+    /// Files refused, newest last.
+    pub refusals: watch::Sender<Refusals>,
 }
 
 impl Context {
@@ -356,6 +360,15 @@ async fn tick(interval: Option<&mut Interval>) -> Option<Instant> {
 /// Why a module's files are not used; logged, and the module's state when it
 /// has nothing serving.
 fn refuse(ctx: &Context, module: &Option<Module>, name: &str, reason: String) {
+    ctx.refusals.send_modify(|r| {
+        if r.len() == MAX_REFUSALS {
+            r.remove(0);
+        }
+        r.push(Refusal {
+            module: name.to_string(),
+            reason: reason.clone(),
+        });
+    });
     if module.is_some() {
         tracing::error!(module = %name, %reason, "new module files refused; the running version keeps serving");
     } else {

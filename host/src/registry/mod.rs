@@ -45,6 +45,23 @@ pub enum ModuleState {
     Stopped,
 }
 
+/// Module files that were not used, and why: the newest last, at most
+/// [`MAX_REFUSALS`]. A refused file leaves the module as it was (serving its
+/// earlier version, or failed).
+pub type Refusals = Vec<Refusal>;
+
+/// How many refusals [`Refusals`] keeps.
+pub const MAX_REFUSALS: usize = 64;
+
+/// Files of a module that were not used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The module.
+    pub module: String,
+    /// Why: names the file and, for a manifest, the field.
+    pub reason: String,
+}
+
 /// The state of every module, by name.
 pub type ModuleStates = BTreeMap<String, ModuleState>;
 

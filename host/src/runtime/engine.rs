@@ -186,11 +186,3 @@ impl Drop for Runtime {
         self.stop_ticker.store(true, Ordering::Relaxed);
     }
 }
-
-/// Epoch ticks for a deadline, rounded up, at least one.
-pub fn deadline_ticks(deadline: Duration) -> u64 {
-    let tick = EPOCH_TICK.as_micros().max(1);
-    u64::try_from(deadline.as_micros().div_ceil(tick))
-        .unwrap_or(u64::MAX)
-        .max(1)
-}

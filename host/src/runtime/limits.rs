@@ -10,13 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use wasmtime::component::ResourceTable;
-use wasmtime::{ResourceLimiter, Store};
+use wasmtime::{ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
 use crate::runtime::bindings::LogLevel;
 use crate::runtime::bindings::wasm_device_plugin::device::{host, types};
-use crate::runtime::engine::deadline_ticks;
 
 /// Most bytes of a guest's stdout or stderr kept per call.
 const STDIO_CAP: usize = 4096;
@@ -200,8 +199,19 @@ pub fn new_store(
         Call::Scan | Call::Health => limits.scan_deadline,
         Call::Allocate => limits.allocate_deadline,
     };
-    store.set_epoch_deadline(deadline_ticks(deadline));
-    store.epoch_deadline_trap();
+    // Every epoch tick a running guest yields to the executor, so a guest that
+    // never returns neither holds a worker thread nor blocks cancellation (the
+    // host drops the call's future at the yield); at the deadline it traps with
+    // `Trap::Interrupt`. A call that finishes within one tick never gets here.
+    let end = std::time::Instant::now() + deadline;
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        Ok(if std::time::Instant::now() >= end {
+            UpdateDeadline::Interrupt
+        } else {
+            UpdateDeadline::Yield(1)
+        })
+    });
     store
 }
 
