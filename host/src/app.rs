@@ -15,9 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::kubelet::dir::KubeletDir;
+use crate::registry;
 use crate::registry::lifecycle::{self, Context, Control};
 use crate::registry::watch::{DirEvent, ModuleFiles};
-use crate::registry;
 use crate::registry::{Claims, ModuleState, ModuleStates, Refusals, Settings};
 use crate::runtime::{ModuleConfig, Runtime, RuntimeStats};
 
@@ -71,13 +71,14 @@ impl Host {
             settings.kubelet_dir.display()
         );
         let token = shutdown.child_token();
-        let (initial, events) = registry::watch::watch(&config.modules_dir, config.settle, token.child_token())
-            .with_context(|| {
-                format!(
-                    "cannot read modules directory {}",
-                    config.modules_dir.display()
-                )
-            })?;
+        let (initial, events) =
+            registry::watch::watch(&config.modules_dir, config.settle, token.child_token())
+                .with_context(|| {
+                    format!(
+                        "cannot read modules directory {}",
+                        config.modules_dir.display()
+                    )
+                })?;
         if initial.is_empty() {
             tracing::warn!(dir = %config.modules_dir.display(), "no *.wasm modules yet; watching the directory for some");
         }

@@ -95,11 +95,14 @@ pub struct HostArgs {
 /// `run` arguments.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
-    /// Directory of `*.wasm` device modules to serve.
+    /// Directory of `*.wasm` device modules to serve, each with an optional
+    /// `<name>.toml` manifest. Watched: modules and manifests added, replaced,
+    /// edited or removed are picked up while the host runs.
     #[arg(long, default_value = DEFAULT_MODULES_DIR, env = "WDP_MODULES_DIR")]
     pub modules_dir: PathBuf,
     /// Kubelet's device-plugin directory: holds `kubelet.sock`; the host creates
-    /// one socket per resource here.
+    /// one socket per resource here. Watched: when kubelet restarts, every
+    /// resource is registered again; while kubelet is absent, the host waits.
     #[arg(long, default_value = DEFAULT_KUBELET_DIR, env = "WDP_KUBELET_DIR")]
     pub kubelet_dir: PathBuf,
     /// Directory for compiled modules, so a restart does not compile them again.

@@ -487,23 +487,47 @@ mod tests {
     #[test]
     fn replicas_share_a_device_under_derived_ids() {
         let set = DeviceSet::new(vec![
-            Device { id: "a".into(), health: Health::Healthy, numa_nodes: vec![1] },
-            Device { id: "x::y".into(), health: Health::Unhealthy, numa_nodes: vec![] },
+            Device {
+                id: "a".into(),
+                health: Health::Healthy,
+                numa_nodes: vec![1],
+            },
+            Device {
+                id: "x::y".into(),
+                health: Health::Unhealthy,
+                numa_nodes: vec![],
+            },
         ])
         .expect("valid");
         assert_eq!(set.replicated(1).expect("same"), set);
         let shared = set.replicated(3).expect("replicated");
         let ids: Vec<&str> = shared.devices().iter().map(|d| d.id.as_str()).collect();
-        assert_eq!(ids, ["a::0", "a::1", "a::2", "x::y::0", "x::y::1", "x::y::2"]);
-        assert_eq!(shared.get("a::2").map(|d| d.numa_nodes.clone()), Some(vec![1]));
-        assert_eq!(shared.get("x::y::1").map(|d| d.health), Some(Health::Unhealthy));
+        assert_eq!(
+            ids,
+            ["a::0", "a::1", "a::2", "x::y::0", "x::y::1", "x::y::2"]
+        );
+        assert_eq!(
+            shared.get("a::2").map(|d| d.numa_nodes.clone()),
+            Some(vec![1])
+        );
+        assert_eq!(
+            shared.get("x::y::1").map(|d| d.health),
+            Some(Health::Unhealthy)
+        );
         for id in ids {
             assert!(set.get(replica_device(id, 3)).is_some(), "{id}");
         }
         assert_eq!(replica_device("x::y", 1), "x::y");
-        let many = DeviceSet::new(vec![Device { id: "a".into(), health: Health::Healthy, numa_nodes: vec![] }])
-            .expect("valid");
-        assert!(matches!(many.replicated(10_001), Err(DeviceSetError::TooMany(_))));
+        let many = DeviceSet::new(vec![Device {
+            id: "a".into(),
+            health: Health::Healthy,
+            numa_nodes: vec![],
+        }])
+        .expect("valid");
+        assert!(matches!(
+            many.replicated(10_001),
+            Err(DeviceSetError::TooMany(_))
+        ));
     }
 
     #[test]

@@ -337,8 +337,7 @@ mod tests {
 
     #[test]
     fn scan_rejects_duplicate_device_ids() {
-        let err =
-            scan("m", EX, vec![kind("dev-1", &["a", "a"])]).expect_err("duplicate");
+        let err = scan("m", EX, vec![kind("dev-1", &["a", "a"])]).expect_err("duplicate");
         assert_eq!(err.module, "m");
         assert!(err.field.contains("dev-1"));
     }

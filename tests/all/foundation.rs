@@ -32,7 +32,6 @@ async fn both_listed(fixture: &Fixture) -> KubeletView {
         .expect("registered and listed")
 }
 
-
 #[tokio::test]
 async fn registration_carries_version_endpoint_and_resource_names() {
     let fixture = Fixture::start(virtual_devices());

@@ -5,7 +5,9 @@ use tokio_util::sync::CancellationToken;
 use wasm_device_plugin::app::Host;
 use wasm_device_plugin::kubelet::simulator::Simulator;
 use wasm_device_plugin::registry::ModuleState;
-use wdp_tests::{Dirs, Fixture, WAIT, guests, host_config, init_logging, plugin_sockets, test_settings};
+use wdp_tests::{
+    Dirs, Fixture, WAIT, guests, host_config, init_logging, plugin_sockets, test_settings,
+};
 
 const DEV1: &str = "example.com/dev-1";
 const DEV2: &str = "example.com/dev-2";
@@ -26,9 +28,10 @@ async fn kubelet_restarted_ten_times_gets_every_resource_registered_again_each_t
         fixture.kubelet.restart().await.expect("kubelet restarts");
         let view = fixture
             .wait_for(&format!("both registered after restart {round}"), |v| {
-                [DEV1, DEV2]
-                    .iter()
-                    .all(|r| v.plugin(r).is_some_and(|p| p.streaming && !p.updates.is_empty()))
+                [DEV1, DEV2].iter().all(|r| {
+                    v.plugin(r)
+                        .is_some_and(|p| p.streaming && !p.updates.is_empty())
+                })
             })
             .await;
         assert_eq!(view.plugins[DEV1].devices.len(), 4);
@@ -38,7 +41,11 @@ async fn kubelet_restarted_ten_times_gets_every_resource_registered_again_each_t
             .allocate(DEV1, &[&["/node1/dev1/1"]])
             .await
             .expect("allocate after a kubelet restart");
-        assert_eq!(plugin_sockets(&fixture.dirs.kubelet()).len(), 2, "one socket per resource");
+        assert_eq!(
+            plugin_sockets(&fixture.dirs.kubelet()).len(),
+            2,
+            "one socket per resource"
+        );
     }
     endpoints.dedup();
     assert_eq!(endpoints.len(), 10, "a new socket for every kubelet");
@@ -50,15 +57,26 @@ async fn kubelet_absent_at_start_is_waited_for_and_registered_with_when_it_appea
     init_logging();
     let dirs = virtual_devices();
     let shutdown = CancellationToken::new();
-    let host = Host::start(host_config(&dirs, test_settings(&dirs.kubelet())), &shutdown)
-        .expect("host starts without kubelet");
+    let host = Host::start(
+        host_config(&dirs, test_settings(&dirs.kubelet())),
+        &shutdown,
+    )
+    .expect("host starts without kubelet");
     let states = host.settled(WAIT).await.expect("settles");
-    assert!(matches!(states.get("virtual"), Some(ModuleState::Serving(_))));
-    assert!(plugin_sockets(&dirs.kubelet()).is_empty(), "no socket until kubelet is there");
+    assert!(matches!(
+        states.get("virtual"),
+        Some(ModuleState::Serving(_))
+    ));
+    assert!(
+        plugin_sockets(&dirs.kubelet()).is_empty(),
+        "no socket until kubelet is there"
+    );
     let kubelet = Simulator::start(&dirs.kubelet()).expect("kubelet starts");
     kubelet
         .wait_for(WAIT, "both registered", |v| {
-            [DEV1, DEV2].iter().all(|r| v.plugin(r).is_some_and(|p| p.streaming))
+            [DEV1, DEV2]
+                .iter()
+                .all(|r| v.plugin(r).is_some_and(|p| p.streaming))
         })
         .await
         .expect("registered once kubelet appeared");
@@ -75,7 +93,8 @@ async fn deleted_plugin_socket_is_served_anew_and_registered_again() {
     std::fs::remove_file(fixture.dirs.kubelet().join(&endpoint)).expect("rm socket");
     let view = fixture
         .wait_for("registered again", |v| {
-            v.plugin(DEV1).is_some_and(|p| p.registrations == 2 && p.streaming)
+            v.plugin(DEV1)
+                .is_some_and(|p| p.registrations == 2 && p.streaming)
         })
         .await;
     assert_ne!(view.plugins[DEV1].registration.endpoint, endpoint);

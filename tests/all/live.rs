@@ -24,8 +24,14 @@ fn virtual_devices() -> Dirs {
     dirs
 }
 
-fn env<'a>(response: &'a wasm_device_plugin::kubelet::proto::AllocateResponse, key: &str) -> Option<&'a str> {
-    response.container_responses[0].envs.get(key).map(String::as_str)
+fn env<'a>(
+    response: &'a wasm_device_plugin::kubelet::proto::AllocateResponse,
+    key: &str,
+) -> Option<&'a str> {
+    response.container_responses[0]
+        .envs
+        .get(key)
+        .map(String::as_str)
 }
 
 #[tokio::test]
@@ -56,20 +62,34 @@ async fn replaced_module_sends_its_devices_on_the_same_stream_and_answers_alloca
     let plugin = &view.plugins[DEV1];
     assert_eq!(plugin.registrations, 1, "same registration");
     assert!(plugin.streaming, "same stream");
-    assert_eq!(plugin.updates.len(), 2, "first list, then the new version's");
+    assert_eq!(
+        plugin.updates.len(),
+        2,
+        "first list, then the new version's"
+    );
     // The new version does not report dev-2: that resource is unregistered
     // (the module's state lists it until its server stopped).
     fixture
-        .module_state("virtual", |s| s == Some(&ModuleState::Serving(vec![DEV1.into()])))
+        .module_state("virtual", |s| {
+            s == Some(&ModuleState::Serving(vec![DEV1.into()]))
+        })
         .await;
     assert!(!fixture.kubelet.view().plugins[DEV2].streaming);
-    assert_eq!(plugin_sockets(&fixture.dirs.kubelet()).len(), 1, "dev-2's socket removed");
+    assert_eq!(
+        plugin_sockets(&fixture.dirs.kubelet()).len(),
+        1,
+        "dev-2's socket removed"
+    );
     let response = fixture
         .kubelet
         .allocate(DEV1, &[&["/v2/dev1/2"]])
         .await
         .expect("allocates");
-    assert_eq!(env(&response, "VERSION"), Some("2"), "the new version answers");
+    assert_eq!(
+        env(&response, "VERSION"),
+        Some("2"),
+        "the new version answers"
+    );
     assert_eq!(fixture.host.stats().compiled, 2);
     fixture.stop().await;
 }
@@ -80,7 +100,10 @@ async fn replacement_that_is_not_a_module_is_refused_and_the_old_version_keeps_s
     fixture.listed(DEV1).await;
     fixture.dirs.write_module("virtual.wasm", b"\0asm garbage");
     let reason = fixture.refused("virtual", 1).await;
-    assert!(reason.contains("virtual.wasm") || reason.contains("invalid"), "{reason}");
+    assert!(
+        reason.contains("virtual.wasm") || reason.contains("invalid"),
+        "{reason}"
+    );
     assert_eq!(fixture.host.stats().refused, 1);
     let states = fixture.settled().await;
     assert_eq!(
@@ -103,18 +126,19 @@ async fn removed_module_stops_serving_and_its_sockets_are_deleted() {
     fixture.listed(DEV2).await;
     assert_eq!(plugin_sockets(&fixture.dirs.kubelet()).len(), 2);
     fixture.dirs.remove_module("virtual");
-    fixture
-        .module_state("virtual", |s| s.is_none())
-        .await;
+    fixture.module_state("virtual", |s| s.is_none()).await;
     assert!(plugin_sockets(&fixture.dirs.kubelet()).is_empty());
     fixture
-        .wait_for("streams ended", |v| v.plugins.values().all(|p| !p.streaming))
+        .wait_for("streams ended", |v| {
+            v.plugins.values().all(|p| !p.streaming)
+        })
         .await;
     // Dropped in again under the same name: served again.
     fixture.dirs.add_module("virtual", guests::VIRTUAL_DEVICES);
     fixture
         .wait_for("registered again", |v| {
-            v.plugin(DEV1).is_some_and(|p| p.registrations == 2 && p.streaming)
+            v.plugin(DEV1)
+                .is_some_and(|p| p.registrations == 2 && p.streaming)
         })
         .await;
     fixture.stop().await;
@@ -149,7 +173,10 @@ fn padded(bytes: &[u8], size: usize) -> Vec<u8> {
 #[tokio::test]
 async fn module_copied_in_place_is_loaded_once_when_complete() {
     let fixture = Fixture::start(Dirs::new());
-    let bytes = padded(&std::fs::read(guests::VIRTUAL_DEVICES).expect("guest"), 8 << 20);
+    let bytes = padded(
+        &std::fs::read(guests::VIRTUAL_DEVICES).expect("guest"),
+        8 << 20,
+    );
     let path = fixture.dirs.modules().join("big.wasm");
     let mut file = std::fs::File::create(&path).expect("create");
     let half = bytes.len() / 2;
@@ -175,22 +202,30 @@ async fn configmap_style_data_symlink_swap_reloads_the_module() {
     // The layout of a ConfigMap volume: files are symlinks through `..data` into
     // a timestamped directory, and an update swaps `..data` atomically.
     std::fs::create_dir(modules.join("..2026_11_26_01")).expect("mkdir");
-    std::fs::copy(guests::VIRTUAL_DEVICES, modules.join("..2026_11_26_01/virtual.wasm"))
-        .expect("copy");
+    std::fs::copy(
+        guests::VIRTUAL_DEVICES,
+        modules.join("..2026_11_26_01/virtual.wasm"),
+    )
+    .expect("copy");
     symlink("..2026_11_26_01", modules.join("..data")).expect("symlink");
     symlink("..data/virtual.wasm", modules.join("virtual.wasm")).expect("symlink");
     let fixture = Fixture::start(dirs);
     fixture.listed(DEV1).await;
 
     std::fs::create_dir(modules.join("..2026_11_26_02")).expect("mkdir");
-    std::fs::copy(guests::REPLACEMENT, modules.join("..2026_11_26_02/virtual.wasm"))
-        .expect("copy");
+    std::fs::copy(
+        guests::REPLACEMENT,
+        modules.join("..2026_11_26_02/virtual.wasm"),
+    )
+    .expect("copy");
     symlink("..2026_11_26_02", modules.join("..data_tmp")).expect("symlink");
     std::fs::rename(modules.join("..data_tmp"), modules.join("..data")).expect("swap");
     std::fs::remove_dir_all(modules.join("..2026_11_26_01")).expect("old data");
 
     let view = fixture
-        .wait_for("the swapped-in version's devices", |v| ids(v, DEV1) == V2_DEV1)
+        .wait_for("the swapped-in version's devices", |v| {
+            ids(v, DEV1) == V2_DEV1
+        })
         .await;
     assert_eq!(view.plugins[DEV1].registrations, 1);
     fixture.stop().await;
@@ -209,7 +244,12 @@ async fn manifest_edit_of_replicas_changes_the_list_on_the_same_stream() {
         .await;
     assert_eq!(
         ids(&view, DEV1)[..4],
-        ["/node1/dev1/1::0", "/node1/dev1/1::1", "/node1/dev1/2::0", "/node1/dev1/2::1"]
+        [
+            "/node1/dev1/1::0",
+            "/node1/dev1/1::1",
+            "/node1/dev1/2::0",
+            "/node1/dev1/2::1"
+        ]
     );
     assert_eq!(view.plugins[DEV1].registrations, 1);
     assert_eq!(view.plugins[DEV2].updates.len(), 1, "dev-2 untouched");
@@ -220,7 +260,10 @@ async fn manifest_edit_of_replicas_changes_the_list_on_the_same_stream() {
         .await
         .expect("allocates replicas");
     let envs = &response.container_responses[0].envs;
-    assert_eq!(envs.get("DEV_dev_1_ID_0").map(String::as_str), Some("/node1/dev1/2"));
+    assert_eq!(
+        envs.get("DEV_dev_1_ID_0").map(String::as_str),
+        Some("/node1/dev1/2")
+    );
     assert!(!envs.contains_key("DEV_dev_1_ID_1"), "{envs:?}");
     // Removing the manifest goes back to the defaults, on the same stream.
     std::fs::remove_file(fixture.dirs.modules().join("virtual.toml")).expect("rm manifest");
@@ -246,16 +289,21 @@ async fn manifest_edit_of_one_module_never_interrupts_another_modules_stream() {
     );
     let view = fixture
         .wait_for("virtual reconfigured", |v| {
-            ids(v, DEV1).len() == 6
-                && v.plugin("example.com/renamed").is_some_and(|p| p.streaming)
+            ids(v, DEV1).len() == 6 && v.plugin("example.com/renamed").is_some_and(|p| p.streaming)
         })
         .await;
-    assert!(!view.plugins[DEV2].streaming, "the old name is unregistered");
+    assert!(
+        !view.plugins[DEV2].streaming,
+        "the old name is unregistered"
+    );
     assert_eq!(view.plugins[DEV1].registrations, 1);
     let other = &view.plugins[OTHER];
     assert!(other.streaming);
     assert_eq!(other.registrations, before.registrations);
-    assert_eq!(other.updates, before.updates, "no update on the other module's stream");
+    assert_eq!(
+        other.updates, before.updates,
+        "no update on the other module's stream"
+    );
     fixture.stop().await;
 }
 
@@ -263,7 +311,10 @@ async fn manifest_edit_of_one_module_never_interrupts_another_modules_stream() {
 async fn bad_manifest_names_file_and_field_and_other_modules_keep_serving() {
     let dirs = virtual_devices();
     dirs.add_module("broken", guests::VIRTUAL_DEVICES);
-    dirs.write_manifest("broken", "domain = \"b.example\"\n[limits]\nmemory-mib = 0\n");
+    dirs.write_manifest(
+        "broken",
+        "domain = \"b.example\"\n[limits]\nmemory-mib = 0\n",
+    );
     let fixture = Fixture::start(dirs);
     let states = fixture.settled().await;
     let Some(ModuleState::Failed(reason)) = states.get("broken") else {
@@ -274,14 +325,29 @@ async fn bad_manifest_names_file_and_field_and_other_modules_keep_serving() {
     fixture.listed(DEV1).await;
 
     // A bad edit of a serving module's manifest keeps its last good settings.
-    fixture.dirs.write_manifest("virtual", "[resources.dev-1]\nreplicas = 2\n");
-    fixture.wait_for("replicas", |v| ids(v, DEV1).len() == 8).await;
-    fixture.dirs.write_manifest("virtual", "[resources.dev-1]\nreplicas = \"many\"\n");
+    fixture
+        .dirs
+        .write_manifest("virtual", "[resources.dev-1]\nreplicas = 2\n");
+    fixture
+        .wait_for("replicas", |v| ids(v, DEV1).len() == 8)
+        .await;
+    fixture
+        .dirs
+        .write_manifest("virtual", "[resources.dev-1]\nreplicas = \"many\"\n");
     let reason = fixture.refused("virtual", 1).await;
-    assert!(reason.contains("virtual.toml") && reason.contains("line 2"), "{reason}");
-    assert_eq!(ids(&fixture.kubelet.view(), DEV1).len(), 8, "last good settings kept");
+    assert!(
+        reason.contains("virtual.toml") && reason.contains("line 2"),
+        "{reason}"
+    );
+    assert_eq!(
+        ids(&fixture.kubelet.view(), DEV1).len(),
+        8,
+        "last good settings kept"
+    );
     // Fixing the broken module's manifest loads it.
-    fixture.dirs.write_manifest("broken", "domain = \"b.example\"\n");
+    fixture
+        .dirs
+        .write_manifest("broken", "domain = \"b.example\"\n");
     fixture.listed("b.example/dev-1").await;
     assert!(matches!(
         fixture.host.states().borrow().get("virtual"),
@@ -294,7 +360,10 @@ async fn bad_manifest_names_file_and_field_and_other_modules_keep_serving() {
 async fn module_whose_scan_hangs_does_not_delay_another_modules_registration() {
     let dirs = virtual_devices();
     dirs.add_module("faulty", guests::FAULTY);
-    dirs.write_manifest("faulty", "[config]\nspin = \"scan\"\n[limits]\nscan-timeout = \"60s\"\n");
+    dirs.write_manifest(
+        "faulty",
+        "[config]\nspin = \"scan\"\n[limits]\nscan-timeout = \"60s\"\n",
+    );
     let fixture = Fixture::start(dirs);
     fixture.listed(DEV1).await;
     fixture.listed(DEV2).await;

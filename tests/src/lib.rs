@@ -209,7 +209,8 @@ impl Fixture {
     /// Waits until `resource` is registered and has sent a list.
     pub async fn listed(&self, resource: &str) -> KubeletView {
         self.wait_for(&format!("{resource} listed"), |v| {
-            v.plugin(resource).is_some_and(|p| p.streaming && !p.updates.is_empty())
+            v.plugin(resource)
+                .is_some_and(|p| p.streaming && !p.updates.is_empty())
         })
         .await
     }

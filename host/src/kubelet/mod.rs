@@ -118,21 +118,40 @@ async fn keep_registered<B: DeviceBackend>(
                 tracing::info!(resource = %resource, socket = %dir.kubelet_socket().display(), "waiting for kubelet to create its socket");
                 waiting_since = Some(Instant::now());
             }
-            if !retry_wait(&dir, &mut changes, kubelet, &mut backoff, RETRY_MAX, &shutdown).await {
+            if !retry_wait(
+                &dir,
+                &mut changes,
+                kubelet,
+                &mut backoff,
+                RETRY_MAX,
+                &shutdown,
+            )
+            .await
+            {
                 break;
             }
             continue;
         }
-        let incarnation = match Incarnation::start(&dir, &resource, &devices, &backend, &shutdown).await {
-            Ok(incarnation) => incarnation,
-            Err(err) => {
-                log_retry(&resource, &err, &mut last_error);
-                if !retry_wait(&dir, &mut changes, kubelet, &mut backoff, RETRY_MAX, &shutdown).await {
-                    break;
+        let incarnation =
+            match Incarnation::start(&dir, &resource, &devices, &backend, &shutdown).await {
+                Ok(incarnation) => incarnation,
+                Err(err) => {
+                    log_retry(&resource, &err, &mut last_error);
+                    if !retry_wait(
+                        &dir,
+                        &mut changes,
+                        kubelet,
+                        &mut backoff,
+                        RETRY_MAX,
+                        &shutdown,
+                    )
+                    .await
+                    {
+                        break;
+                    }
+                    continue;
                 }
-                continue;
-            }
-        };
+            };
         let registered = tokio::select! {
             () = shutdown.cancelled() => None,
             result = registration::register(dir.path(), &incarnation.endpoint, &resource) => Some(result),
@@ -144,20 +163,32 @@ async fn keep_registered<B: DeviceBackend>(
             }
             Some(Ok(())) => {
                 match waiting_since.take() {
-                    Some(since) => tracing::info!(resource = %resource, endpoint = %incarnation.endpoint, waited_ms = since.elapsed().as_millis() as u64, "registered with kubelet"),
-                    None => tracing::info!(resource = %resource, endpoint = %incarnation.endpoint, "registered with kubelet"),
+                    Some(since) => {
+                        tracing::info!(resource = %resource, endpoint = %incarnation.endpoint, waited_ms = since.elapsed().as_millis() as u64, "registered with kubelet")
+                    }
+                    None => {
+                        tracing::info!(resource = %resource, endpoint = %incarnation.endpoint, "registered with kubelet")
+                    }
                 }
                 last_error.clear();
                 backoff = RETRY_FIRST;
                 status.send_replace(PluginStatus::Registered(incarnation.endpoint.clone()));
-                let ended = incarnation.watch(&dir, &mut changes, kubelet, &shutdown).await;
+                let ended = incarnation
+                    .watch(&dir, &mut changes, kubelet, &shutdown)
+                    .await;
                 status.send_replace(PluginStatus::Waiting);
                 incarnation.stop().await;
                 match ended {
                     Ended::Shutdown => break,
-                    Ended::KubeletRestarted => tracing::info!(resource = %resource, "kubelet restarted; registering again"),
-                    Ended::SocketRemoved => tracing::info!(resource = %resource, "plugin socket was removed; serving on a new one and registering again"),
-                    Ended::ServerStopped => tracing::warn!(resource = %resource, "plugin server stopped; starting it again"),
+                    Ended::KubeletRestarted => {
+                        tracing::info!(resource = %resource, "kubelet restarted; registering again")
+                    }
+                    Ended::SocketRemoved => {
+                        tracing::info!(resource = %resource, "plugin socket was removed; serving on a new one and registering again")
+                    }
+                    Ended::ServerStopped => {
+                        tracing::warn!(resource = %resource, "plugin server stopped; starting it again")
+                    }
                 }
                 waiting_since = Some(Instant::now());
                 continue;
@@ -166,7 +197,11 @@ async fn keep_registered<B: DeviceBackend>(
                 incarnation.stop().await;
                 let refused = matches!(err, RegistrationError::Refused(_));
                 log_retry(&resource, &PluginError::Registration(err), &mut last_error);
-                if refused { RETRY_MAX_REFUSED } else { RETRY_MAX }
+                if refused {
+                    RETRY_MAX_REFUSED
+                } else {
+                    RETRY_MAX
+                }
             }
         };
         if !retry_wait(&dir, &mut changes, kubelet, &mut backoff, cap, &shutdown).await {
@@ -187,7 +222,9 @@ fn log_retry(resource: &ResourceName, err: &PluginError, last_error: &mut String
             PluginError::Registration(RegistrationError::Unreachable { .. }) => {
                 tracing::info!(resource = %resource, cause = %message, "kubelet not reachable yet; retrying with backoff")
             }
-            _ => tracing::error!(resource = %resource, cause = %message, "cannot register with kubelet; retrying with backoff"),
+            _ => {
+                tracing::error!(resource = %resource, cause = %message, "cannot register with kubelet; retrying with backoff")
+            }
         }
         *last_error = message;
     }
@@ -255,7 +292,12 @@ impl Incarnation {
         let path = socket_file.path().to_path_buf();
         let socket = file_identity(&path);
         let token = shutdown.child_token();
-        let service = PluginService::new(resource.clone(), devices.clone(), backend.clone(), token.clone());
+        let service = PluginService::new(
+            resource.clone(),
+            devices.clone(),
+            backend.clone(),
+            token.clone(),
+        );
         let span_resource = resource.to_string();
         let task = tokio::spawn(async move {
             if let Err(err) = service.serve(listener).await {

@@ -417,7 +417,9 @@ async fn apply_files(
         None
     };
 
-    let wasm_changed = module.as_ref().is_none_or(|m| m.wasm_hash != files.wasm_hash);
+    let wasm_changed = module
+        .as_ref()
+        .is_none_or(|m| m.wasm_hash != files.wasm_hash);
     if wasm_changed {
         let settings = new_settings
             .clone()

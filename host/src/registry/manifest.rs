@@ -221,7 +221,11 @@ impl ModuleSettings {
 ///
 /// # Errors
 /// [`ManifestError`] for the first field that is unknown, mistyped or out of range.
-pub fn parse(file: &Path, text: &str, settings: &Settings) -> Result<ModuleSettings, ManifestError> {
+pub fn parse(
+    file: &Path,
+    text: &str,
+    settings: &Settings,
+) -> Result<ModuleSettings, ManifestError> {
     let err = |field: &str, message: String| ManifestError {
         file: file.to_path_buf(),
         field: field.to_string(),
@@ -253,7 +257,10 @@ pub fn parse(file: &Path, text: &str, settings: &Settings) -> Result<ModuleSetti
         Some(text) => match humantime::parse_duration(&text) {
             Ok(d) if d.is_zero() => Err(err(field, "must be greater than zero".into())),
             Ok(d) => Ok(d),
-            Err(e) => Err(err(field, format!("`{text}`: {e} (e.g. \"500ms\", \"10s\")"))),
+            Err(e) => Err(err(
+                field,
+                format!("`{text}`: {e} (e.g. \"500ms\", \"10s\")"),
+            )),
         },
     };
     out.scan_interval = duration("scan-interval", raw.scan_interval, out.scan_interval)?;
@@ -288,7 +295,17 @@ pub fn parse(file: &Path, text: &str, settings: &Settings) -> Result<ModuleSetti
     let paths = |field: &str, paths: Vec<PathBuf>| {
         paths
             .into_iter()
-            .map(|p| absolute_normal(&p).ok_or_else(|| err(field, format!("`{}` is not an absolute path without `.` or `..`", p.display()))))
+            .map(|p| {
+                absolute_normal(&p).ok_or_else(|| {
+                    err(
+                        field,
+                        format!(
+                            "`{}` is not an absolute path without `.` or `..`",
+                            p.display()
+                        ),
+                    )
+                })
+            })
             .collect::<Result<Vec<_>, _>>()
     };
     out.call.grants.read_only_dirs = paths("grants.read-only-dirs", raw.grants.read_only_dirs)?;
@@ -335,7 +352,10 @@ fn resource_policy(
     let bounded = |key: &str, value: Option<u32>, default: u32, max: u32| match value {
         None => Ok(default),
         Some(v) if (1..=max).contains(&v) => Ok(v),
-        Some(v) => Err(err(&format!("{field}.{key}"), format!("{v} is outside 1 to {max}"))),
+        Some(v) => Err(err(
+            &format!("{field}.{key}"),
+            format!("{v} is outside 1 to {max}"),
+        )),
     };
     Ok(ResourcePolicy {
         name: raw.name,
@@ -438,10 +458,19 @@ mod tests {
         assert_eq!(m.call.config["count"], "3");
         assert_eq!(m.call.config["verbose"], "true");
         let dev1 = m.resource("dev-1");
-        assert_eq!((dev1.replicas, dev1.unhealthy_after, dev1.healthy_after), (4, 3, 1));
-        assert_eq!(m.resource_name("dev-1").expect("name").as_str(), "vendor.example/gpu");
+        assert_eq!(
+            (dev1.replicas, dev1.unhealthy_after, dev1.healthy_after),
+            (4, 3, 1)
+        );
+        assert_eq!(
+            m.resource_name("dev-1").expect("name").as_str(),
+            "vendor.example/gpu"
+        );
         assert_eq!(m.resource("other").unhealthy_after, 3);
-        assert_eq!(m.resource_name("other").expect("name").as_str(), "vendor.example/other");
+        assert_eq!(
+            m.resource_name("other").expect("name").as_str(),
+            "vendor.example/other"
+        );
     }
 
     #[test]
@@ -453,11 +482,26 @@ mod tests {
             ("scan-interval = \"0s\"", "scan-interval"),
             ("health-interval = \"soon\"", "health-interval"),
             ("domain = \"kubernetes.io\"", "domain"),
-            ("[grants]\nread-only-dirs = [\"sys\"]", "grants.read-only-dirs"),
-            ("[grants]\nmount-paths = [\"/var/../etc\"]", "grants.mount-paths"),
-            ("[resources.dev-1]\nreplicas = 0", "resources.dev-1.replicas"),
-            ("[resources.dev-1]\nhealthy-after = 1001", "resources.dev-1.healthy-after"),
-            ("[resources.dev-1]\nname = \"Bad Name\"", "resources.dev-1.name"),
+            (
+                "[grants]\nread-only-dirs = [\"sys\"]",
+                "grants.read-only-dirs",
+            ),
+            (
+                "[grants]\nmount-paths = [\"/var/../etc\"]",
+                "grants.mount-paths",
+            ),
+            (
+                "[resources.dev-1]\nreplicas = 0",
+                "resources.dev-1.replicas",
+            ),
+            (
+                "[resources.dev-1]\nhealthy-after = 1001",
+                "resources.dev-1.healthy-after",
+            ),
+            (
+                "[resources.dev-1]\nname = \"Bad Name\"",
+                "resources.dev-1.name",
+            ),
             ("[resources.\"*\"]\nname = \"x\"", "resources.\"*\".name"),
             ("[resources.dev-1]\nreplica = 2", "line 2"),
         ];

@@ -301,9 +301,7 @@ fn read_bounded(path: &Path, max: u64) -> Option<Result<Vec<u8>, String>> {
     let before = stamp(path);
     let result = match before {
         Some((len, _)) if len > max => {
-            return Some(Err(format!(
-                "{len} bytes is more than the {max} allowed"
-            )));
+            return Some(Err(format!("{len} bytes is more than the {max} allowed")));
         }
         _ => std::fs::read(path).map_err(|e| format!("cannot read: {e}")),
     };
@@ -317,9 +315,11 @@ fn read_module(name: String, wasm_path: PathBuf, manifest_path: PathBuf) -> Opti
         Err(e) => content_hash(e.as_bytes()),
     };
     let manifest = if std::fs::symlink_metadata(&manifest_path).is_ok() {
-        Some(read_bounded(&manifest_path, MAX_MANIFEST_BYTES)?.and_then(|bytes| {
-            String::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_string())
-        }))
+        Some(
+            read_bounded(&manifest_path, MAX_MANIFEST_BYTES)?.and_then(|bytes| {
+                String::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_string())
+            }),
+        )
     } else {
         None
     };

@@ -92,13 +92,19 @@ impl Cache {
         if meta.uid() != euid {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
-                format!("owned by uid {}, not by this process (uid {euid})", meta.uid()),
+                format!(
+                    "owned by uid {}, not by this process (uid {euid})",
+                    meta.uid()
+                ),
             ));
         }
         if meta.mode() & 0o022 != 0 {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
-                format!("writable by group or others (mode {:o})", meta.mode() & 0o777),
+                format!(
+                    "writable by group or others (mode {:o})",
+                    meta.mode() & 0o777
+                ),
             ));
         }
         let mut hasher = Sha256Hasher(Sha256::new());
