@@ -52,6 +52,7 @@ pub struct Host {
 
 /// A module's task, as the supervisor holds it.
 struct Running {
+    files: watch::Sender<ModuleFiles>,
     token: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -201,17 +202,14 @@ impl Supervisor {
             let Some(event) = event else { break };
             match event {
                 DirEvent::Removed(name) => self.remove(&name).await,
-                DirEvent::Module(files) => {
-                    let tx = self.control(&files.name);
-                    match tx {
-                        // A full queue means the module is busy: wait for room
-                        // rather than drop the newest files.
-                        Some(tx) => {
-                            let _ = tx.send(Control::Files(files)).await;
-                        }
-                        None => self.spawn(files),
+                DirEvent::Module(files) => match self.running.get(&files.name) {
+                    // Never waits: a module still busy with older files gets
+                    // only the newest when it is done.
+                    Some(running) => {
+                        running.files.send_replace(files);
                     }
-                }
+                    None => self.spawn(files),
+                },
                 DirEvent::Settling(name) => self.settling(&name),
             }
         }
@@ -227,14 +225,6 @@ impl Supervisor {
             DirEvent::Settling(name) => self.settling(&name),
             DirEvent::Removed(_) => {}
         }
-    }
-
-    fn control(&self, name: &str) -> Option<mpsc::Sender<Control>> {
-        self.controls
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .cloned()
     }
 
     fn settling(&self, name: &str) {
@@ -254,8 +244,14 @@ impl Supervisor {
         // Loading from now, so a `settled` wait that starts next waits for it.
         self.ctx.set_state(&name, ModuleState::Loading);
         let token = self.token.child_token();
-        let task = tokio::spawn(lifecycle::run(self.ctx.clone(), files, rx, token.clone()));
-        self.running.insert(name, Running { token, task });
+        let (files, files_rx) = watch::channel(files);
+        let task = tokio::spawn(lifecycle::run(
+            self.ctx.clone(),
+            files_rx,
+            rx,
+            token.clone(),
+        ));
+        self.running.insert(name, Running { files, token, task });
     }
 
     /// Stops a removed module and waits until its sockets are gone, so that a

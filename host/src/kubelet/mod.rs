@@ -94,6 +94,7 @@ pub fn serve<B: DeviceBackend>(
 enum Ended {
     Shutdown,
     KubeletRestarted,
+    KubeletGone,
     SocketRemoved,
     ServerStopped,
 }
@@ -182,6 +183,9 @@ async fn keep_registered<B: DeviceBackend>(
                     Ended::Shutdown => break,
                     Ended::KubeletRestarted => {
                         tracing::info!(resource = %resource, "kubelet restarted; registering again")
+                    }
+                    Ended::KubeletGone => {
+                        tracing::info!(resource = %resource, "kubelet's socket is gone; registering again once kubelet is back")
                     }
                     Ended::SocketRemoved => {
                         tracing::info!(resource = %resource, "plugin socket was removed; serving on a new one and registering again")
@@ -350,8 +354,10 @@ impl Incarnation {
             if file_identity(&self.path) != self.socket {
                 return Ended::SocketRemoved;
             }
-            if dir.kubelet_identity() != kubelet {
-                return Ended::KubeletRestarted;
+            match dir.kubelet_identity() {
+                None => return Ended::KubeletGone,
+                now if now != kubelet => return Ended::KubeletRestarted,
+                _ => {}
             }
         }
     }

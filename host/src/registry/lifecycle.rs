@@ -77,11 +77,10 @@ impl Context {
     }
 }
 
-/// Messages to a running module.
+/// Messages to a running module (its files arrive on a `watch` channel of
+/// their own, so that only the newest matter and the sender never waits).
 #[derive(Debug)]
 pub enum Control {
-    /// The module's files changed (new content, a manifest added, edited or removed).
-    Files(ModuleFiles),
     /// Use this configuration from later calls on (until the manifest changes);
     /// re-scan at once if `rescan`, otherwise the next health check or scheduled
     /// scan sees it.
@@ -248,18 +247,21 @@ impl Resource {
     }
 }
 
-/// Runs one module from its first `files` until `token` is cancelled (the file
-/// was removed, or the host stops), publishing its state in `ctx.states`.
+/// Runs one module from its current `files` until `token` is cancelled (the
+/// file was removed, or the host stops), publishing its state in `ctx.states`.
+/// Newer files replace older ones not yet applied: a busy module applies only
+/// the newest.
 pub async fn run(
     ctx: Arc<Context>,
-    files: ModuleFiles,
+    mut files: watch::Receiver<ModuleFiles>,
     mut control: mpsc::Receiver<Control>,
     token: CancellationToken,
 ) {
-    let name = files.name.clone();
+    let first = files.borrow_and_update().clone();
+    let name = first.name.clone();
     ctx.set_state(&name, ModuleState::Loading);
     let mut module: Option<Module> = None;
-    let mut next_files = Some(files);
+    let mut next_files = Some(first);
     let mut ticks: Option<Ticks> = None;
     loop {
         if let Some(files) = next_files.take() {
@@ -295,9 +297,15 @@ pub async fn run(
                         break;
                     }
                 }
+                changed = files.changed() => {
+                    if changed.is_err() {
+                        // The supervisor let go of this module: it is being removed.
+                        break;
+                    }
+                    next_files = Some(files.borrow_and_update().clone());
+                }
                 message = control.recv() => match message {
                     None => break,
-                    Some(Control::Files(files)) => next_files = Some(files),
                     Some(Control::SetConfig { config, rescan, applied }) => {
                         if let Some(m) = module.as_mut() {
                             tracing::info!(module = %name, rescan, "configuration changed");

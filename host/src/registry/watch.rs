@@ -105,6 +105,7 @@ pub fn watch(
         known: BTreeMap::new(),
         pending: HashMap::new(),
         settling: BTreeSet::new(),
+        stamps: HashMap::new(),
     };
     let mut initial = Vec::new();
     state.reconcile(Instant::now(), &mut initial)?;
@@ -129,6 +130,21 @@ struct DirState {
     pending: HashMap<OsString, Pending>,
     /// New modules reported as settling.
     settling: BTreeSet<String>,
+    /// The module and manifest files' identities when last read, by module: a
+    /// file whose identity, size and modification time are unchanged is not read
+    /// and hashed again.
+    stamps: HashMap<String, (Option<Stamp>, Option<Stamp>)>,
+}
+
+/// What identifies a file's content without reading it: device, inode (a
+/// symlink swap or rename gives a new one), size and modification time.
+type Stamp = (u64, u64, u64, SystemTime);
+
+/// The stamp of the file `path` resolves to, if it exists.
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.dev(), meta.ino(), meta.len(), meta.modified().ok()?))
 }
 
 async fn run(
@@ -244,6 +260,10 @@ impl DirState {
                 }
                 continue;
             }
+            let stamps = (stamp(&path), stamp(&manifest_path));
+            if self.known.contains_key(&name) && self.stamps.get(&name) == Some(&stamps) {
+                continue;
+            }
             let Some(files) = read_module(name.clone(), path, manifest_path) else {
                 // Changed while being read: try again shortly.
                 self.pending.insert(
@@ -256,6 +276,7 @@ impl DirState {
                 continue;
             };
             self.settling.remove(&name);
+            self.stamps.insert(name.clone(), stamps);
             let fingerprint = files.fingerprint();
             if self.known.get(&name) != Some(&fingerprint) {
                 self.known.insert(name, fingerprint);
@@ -270,6 +291,7 @@ impl DirState {
             .collect();
         for name in gone {
             self.known.remove(&name);
+            self.stamps.remove(&name);
             events.push(DirEvent::Removed(name));
         }
         self.settling.retain(|n| present.contains(n));
@@ -290,17 +312,11 @@ fn module_name(path: &Path) -> Option<String> {
     (!name.is_empty() && !name.starts_with('.')).then(|| name.to_string())
 }
 
-/// Size and modification time, to notice a file changing while it is read.
-fn stamp(path: &Path) -> Option<(u64, SystemTime)> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.len(), meta.modified().ok()?))
-}
-
 /// Reads a file of at most `max` bytes; `None` if it changed while being read.
 fn read_bounded(path: &Path, max: u64) -> Option<Result<Vec<u8>, String>> {
     let before = stamp(path);
     let result = match before {
-        Some((len, _)) if len > max => {
+        Some((_, _, len, _)) if len > max => {
             return Some(Err(format!("{len} bytes is more than the {max} allowed")));
         }
         _ => std::fs::read(path).map_err(|e| format!("cannot read: {e}")),
