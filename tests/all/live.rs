@@ -356,7 +356,9 @@ async fn bad_manifest_names_file_and_field_and_other_modules_keep_serving() {
     fixture.stop().await;
 }
 
-#[tokio::test]
+// Two workers, as the binary runs: the spinning guest holds one between its
+// yields (every epoch tick), the other module runs on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn module_whose_scan_hangs_does_not_delay_another_modules_registration() {
     let dirs = virtual_devices();
     dirs.add_module("faulty", guests::FAULTY);
