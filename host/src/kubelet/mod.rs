@@ -99,6 +99,31 @@ enum Ended {
     ServerStopped,
 }
 
+/// What to do after one attempt to serve and register.
+enum Next {
+    /// Shut down.
+    Stop,
+    /// Try again at once (a registered incarnation ended).
+    Now,
+    /// Try again after the backoff, which grows up to this cap.
+    Backoff(Duration),
+}
+
+/// One resource's plugin task and what it keeps between attempts.
+struct Plugin<B> {
+    dir: Arc<KubeletDir>,
+    resource: ResourceName,
+    devices: watch::Receiver<Arc<DeviceSet>>,
+    backend: Arc<B>,
+    shutdown: CancellationToken,
+    status: watch::Sender<PluginStatus>,
+    changes: watch::Receiver<u64>,
+    /// Since when the resource has not been registered (for the log).
+    unregistered_since: Option<Instant>,
+    /// The last failure logged, so that repeats are logged quietly.
+    last_error: String,
+}
+
 async fn keep_registered<B: DeviceBackend>(
     dir: Arc<KubeletDir>,
     resource: ResourceName,
@@ -107,80 +132,100 @@ async fn keep_registered<B: DeviceBackend>(
     shutdown: CancellationToken,
     status: watch::Sender<PluginStatus>,
 ) {
-    let mut changes = dir.changes();
+    let mut plugin = Plugin {
+        changes: dir.changes(),
+        dir,
+        resource,
+        devices,
+        backend,
+        shutdown,
+        status,
+        unregistered_since: None,
+        last_error: String::new(),
+    };
     let mut backoff = RETRY_FIRST;
-    let mut waiting_since: Option<Instant> = None;
-    let mut last_error = String::new();
-    while !shutdown.is_cancelled() {
-        changes.mark_unchanged();
-        let kubelet = dir.kubelet_identity();
-        if kubelet.is_none() {
-            if waiting_since.is_none() {
-                tracing::info!(resource = %resource, socket = %dir.kubelet_socket().display(), "waiting for kubelet to create its socket");
-                waiting_since = Some(Instant::now());
-            }
-            if !retry_wait(
-                &dir,
-                &mut changes,
-                kubelet,
-                &mut backoff,
-                RETRY_MAX,
-                &shutdown,
-            )
-            .await
-            {
-                break;
-            }
-            continue;
-        }
-        let incarnation =
-            match Incarnation::start(&dir, &resource, &devices, &backend, &shutdown).await {
-                Ok(incarnation) => incarnation,
-                Err(err) => {
-                    log_retry(&resource, &err, &mut last_error);
-                    if !retry_wait(
-                        &dir,
-                        &mut changes,
-                        kubelet,
-                        &mut backoff,
-                        RETRY_MAX,
-                        &shutdown,
-                    )
-                    .await
-                    {
-                        break;
-                    }
-                    continue;
+    while !plugin.shutdown.is_cancelled() {
+        plugin.changes.mark_unchanged();
+        let kubelet = plugin.dir.kubelet_identity();
+        match plugin.attempt(kubelet).await {
+            Next::Stop => break,
+            Next::Now => backoff = RETRY_FIRST,
+            Next::Backoff(cap) => {
+                if !plugin.retry_wait(kubelet, &mut backoff, cap).await {
+                    break;
                 }
-            };
-        let registered = tokio::select! {
-            () = shutdown.cancelled() => None,
-            result = registration::register(dir.path(), &incarnation.endpoint, &resource) => Some(result),
+            }
+        }
+    }
+    plugin.status.send_replace(PluginStatus::Waiting);
+}
+
+impl<B: DeviceBackend> Plugin<B> {
+    /// Serves a new incarnation and registers it with the kubelet whose socket
+    /// has identity `kubelet`; once registered, waits until it must end.
+    async fn attempt(&mut self, kubelet: Option<FileIdentity>) -> Next {
+        let resource = &self.resource;
+        if kubelet.is_none() {
+            if self.unregistered_since.is_none() {
+                tracing::info!(resource = %resource, socket = %self.dir.kubelet_socket().display(), "waiting for kubelet to create its socket");
+                self.unregistered_since = Some(Instant::now());
+            }
+            return Next::Backoff(RETRY_MAX);
+        }
+        let incarnation = match Incarnation::start(
+            &self.dir,
+            resource,
+            &self.devices,
+            &self.backend,
+            &self.shutdown,
+        )
+        .await
+        {
+            Ok(incarnation) => incarnation,
+            Err(err) => {
+                log_retry(resource, &err, &mut self.last_error);
+                return Next::Backoff(RETRY_MAX);
+            }
         };
-        let cap = match registered {
+        let registered = tokio::select! {
+            () = self.shutdown.cancelled() => None,
+            result = registration::register(self.dir.path(), &incarnation.endpoint, resource) => Some(result),
+        };
+        match registered {
             None => {
                 incarnation.stop().await;
-                break;
+                Next::Stop
+            }
+            Some(Err(err)) => {
+                incarnation.stop().await;
+                let cap = match err {
+                    RegistrationError::Refused(_) => RETRY_MAX_REFUSED,
+                    RegistrationError::Unreachable { .. } => RETRY_MAX,
+                };
+                log_retry(
+                    resource,
+                    &PluginError::Registration(err),
+                    &mut self.last_error,
+                );
+                Next::Backoff(cap)
             }
             Some(Ok(())) => {
-                match waiting_since.take() {
-                    Some(since) => {
-                        tracing::info!(resource = %resource, endpoint = %incarnation.endpoint, waited_ms = since.elapsed().as_millis() as u64, "registered with kubelet")
-                    }
-                    None => {
-                        tracing::info!(resource = %resource, endpoint = %incarnation.endpoint, "registered with kubelet")
-                    }
-                }
-                last_error.clear();
-                backoff = RETRY_FIRST;
-                status.send_replace(PluginStatus::Registered(incarnation.endpoint.clone()));
+                let waited_ms = self
+                    .unregistered_since
+                    .take()
+                    .map(|since| since.elapsed().as_millis() as u64);
+                tracing::info!(resource = %resource, endpoint = %incarnation.endpoint, waited_ms, "registered with kubelet");
+                self.last_error.clear();
+                self.status
+                    .send_replace(PluginStatus::Registered(incarnation.endpoint.clone()));
                 let ended = incarnation
-                    .watch(&dir, &mut changes, kubelet, &shutdown)
+                    .watch(&self.dir, &mut self.changes, kubelet, &self.shutdown)
                     .await;
-                status.send_replace(PluginStatus::Waiting);
+                self.status.send_replace(PluginStatus::Waiting);
                 incarnation.stop().await;
+                self.unregistered_since = Some(Instant::now());
                 match ended {
-                    Ended::Shutdown => break,
+                    Ended::Shutdown => return Next::Stop,
                     Ended::KubeletRestarted => {
                         tracing::info!(resource = %resource, "kubelet restarted; registering again")
                     }
@@ -194,25 +239,44 @@ async fn keep_registered<B: DeviceBackend>(
                         tracing::warn!(resource = %resource, "plugin server stopped; starting it again")
                     }
                 }
-                waiting_since = Some(Instant::now());
-                continue;
+                Next::Now
             }
-            Some(Err(err)) => {
-                incarnation.stop().await;
-                let refused = matches!(err, RegistrationError::Refused(_));
-                log_retry(&resource, &PluginError::Registration(err), &mut last_error);
-                if refused {
-                    RETRY_MAX_REFUSED
-                } else {
-                    RETRY_MAX
-                }
-            }
-        };
-        if !retry_wait(&dir, &mut changes, kubelet, &mut backoff, cap, &shutdown).await {
-            break;
         }
     }
-    status.send_replace(PluginStatus::Waiting);
+
+    /// Waits out `backoff` (then doubles it, up to `cap`), or less when kubelet's
+    /// socket changes from `kubelet` (a kubelet started or restarted). False on
+    /// shutdown.
+    async fn retry_wait(
+        &mut self,
+        kubelet: Option<FileIdentity>,
+        backoff: &mut Duration,
+        cap: Duration,
+    ) -> bool {
+        let deadline = tokio::time::sleep(*backoff);
+        *backoff = (*backoff * 2).min(cap);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return false,
+                () = &mut deadline => return true,
+                changed = self.changes.changed() => {
+                    if changed.is_err() {
+                        // Cannot happen while `dir` lives; the timer is left.
+                        (&mut deadline).await;
+                        return true;
+                    }
+                    // Our own socket coming and going changes the directory too:
+                    // only a different kubelet socket is worth an early retry.
+                    let now = self.dir.kubelet_identity();
+                    if now.is_some() && now != kubelet {
+                        *backoff = RETRY_FIRST;
+                        return true;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Logs a failed attempt: an error the first time it happens, at debug level
@@ -231,41 +295,6 @@ fn log_retry(resource: &ResourceName, err: &PluginError, last_error: &mut String
             }
         }
         *last_error = message;
-    }
-}
-
-/// Waits out `backoff` (then doubles it, up to `cap`), or less when kubelet's
-/// socket changes from `kubelet` (a kubelet started or restarted). False on shutdown.
-async fn retry_wait(
-    dir: &KubeletDir,
-    changes: &mut watch::Receiver<u64>,
-    kubelet: Option<FileIdentity>,
-    backoff: &mut Duration,
-    cap: Duration,
-    shutdown: &CancellationToken,
-) -> bool {
-    let deadline = tokio::time::sleep(*backoff);
-    *backoff = (*backoff * 2).min(cap);
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return false,
-            () = &mut deadline => return true,
-            changed = changes.changed() => {
-                if changed.is_err() {
-                    // The watcher is gone; only the timer is left.
-                    (&mut deadline).await;
-                    return true;
-                }
-                // Our own socket coming and going changes the directory too: only
-                // a different kubelet socket is worth an early retry.
-                let now = dir.kubelet_identity();
-                if now.is_some() && now != kubelet {
-                    *backoff = RETRY_FIRST;
-                    return true;
-                }
-            }
-        }
     }
 }
 
