@@ -402,3 +402,22 @@ async fn health_hysteresis_settings_from_the_manifest_still_mark_a_failing_devic
     );
     fixture.stop().await;
 }
+
+#[tokio::test]
+async fn module_file_deleted_while_being_written_is_forgotten() {
+    let fixture = Fixture::start(Dirs::new());
+    let path = fixture.dirs.modules().join("half.wasm");
+    let mut file = std::fs::File::create(&path).expect("create");
+    file.write_all(b"\0asm\x0d\0\x01\0").expect("write");
+    file.flush().expect("flush");
+    assert_eq!(
+        fixture.module_state("half", |s| s.is_some()).await,
+        Some(ModuleState::Settling)
+    );
+    std::fs::remove_file(&path).expect("rm");
+    fixture.module_state("half", |s| s.is_none()).await;
+    assert!(fixture.settled().await.is_empty());
+    drop(file);
+    assert_eq!(fixture.host.stats().refused, 0, "never read");
+    fixture.stop().await;
+}

@@ -72,7 +72,7 @@ pub enum DirEvent {
     Module(ModuleFiles),
     /// A new module's file is still being written; it is reported once complete.
     Settling(String),
-    /// A module's `.wasm` is gone.
+    /// A module's `.wasm` is gone (or a settling one vanished before it was complete).
     Removed(String),
 }
 
@@ -294,7 +294,18 @@ impl DirState {
             self.stamps.remove(&name);
             events.push(DirEvent::Removed(name));
         }
-        self.settling.retain(|n| present.contains(n));
+        // A new file that vanished before it was complete was never reported
+        // as a module; its "settling" report is withdrawn.
+        let abandoned: Vec<String> = self
+            .settling
+            .iter()
+            .filter(|n| !present.contains(*n))
+            .cloned()
+            .collect();
+        for name in abandoned {
+            self.settling.remove(&name);
+            events.push(DirEvent::Removed(name));
+        }
         let settle = self.settle;
         self.pending
             .retain(|_, p| p.writing && now < p.last_event + settle);
