@@ -1,6 +1,8 @@
 //! Everything kubelet-facing: the v1beta1 protocol, plugin sockets, the
-//! `DevicePlugin` service, registration, and a kubelet simulator for the demo and
-//! the tests. Never names a wasmtime type.
+//! `DevicePlugin` service, registration, the watched kubelet directory, and a
+//! kubelet simulator for the demo and the tests. This file holds the task that
+//! keeps one resource served and registered across kubelet restarts ([`serve`]).
+//! Never names a wasmtime type.
 
 pub mod dir;
 pub mod preferred;
