@@ -86,9 +86,18 @@ pub fn serve<B: DeviceBackend>(
     shutdown: CancellationToken,
 ) -> ServedResource {
     let (status_tx, status) = watch::channel(PluginStatus::Waiting);
-    let task = tokio::spawn(keep_registered(
-        dir, resource, devices, backend, shutdown, status_tx,
-    ));
+    let plugin = Plugin {
+        changes: dir.changes(),
+        dir,
+        resource,
+        devices,
+        backend,
+        shutdown,
+        status: status_tx,
+        unregistered_since: None,
+        last_error: String::new(),
+    };
+    let task = tokio::spawn(plugin.run());
     ServedResource { status, task }
 }
 
@@ -126,43 +135,26 @@ struct Plugin<B> {
     last_error: String,
 }
 
-async fn keep_registered<B: DeviceBackend>(
-    dir: Arc<KubeletDir>,
-    resource: ResourceName,
-    devices: watch::Receiver<Arc<DeviceSet>>,
-    backend: Arc<B>,
-    shutdown: CancellationToken,
-    status: watch::Sender<PluginStatus>,
-) {
-    let mut plugin = Plugin {
-        changes: dir.changes(),
-        dir,
-        resource,
-        devices,
-        backend,
-        shutdown,
-        status,
-        unregistered_since: None,
-        last_error: String::new(),
-    };
-    let mut backoff = RETRY_FIRST;
-    while !plugin.shutdown.is_cancelled() {
-        plugin.changes.mark_unchanged();
-        let kubelet = plugin.dir.kubelet_identity();
-        match plugin.attempt(kubelet).await {
-            Next::Stop => break,
-            Next::Now => backoff = RETRY_FIRST,
-            Next::Backoff(cap) => {
-                if !plugin.retry_wait(kubelet, &mut backoff, cap).await {
-                    break;
+impl<B: DeviceBackend> Plugin<B> {
+    /// Keeps the resource served and registered until shutdown.
+    async fn run(mut self) {
+        let mut backoff = RETRY_FIRST;
+        while !self.shutdown.is_cancelled() {
+            self.changes.mark_unchanged();
+            let kubelet = self.dir.kubelet_identity();
+            match self.attempt(kubelet).await {
+                Next::Stop => break,
+                Next::Now => backoff = RETRY_FIRST,
+                Next::Backoff(cap) => {
+                    if !self.retry_wait(kubelet, &mut backoff, cap).await {
+                        break;
+                    }
                 }
             }
         }
+        self.status.send_replace(PluginStatus::Waiting);
     }
-    plugin.status.send_replace(PluginStatus::Waiting);
-}
 
-impl<B: DeviceBackend> Plugin<B> {
     /// Serves a new incarnation and registers it with the kubelet whose socket
     /// has identity `kubelet`; once registered, waits until it must end.
     async fn attempt(&mut self, kubelet: Option<FileIdentity>) -> Next {
