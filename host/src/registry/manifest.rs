@@ -512,6 +512,29 @@ mod tests {
         }
     }
 
+    /// The manifests the README and `examples/` show are valid.
+    #[test]
+    fn documented_manifests_parse() {
+        let readme = include_str!("../../../README.md");
+        let section = readme
+            .split("### Manifests")
+            .nth(1)
+            .expect("README has a Manifests section");
+        let block = section
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|b| b.split("```").next())
+            .expect("a toml block");
+        let m = parse_ok(block);
+        assert_eq!(m.resource("dev-1").replicas, 4);
+        let example = parse_ok(include_str!("../../../examples/virtual_devices.toml"));
+        assert_eq!(
+            m.resource_name("dev-1").expect("name").as_str(),
+            "vendor.example/gpu"
+        );
+        assert_eq!(example.resource("gpu").replicas, 4);
+    }
+
     #[test]
     fn unknown_key_message_names_it() {
         let e = parse_err("[resources.dev-1]\nreplica = 2");
