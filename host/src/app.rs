@@ -45,7 +45,6 @@ pub struct Host {
     ctx: Arc<Context>,
     states: watch::Receiver<ModuleStates>,
     controls: Controls,
-    runtime: Arc<Runtime>,
     token: CancellationToken,
     tasks: TaskTracker,
 }
@@ -87,7 +86,7 @@ impl Host {
         let (states_tx, states) = watch::channel(ModuleStates::new());
         let kubelet = KubeletDir::watch(&settings.kubelet_dir);
         let ctx = Arc::new(Context {
-            runtime: runtime.clone(),
+            runtime,
             settings,
             claims: Claims::default(),
             kubelet,
@@ -111,7 +110,6 @@ impl Host {
             ctx,
             states,
             controls,
-            runtime,
             token,
             tasks,
         })
@@ -130,7 +128,7 @@ impl Host {
 
     /// What loading modules has cost: compilations, cache hits, refusals.
     pub fn stats(&self) -> RuntimeStats {
-        self.runtime.stats()
+        self.ctx.runtime.stats()
     }
 
     /// Waits until no module is settling or loading any more (each is serving or

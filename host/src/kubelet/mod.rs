@@ -247,6 +247,8 @@ impl<B: DeviceBackend> Plugin<B> {
         backoff: &mut Duration,
         cap: Duration,
     ) -> bool {
+        // Backoff between retries, cut short by the readiness signal that
+        // matters (a new kubelet socket) below.
         let deadline = tokio::time::sleep(*backoff);
         *backoff = (*backoff * 2).min(cap);
         tokio::pin!(deadline);

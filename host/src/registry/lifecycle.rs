@@ -49,7 +49,6 @@ use crate::registry::{
     Claim, Claims, MAX_REFUSALS, ModuleState, ModuleStates, Refusal, Refusals, Settings,
 };
 use crate::runtime::bindings::{AllocateRequest, ContainerRequest, DeviceRef, ModuleError};
-use crate::runtime::cache::content_hash;
 use crate::runtime::{CallError, CallFailure, CallSettings, Guest, ModuleConfig, Runtime};
 
 /// What every module's lifecycle shares.
@@ -394,10 +393,7 @@ async fn apply_files(
     token: &CancellationToken,
 ) {
     let name = files.name.clone();
-    let manifest_hash = files.manifest.as_ref().map(|m| match m {
-        Ok(text) => content_hash(text.as_bytes()),
-        Err(e) => content_hash(e.as_bytes()),
-    });
+    let manifest_hash = files.manifest_hash.clone();
     let manifest_changed = module
         .as_ref()
         .is_none_or(|m| m.manifest_hash != manifest_hash);

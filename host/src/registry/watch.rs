@@ -53,15 +53,13 @@ pub struct ModuleFiles {
     pub manifest_path: PathBuf,
     /// Its text, if there is one (or why it could not be read).
     pub manifest: Option<Result<String, String>>,
+    /// SHA-256 of the text (or of the error), if there is a manifest.
+    pub manifest_hash: Option<String>,
 }
 
 impl ModuleFiles {
     fn fingerprint(&self) -> (String, Option<String>) {
-        let manifest = self.manifest.as_ref().map(|m| match m {
-            Ok(text) => content_hash(text.as_bytes()),
-            Err(e) => content_hash(e.as_bytes()),
-        });
-        (self.wasm_hash.clone(), manifest)
+        (self.wasm_hash.clone(), self.manifest_hash.clone())
     }
 }
 
@@ -173,6 +171,8 @@ async fn run(
                 continue;
             }
             _ = resync.tick() => {}
+            // The debounce / settle deadline: "no event for a while" has no
+            // event of its own, so this one is a timer by design.
             () = tokio::time::sleep_until(wake), if next.is_some() => {}
         }
         let mut events = Vec::new();
@@ -350,6 +350,10 @@ fn read_module(name: String, wasm_path: PathBuf, manifest_path: PathBuf) -> Opti
     } else {
         None
     };
+    let manifest_hash = manifest.as_ref().map(|m| match m {
+        Ok(text) => content_hash(text.as_bytes()),
+        Err(e) => content_hash(e.as_bytes()),
+    });
     Some(ModuleFiles {
         name,
         wasm_path,
@@ -357,6 +361,7 @@ fn read_module(name: String, wasm_path: PathBuf, manifest_path: PathBuf) -> Opti
         wasm_hash,
         manifest_path,
         manifest,
+        manifest_hash,
     })
 }
 
