@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::gauge::Gauge;
 use crate::kubelet::dir::KubeletDir;
 use crate::registry;
 use crate::registry::lifecycle::{self, Context, Control};
@@ -92,6 +93,7 @@ impl Host {
             kubelet,
             states: states_tx,
             refusals: watch::channel(Refusals::new()).0,
+            streams: Gauge::default(),
         });
         let controls = Controls::default();
         let mut supervisor = Supervisor {
@@ -129,6 +131,17 @@ impl Host {
     /// What loading modules has cost: compilations, cache hits, refusals.
     pub fn stats(&self) -> RuntimeStats {
         self.ctx.runtime.stats()
+    }
+
+    /// Guest calls running now, across every module (a call abandoned because
+    /// kubelet hung up or the module was removed is counted out at once).
+    pub fn calls_in_flight(&self) -> watch::Receiver<u64> {
+        self.ctx.runtime.calls().watch()
+    }
+
+    /// ListAndWatch streams open now, across every resource.
+    pub fn open_streams(&self) -> watch::Receiver<u64> {
+        self.ctx.streams.watch()
     }
 
     /// Waits until no module is settling or loading any more (each is serving or

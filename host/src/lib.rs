@@ -5,7 +5,8 @@
 //! (`app → registry → {kubelet, runtime, policy} → domain`):
 //! - [`kubelet`]: the v1beta1 protocol, sockets, registration, simulator;
 //! - [`runtime`]: wasmtime engine, bindings, per-call stores, guest calls;
-//! - [`policy`]: guest output → validated [`domain`] values;
+//! - [`policy`]: guest output → validated [`domain`] values, host paths checked
+//!   against the module's [`grants`];
 //! - [`registry`]: module discovery and lifecycle;
 //! - [`app`]: wiring and shutdown; [`demo`]: the demo run; [`config`]: the CLI.
 #![warn(missing_docs)]
@@ -14,6 +15,8 @@ pub mod app;
 pub mod config;
 pub mod demo;
 pub mod domain;
+pub mod gauge;
+pub mod grants;
 pub mod kubelet;
 pub mod policy;
 pub mod registry;

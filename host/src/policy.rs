@@ -6,8 +6,11 @@
 //! per module; device ids are non-empty, at most 253 bytes, unique per resource, at
 //! most 10 000 per resource; a health answer has one entry per device asked about;
 //! an allocation has one response per container; env var names are POSIX names;
-//! container and host paths are absolute and normalised; annotation keys are
-//! Kubernetes qualified names; CDI names are `vendor/class=name`.
+//! container and host paths are absolute and normalised; host paths lie under
+//! the module's grants once symlinks are resolved ([`crate::grants`]); annotation
+//! keys are Kubernetes qualified names; CDI names are `vendor/class=name`; no list
+//! in a response holds more than [`MAX_ENTRIES`] entries and the whole response
+//! stays under [`MAX_RESPONSE_BYTES`].
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -16,10 +19,20 @@ use crate::domain::{
     ContainerAllocation, Device, DeviceNode, DeviceSet, Health, Mount, ResourceName,
     ResourceNameError, is_qualified_name,
 };
+use crate::grants::{Grants, PathUse};
 use crate::runtime::bindings::{self, ContainerResponse, DeviceKind};
 
 /// Most kinds (resources) one module may report.
 pub const MAX_KINDS: usize = 256;
+/// Most entries in each list of one container's response (envs, device nodes,
+/// mounts, annotations, CDI devices).
+pub const MAX_ENTRIES: usize = 1024;
+/// Most bytes of text in one Allocate response, all containers together. Kubelet's
+/// gRPC client takes messages of up to 4 MiB; this leaves room for framing, so a
+/// response that kubelet would drop is refused here with a clear reason instead.
+pub const MAX_RESPONSE_BYTES: usize = 3 << 20;
+/// Longest path accepted (Linux `PATH_MAX` less the NUL).
+pub const MAX_PATH: usize = 4095;
 
 /// A guest answer that breaks a rule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -132,7 +145,8 @@ pub fn health_answer(
     }
 }
 
-/// Checks an allocation and converts it.
+/// Checks an allocation for `containers` containers, with host paths judged by
+/// `grants`, and converts it.
 ///
 /// # Errors
 /// [`PolicyError`] for the first rule broken.
@@ -140,6 +154,7 @@ pub fn allocation(
     module: &str,
     containers: usize,
     responses: Vec<ContainerResponse>,
+    grants: &Grants,
 ) -> Result<Vec<ContainerAllocation>, PolicyError> {
     let ctx = Ctx { module };
     if responses.len() != containers {
@@ -151,18 +166,60 @@ pub fn allocation(
             ),
         ));
     }
+    let size: usize = responses.iter().map(text_bytes).sum();
+    if size > MAX_RESPONSE_BYTES {
+        return Err(ctx.err(
+            "allocate",
+            format!(
+                "the response holds {size} bytes of text, more than the {MAX_RESPONSE_BYTES} kubelet can be sent"
+            ),
+        ));
+    }
     responses
         .into_iter()
         .enumerate()
-        .map(|(n, r)| container(&ctx, n, r))
+        .map(|(n, r)| container(&ctx, grants, n, r))
         .collect()
+}
+
+/// The bytes of text in one container's response.
+fn text_bytes(r: &ContainerResponse) -> usize {
+    let kv = |list: &[bindings::KeyValue]| -> usize {
+        list.iter().map(|kv| kv.key.len() + kv.value.len()).sum()
+    };
+    kv(&r.envs)
+        + kv(&r.annotations)
+        + r.devices
+            .iter()
+            .map(|d| d.host_path.len() + d.container_path.len() + d.permissions.len())
+            .sum::<usize>()
+        + r.mounts
+            .iter()
+            .map(|m| m.host_path.len() + m.container_path.len())
+            .sum::<usize>()
+        + r.cdi_devices.iter().map(String::len).sum::<usize>()
 }
 
 fn container(
     ctx: &Ctx<'_>,
+    grants: &Grants,
     n: usize,
     r: ContainerResponse,
 ) -> Result<ContainerAllocation, PolicyError> {
+    for (list, len) in [
+        ("envs", r.envs.len()),
+        ("devices", r.devices.len()),
+        ("mounts", r.mounts.len()),
+        ("annotations", r.annotations.len()),
+        ("cdi-devices", r.cdi_devices.len()),
+    ] {
+        if len > MAX_ENTRIES {
+            return Err(ctx.err(
+                format!("containers[{n}].{list}"),
+                format!("{len} entries is more than the {MAX_ENTRIES} allowed"),
+            ));
+        }
+    }
     let mut envs = BTreeMap::new();
     for kv in r.envs {
         if !is_env_name(&kv.key) {
@@ -196,8 +253,14 @@ fn container(
         .enumerate()
         .map(|(i, d)| {
             let field = format!("containers[{n}].devices[{i}]");
-            check_path(ctx, &format!("{field}.host-path"), &d.host_path)?;
             check_path(ctx, &format!("{field}.container-path"), &d.container_path)?;
+            check_host_path(
+                ctx,
+                grants,
+                &format!("{field}.host-path"),
+                PathUse::Device,
+                &d.host_path,
+            )?;
             if d.permissions.is_empty()
                 || !d.permissions.chars().all(|c| matches!(c, 'r' | 'w' | 'm'))
             {
@@ -216,8 +279,14 @@ fn container(
         .enumerate()
         .map(|(i, m)| {
             let field = format!("containers[{n}].mounts[{i}]");
-            check_path(ctx, &format!("{field}.host-path"), &m.host_path)?;
             check_path(ctx, &format!("{field}.container-path"), &m.container_path)?;
+            check_host_path(
+                ctx,
+                grants,
+                &format!("{field}.host-path"),
+                PathUse::Mount,
+                &m.host_path,
+            )?;
             Ok(Mount {
                 host_path: m.host_path,
                 container_path: m.container_path,
@@ -250,9 +319,30 @@ fn is_env_name(s: &str) -> bool {
         && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
 }
 
+/// A host path: absolute and normalised, and allowed by the module's grants for
+/// `use_` once symlinks are resolved.
+fn check_host_path(
+    ctx: &Ctx<'_>,
+    grants: &Grants,
+    field: &str,
+    use_: PathUse,
+    path: &str,
+) -> Result<(), PolicyError> {
+    check_path(ctx, field, path)?;
+    grants
+        .check_host_path(use_, path)
+        .map_err(|rule| ctx.err(field, rule))
+}
+
 /// Absolute and normalised: starts with `/`, no `.`, `..` or empty segments, no
-/// trailing `/` (other than `/` itself), no NUL.
+/// trailing `/` (other than `/` itself), no NUL, at most [`MAX_PATH`] bytes.
 fn check_path(ctx: &Ctx<'_>, field: &str, path: &str) -> Result<(), PolicyError> {
+    if path.len() > MAX_PATH {
+        return Err(ctx.err(
+            field,
+            format!("a path of {} bytes is longer than {MAX_PATH}", path.len()),
+        ));
+    }
     if !path.starts_with('/') {
         return Err(ctx.err(field, format!("`{path}` is not an absolute path")));
     }
@@ -312,6 +402,14 @@ mod tests {
         }
     }
 
+    fn allocation_(
+        module: &str,
+        containers: usize,
+        responses: Vec<ContainerResponse>,
+    ) -> Result<Vec<ContainerAllocation>, PolicyError> {
+        allocation(module, containers, responses, &Grants::default())
+    }
+
     fn response() -> ContainerResponse {
         ContainerResponse {
             envs: vec![],
@@ -351,8 +449,11 @@ mod tests {
 
     #[test]
     fn allocation_must_cover_every_container() {
-        assert!(allocation("m", 2, vec![response()]).is_err());
-        assert_eq!(allocation("m", 1, vec![response()]).map(|v| v.len()), Ok(1));
+        assert!(allocation_("m", 2, vec![response()]).is_err());
+        assert_eq!(
+            allocation_("m", 1, vec![response()]).map(|v| v.len()),
+            Ok(1)
+        );
     }
 
     #[test]
@@ -362,7 +463,7 @@ mod tests {
             key: "1BAD".into(),
             value: "x".into(),
         });
-        let err = allocation("m", 1, vec![r]).expect_err("bad env");
+        let err = allocation_("m", 1, vec![r]).expect_err("bad env");
         assert!(err.field.contains("envs"));
     }
 
@@ -375,7 +476,7 @@ mod tests {
                 container_path: "/dev/x".into(),
                 permissions: "rw".into(),
             });
-            assert!(allocation("m", 1, vec![r]).is_err(), "{path} accepted");
+            assert!(allocation_("m", 1, vec![r]).is_err(), "{path} accepted");
         }
         let mut r = response();
         r.mounts.push(GuestMount {
@@ -383,7 +484,7 @@ mod tests {
             container_path: "opt".into(),
             read_only: true,
         });
-        assert!(allocation("m", 1, vec![r]).is_err());
+        assert!(allocation_("m", 1, vec![r]).is_err());
     }
 
     #[test]
@@ -393,16 +494,16 @@ mod tests {
             key: "not a key".into(),
             value: "x".into(),
         });
-        assert!(allocation("m", 1, vec![r]).is_err());
+        assert!(allocation_("m", 1, vec![r]).is_err());
         let mut r = response();
         r.cdi_devices.push("no-equals-sign".into());
-        assert!(allocation("m", 1, vec![r]).is_err());
+        assert!(allocation_("m", 1, vec![r]).is_err());
         let mut r = response();
         r.cdi_devices.push("vendor.com/fpga=dev0".into());
         r.annotations.push(KeyValue {
             key: "com.intel.fpga.mode".into(),
             value: "fpga.intel.com/region".into(),
         });
-        assert!(allocation("m", 1, vec![r]).is_ok());
+        assert!(allocation_("m", 1, vec![r]).is_ok());
     }
 }

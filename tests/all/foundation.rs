@@ -342,32 +342,6 @@ async fn pre_start_container_is_answered_though_not_required() {
 }
 
 #[tokio::test]
-async fn broken_modules_are_refused_and_a_good_one_still_serves() {
-    let dirs = virtual_devices();
-    dirs.write_module("garbage.wasm", b"this is not webassembly");
-    // A valid core module (the 8-byte header of an empty one), not a component.
-    dirs.write_module("core.wasm", b"\0asm\x01\0\0\0");
-    // A component header with a truncated body.
-    dirs.write_module("truncated.wasm", b"\0asm\x0d\0\x01\0\x01\x02");
-    let fixture = Fixture::start(dirs);
-    both_listed(&fixture).await;
-    let states = fixture.settled().await;
-    let failed = |name: &str| match states.get(name) {
-        Some(ModuleState::Failed(reason)) => reason.clone(),
-        other => panic!("{name}: expected Failed, got {other:?}"),
-    };
-    assert!(failed("garbage").contains("not a WebAssembly binary"));
-    assert!(failed("core").contains("core WebAssembly module"));
-    assert!(failed("truncated").contains("invalid component"));
-    fixture
-        .kubelet
-        .allocate(DEV1, &[&["/node1/dev1/1"]])
-        .await
-        .expect("the good module still allocates");
-    fixture.stop().await;
-}
-
-#[tokio::test]
 async fn stopping_the_host_removes_its_sockets_and_ends_the_streams() {
     let fixture = Fixture::start(virtual_devices());
     let view = both_listed(&fixture).await;

@@ -1,7 +1,9 @@
 //! End-to-end tests: the host driven through the kubelet simulator over real unix
 //! sockets. One binary, a module per area.
 
+mod bad_modules;
+mod bad_requests;
 mod foundation;
-mod guest_errors;
+mod hostile;
 mod kubelet_restarts;
 mod live;

@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{DeviceSet, ResourceName};
+use crate::gauge::Gauge;
 use dir::{FileIdentity, KubeletDir, file_identity};
 use registration::RegistrationError;
 use server::{DeviceBackend, PluginService};
@@ -83,6 +84,7 @@ pub fn serve<B: DeviceBackend>(
     resource: ResourceName,
     devices: watch::Receiver<Arc<DeviceSet>>,
     backend: Arc<B>,
+    streams: Gauge,
     shutdown: CancellationToken,
 ) -> ServedResource {
     let (status_tx, status) = watch::channel(PluginStatus::Waiting);
@@ -92,6 +94,7 @@ pub fn serve<B: DeviceBackend>(
         resource,
         devices,
         backend,
+        streams,
         shutdown,
         status: status_tx,
         unregistered_since: None,
@@ -126,6 +129,8 @@ struct Plugin<B> {
     resource: ResourceName,
     devices: watch::Receiver<Arc<DeviceSet>>,
     backend: Arc<B>,
+    /// Counts the open ListAndWatch streams.
+    streams: Gauge,
     shutdown: CancellationToken,
     status: watch::Sender<PluginStatus>,
     changes: watch::Receiver<u64>,
@@ -171,6 +176,7 @@ impl<B: DeviceBackend> Plugin<B> {
             resource,
             &self.devices,
             &self.backend,
+            &self.streams,
             &self.shutdown,
         )
         .await
@@ -309,6 +315,7 @@ impl Incarnation {
         resource: &ResourceName,
         devices: &watch::Receiver<Arc<DeviceSet>>,
         backend: &Arc<B>,
+        streams: &Gauge,
         shutdown: &CancellationToken,
     ) -> Result<Self, PluginError> {
         let endpoint = socket::plugin_socket_name(resource);
@@ -325,6 +332,7 @@ impl Incarnation {
             resource.clone(),
             devices.clone(),
             backend.clone(),
+            streams.clone(),
             token.clone(),
         );
         let span_resource = resource.to_string();

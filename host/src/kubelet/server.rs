@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::domain::{ContainerAllocation, DeviceSet, Health, ResourceName};
+use crate::gauge::Gauge;
 use crate::kubelet::preferred::preferred_allocation;
 use crate::kubelet::proto::{
     self, AllocateRequest, AllocateResponse, ContainerAllocateResponse,
@@ -71,23 +72,26 @@ pub struct PluginService<B> {
     resource: ResourceName,
     devices: watch::Receiver<Arc<DeviceSet>>,
     backend: Arc<B>,
+    streams: Gauge,
     shutdown: CancellationToken,
 }
 
 impl<B: DeviceBackend> PluginService<B> {
     /// A service advertising `devices` and allocating through `backend`; its
-    /// ListAndWatch streams end when `shutdown` is cancelled or the sender of
-    /// `devices` drops.
+    /// ListAndWatch streams are counted in `streams` while open, and end when
+    /// `shutdown` is cancelled or the sender of `devices` drops.
     pub fn new(
         resource: ResourceName,
         devices: watch::Receiver<Arc<DeviceSet>>,
         backend: Arc<B>,
+        streams: Gauge,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             resource,
             devices,
             backend,
+            streams,
             shutdown,
         }
     }
@@ -225,8 +229,13 @@ impl<B: DeviceBackend> DevicePlugin for PluginService<B> {
         // WatchStream yields the current list at once, then every change; it ends
         // when the resource's sender drops (resource removed) and `take_until`
         // ends it on shutdown, so graceful shutdown never waits on an open stream.
+        // The guard lives in the stream: kubelet hanging up drops it.
+        let open = self.streams.enter();
         let stream = WatchStream::new(self.devices.clone())
-            .map(|set| Ok(list_response(&set)))
+            .map(move |set| {
+                let _ = &open;
+                Ok(list_response(&set))
+            })
             .take_until(self.shutdown.clone().cancelled_owned());
         Ok(Response::new(Box::pin(stream)))
     }
@@ -243,10 +252,19 @@ impl<B: DeviceBackend> DevicePlugin for PluginService<B> {
             .map(|c| {
                 let size = usize::try_from(c.allocation_size).map_err(|_| {
                     Status::invalid_argument(format!(
-                        "allocation_size {} is negative",
-                        c.allocation_size
+                        "resource {}: allocation_size {} is negative",
+                        self.resource, c.allocation_size
                     ))
                 })?;
+                // Kubelet asks for at most what it offers; more would only make
+                // the answer (and its allocation) as large as the request says.
+                let offered = c.available_device_i_ds.len() + c.must_include_device_i_ds.len();
+                if size > offered {
+                    return Err(Status::invalid_argument(format!(
+                        "resource {}: allocation_size {size} is more than the {offered} devices offered",
+                        self.resource
+                    )));
+                }
                 Ok(ContainerPreferredAllocationResponse {
                     device_i_ds: preferred_allocation(
                         &set,

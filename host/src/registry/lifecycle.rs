@@ -20,9 +20,15 @@
 //! Each resource keeps the module's real devices and publishes the advertised
 //! list (replicas expanded) in a `watch` channel that its ListAndWatch streams
 //! follow; only real changes are published, so a replaced module or an edited
-//! manifest that leaves a resource's devices alone is invisible to kubelet. A
-//! failed health check or re-scan keeps the last good state and is logged: one
-//! bad answer never withdraws devices that pods may be using.
+//! manifest that leaves a resource's devices alone is invisible to kubelet.
+//!
+//! A failed health check or re-scan (an error, a trap, a missed deadline, the
+//! memory cap, an answer the output policy refuses) keeps the last good state:
+//! a broken module never withdraws devices that pods may be using, nor flips
+//! their health. The failure is logged, recorded as a refusal when a run of
+//! failures starts, and the check is retried after 1 s, doubling up to its
+//! regular interval, until it succeeds. Every call runs in a fresh instance, so
+//! nothing a trapped call left behind is ever reused.
 //!
 //! A replaced module is swapped in behind a lock that Allocate reads once per
 //! call: calls in flight finish on the old version, later calls use the new one.
@@ -39,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::{
     ContainerAllocation, Device, DeviceSet, Health, HealthTracker, ResourceName, replica_device,
 };
+use crate::gauge::Gauge;
 use crate::kubelet::dir::KubeletDir;
 use crate::kubelet::server::{AllocateError, DeviceBackend};
 use crate::kubelet::{self, ServedResource};
@@ -65,6 +72,8 @@ pub struct Context {
     pub states: watch::Sender<ModuleStates>,
     /// Files refused, newest last.
     pub refusals: watch::Sender<Refusals>,
+    /// ListAndWatch streams open, across every resource.
+    pub streams: Gauge,
 }
 
 impl Context {
@@ -138,8 +147,12 @@ impl DeviceBackend for GuestBackend {
         };
         // One version per call: a replacement arriving now is used by later calls.
         let guest = current(&self.guest);
-        let responses = guest.allocate(&request).await.map_err(allocate_error)?;
-        policy::allocation(guest.name(), count, responses)
+        let settings = guest.settings();
+        let responses = guest
+            .allocate(&settings, &request)
+            .await
+            .map_err(allocate_error)?;
+        policy::allocation(guest.name(), count, responses, &settings.grants)
             .map_err(|e| AllocateError::Failed(e.to_string()))
     }
 }
@@ -280,8 +293,24 @@ pub async fn run(
                 Some(t) => (Some(&mut t.health), Some(&mut t.scan)),
                 None => (None, None),
             };
+            let scan_retry = module.as_ref().and_then(|m| m.scan_retry.at);
+            let health_retry = module.as_ref().and_then(|m| m.health_retry.at);
             tokio::select! {
                 () = token.cancelled() => break,
+                () = retry_due(scan_retry) => {
+                    if let Some(m) = module.as_mut()
+                        && token.run_until_cancelled(m.rescan()).await.is_none()
+                    {
+                        break;
+                    }
+                }
+                () = retry_due(health_retry) => {
+                    if let Some(m) = module.as_mut()
+                        && token.run_until_cancelled(m.check_health()).await.is_none()
+                    {
+                        break;
+                    }
+                }
                 Some(_) = tick(health_due) => {
                     if let Some(m) = module.as_mut()
                         && token.run_until_cancelled(m.check_health()).await.is_none()
@@ -364,18 +393,23 @@ async fn tick(interval: Option<&mut Interval>) -> Option<Instant> {
     }
 }
 
-/// Why a module's files are not used; logged, and the module's state when it
-/// has nothing serving.
-fn refuse(ctx: &Context, module: &Option<Module>, name: &str, reason: String) {
+/// Keeps `reason` in the refusals (the newest [`MAX_REFUSALS`]).
+fn record_refusal(ctx: &Context, name: &str, reason: &str) {
     ctx.refusals.send_modify(|r| {
         if r.len() == MAX_REFUSALS {
             r.remove(0);
         }
         r.push(Refusal {
             module: name.to_string(),
-            reason: reason.clone(),
+            reason: reason.to_string(),
         });
     });
+}
+
+/// Why a module's files are not used; logged, and the module's state when it
+/// has nothing serving.
+fn refuse(ctx: &Context, module: &Option<Module>, name: &str, reason: String) {
+    record_refusal(ctx, name, &reason);
     if module.is_some() {
         tracing::error!(module = %name, %reason, "new module files refused; the running version keeps serving");
     } else {
@@ -434,10 +468,12 @@ async fn apply_files(
                 .wasm
                 .clone()
                 .map_err(|e| format!("{}: {e}", files.wasm_path.display()))?;
-            let guest = load(&ctx.runtime, &name, bytes, settings.call.clone()).await?;
+            let guest = load(&ctx.runtime, &name, bytes, settings.call.clone())
+                .await
+                .map_err(|e| format!("{}: {e}", files.wasm_path.display()))?;
             let scanned = scan(&guest, &settings)
                 .await
-                .map_err(|e| format!("first scan failed: {e}"))?;
+                .map_err(|e| format!("{}: first scan failed: {e}", files.wasm_path.display()))?;
             Ok::<_, String>((guest, scanned))
         };
         match loaded.await {
@@ -464,6 +500,8 @@ async fn apply_files(
                             settings,
                             resources: BTreeMap::new(),
                             token: token.clone(),
+                            scan_retry: Retry::default(),
+                            health_retry: Retry::default(),
                         };
                         m.apply_scan(scanned).await;
                         *module = Some(m);
@@ -521,6 +559,61 @@ struct Module {
     settings: ModuleSettings,
     resources: BTreeMap<ResourceName, Resource>,
     token: CancellationToken,
+    scan_retry: Retry,
+    health_retry: Retry,
+}
+
+/// The first retry of a failed check comes this soon; each further one twice as
+/// late, up to the check's regular interval.
+pub const FIRST_RETRY: Duration = Duration::from_secs(1);
+
+/// A periodic check of a serving module.
+#[derive(Debug, Clone, Copy)]
+enum Check {
+    Scan,
+    Health,
+}
+
+impl Check {
+    fn as_str(self) -> &'static str {
+        match self {
+            Check::Scan => "scan",
+            Check::Health => "health",
+        }
+    }
+}
+
+/// A run of failures of one periodic check, and when to try it again.
+#[derive(Debug, Default)]
+struct Retry {
+    failures: u32,
+    at: Option<Instant>,
+}
+
+impl Retry {
+    /// Counts a failure; returns the delay until the retry.
+    fn failed(&mut self, interval: Duration) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let delay = FIRST_RETRY
+            .saturating_mul(1 << (self.failures - 1).min(16))
+            .min(interval);
+        self.at = Some(Instant::now() + delay);
+        delay
+    }
+
+    /// Ends the run of failures; returns how long it was.
+    fn succeeded(&mut self) -> u32 {
+        self.at = None;
+        std::mem::take(&mut self.failures)
+    }
+}
+
+/// Waits until `at`, or forever when there is no retry due.
+async fn retry_due(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Module {
@@ -571,6 +664,7 @@ impl Module {
                 found.name.clone(),
                 rx,
                 backend,
+                self.ctx.streams.clone(),
                 token.clone(),
             );
             tracing::info!(module = %self.name, resource = %found.name, devices = found.devices.len(), replicas = policy.replicas, "serving resource");
@@ -606,10 +700,53 @@ impl Module {
     async fn rescan(&mut self) {
         let guest = current(&self.guest);
         match scan(&guest, &self.settings).await {
-            Ok(scanned) => self.apply_scan(scanned).await,
-            Err(reason) => {
-                tracing::warn!(module = %self.name, %reason, "re-scan failed; keeping the last good device list")
+            Ok(scanned) => {
+                self.check_succeeded(Check::Scan);
+                self.apply_scan(scanned).await;
             }
+            Err(reason) => self.check_failed(Check::Scan, &reason),
+        }
+    }
+
+    fn retry(&mut self, check: Check) -> (&mut Retry, Duration) {
+        match check {
+            Check::Scan => (&mut self.scan_retry, self.settings.scan_interval),
+            Check::Health => (&mut self.health_retry, self.settings.health_interval),
+        }
+    }
+
+    fn check_succeeded(&mut self, check: Check) {
+        let failures = self.retry(check).0.succeeded();
+        if failures > 0 {
+            tracing::info!(module = %self.name, check = check.as_str(), failures, "check succeeds again");
+        }
+    }
+
+    /// Logs a failed check, records the first of a run as a refusal, and
+    /// schedules the retry. What kubelet sees stays as it was.
+    fn check_failed(&mut self, check: Check, reason: &str) {
+        let (retry, interval) = self.retry(check);
+        let delay = retry.failed(interval);
+        let failures = retry.failures;
+        let keeping = match check {
+            Check::Scan => "the last good device list",
+            Check::Health => "the last known health",
+        };
+        let check = check.as_str();
+        tracing::warn!(
+            module = %self.name,
+            check,
+            failures,
+            retry_in_ms = delay.as_millis() as u64,
+            %reason,
+            "{check} failed; keeping {keeping}"
+        );
+        if failures == 1 {
+            record_refusal(
+                &self.ctx,
+                &self.name,
+                &format!("{check} failed, keeping {keeping}: {reason}"),
+            );
         }
     }
 
@@ -627,15 +764,12 @@ impl Module {
         let guest = current(&self.guest);
         let answer = match guest.health(&refs).await {
             Ok(answer) => answer,
-            Err(err) => {
-                tracing::warn!(module = %self.name, cause = %err, "health check failed; keeping the last known health");
-                return;
-            }
+            Err(err) => return self.check_failed(Check::Health, &err.to_string()),
         };
         if let Err(err) = policy::health_answer(&self.name, refs.len(), &answer) {
-            tracing::warn!(cause = %err, "health answer refused; keeping the last known health");
-            return;
+            return self.check_failed(Check::Health, &err.to_string());
         }
+        self.check_succeeded(Check::Health);
         let mut answers = answer.into_iter().map(policy::health);
         for (name, resource) in &mut self.resources {
             let mut next: HashMap<&str, Health> = HashMap::new();

@@ -13,8 +13,8 @@
 //!
 //! [grants]
 //! read-only-dirs = ["/sys/class/fpga_region"]
-//! device-paths = ["/dev/fpga"]       # host paths device nodes may use
-//! mount-paths = []                   # host paths mounts may use
+//! device-paths = ["/dev/fpga"]       # host paths device nodes may use (default ["/dev"])
+//! mount-paths = []                   # host paths mounts may use (default none)
 //!
 //! [config]                           # handed to the guest (`host.config`)
 //! kinds = "dev-1=4"
@@ -40,8 +40,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::domain::{ResourceName, ResourceNameError};
+use crate::grants::Grants;
 use crate::registry::Settings;
-use crate::runtime::{CallSettings, Grants, Limits, ModuleConfig};
+use crate::runtime::{CallSettings, Limits, ModuleConfig};
 
 /// Largest `replicas` value.
 pub const MAX_REPLICAS: u32 = 1000;
@@ -92,8 +93,7 @@ struct RawLimits {
 struct RawGrants {
     #[serde(default)]
     read_only_dirs: Vec<PathBuf>,
-    #[serde(default)]
-    device_paths: Vec<PathBuf>,
+    device_paths: Option<Vec<PathBuf>>,
     #[serde(default)]
     mount_paths: Vec<PathBuf>,
 }
@@ -154,16 +154,6 @@ impl Default for ResourcePolicy {
     }
 }
 
-/// Host paths that a module's allocations may hand to containers (enforced by the
-/// output policy).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HostPaths {
-    /// Extra prefixes allowed for device nodes' host paths.
-    pub device_paths: Vec<PathBuf>,
-    /// Prefixes allowed for mounts' host paths.
-    pub mount_paths: Vec<PathBuf>,
-}
-
 /// A module's settings: the manifest (if any) over the host's flags.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModuleSettings {
@@ -175,8 +165,6 @@ pub struct ModuleSettings {
     pub health_interval: Duration,
     /// Limits, configuration and grants of every call.
     pub call: CallSettings,
-    /// Host paths allowed in allocations.
-    pub host_paths: HostPaths,
     /// Per kind, as the module names it.
     pub resources: BTreeMap<String, ResourcePolicy>,
     /// For kinds without an entry.
@@ -193,9 +181,8 @@ impl ModuleSettings {
             call: CallSettings {
                 limits: settings.limits,
                 config: ModuleConfig::new(),
-                grants: Grants::default(),
+                grants: Grants::default().protecting(&settings.kubelet_dir),
             },
-            host_paths: HostPaths::default(),
             resources: BTreeMap::new(),
             default_resource: ResourcePolicy::default(),
         }
@@ -308,9 +295,22 @@ pub fn parse(
             })
             .collect::<Result<Vec<_>, _>>()
     };
-    out.call.grants.read_only_dirs = paths("grants.read-only-dirs", raw.grants.read_only_dirs)?;
-    out.host_paths.device_paths = paths("grants.device-paths", raw.grants.device_paths)?;
-    out.host_paths.mount_paths = paths("grants.mount-paths", raw.grants.mount_paths)?;
+    let prefixes = |field: &str, raw: Vec<PathBuf>| {
+        let prefixes = paths(field, raw)?;
+        if prefixes.iter().any(|p| p == Path::new("/")) {
+            return Err(err(
+                field,
+                "`/` would grant the whole host; name the directories instead".into(),
+            ));
+        }
+        Ok(prefixes)
+    };
+    let grants = &mut out.call.grants;
+    grants.read_only_dirs = paths("grants.read-only-dirs", raw.grants.read_only_dirs)?;
+    if let Some(device_paths) = raw.grants.device_paths {
+        grants.device_paths = prefixes("grants.device-paths", device_paths)?;
+    }
+    grants.mount_paths = prefixes("grants.mount-paths", raw.grants.mount_paths)?;
 
     out.call.config = raw
         .config
@@ -454,7 +454,7 @@ mod tests {
             m.call.grants.read_only_dirs,
             vec![PathBuf::from("/sys/class/fpga_region")]
         );
-        assert_eq!(m.host_paths.device_paths, vec![PathBuf::from("/dev/fpga")]);
+        assert_eq!(m.call.grants.device_paths, vec![PathBuf::from("/dev/fpga")]);
         assert_eq!(m.call.config["count"], "3");
         assert_eq!(m.call.config["verbose"], "true");
         let dev1 = m.resource("dev-1");
@@ -490,6 +490,8 @@ mod tests {
                 "[grants]\nmount-paths = [\"/var/../etc\"]",
                 "grants.mount-paths",
             ),
+            ("[grants]\nmount-paths = [\"/\"]", "grants.mount-paths"),
+            ("[grants]\ndevice-paths = [\"//\"]", "grants.device-paths"),
             (
                 "[resources.dev-1]\nreplicas = 0",
                 "resources.dev-1.replicas",

@@ -53,12 +53,16 @@ pub type Refusals = Vec<Refusal>;
 /// How many refusals [`Refusals`] keeps.
 pub const MAX_REFUSALS: usize = 64;
 
-/// Files of a module that were not used.
+/// Something of a module's the host did not use: its files (a bad module or
+/// manifest), or a periodic check that started failing (a scan or health call
+/// that trapped, timed out or broke the output policy; recorded once per run of
+/// failures).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     /// The module.
     pub module: String,
-    /// Why: names the file and, for a manifest, the field.
+    /// Why: names the file and, for a manifest, the field; for a check, the
+    /// call and the rule or failure.
     pub reason: String,
 }
 

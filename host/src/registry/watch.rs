@@ -328,7 +328,10 @@ fn read_bounded(path: &Path, max: u64) -> Option<Result<Vec<u8>, String>> {
     let before = stamp(path);
     let result = match before {
         Some((_, _, len, _)) if len > max => {
-            return Some(Err(format!("{len} bytes is more than the {max} allowed")));
+            return Some(Err(format!(
+                "{len} bytes is more than the {} MiB allowed",
+                max / (1024 * 1024)
+            )));
         }
         _ => std::fs::read(path).map_err(|e| format!("cannot read: {e}")),
     };

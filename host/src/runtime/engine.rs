@@ -12,6 +12,7 @@ use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine};
 
+use crate::gauge::Gauge;
 use crate::runtime::bindings::DevicePlugin;
 use crate::runtime::cache::{self, Cache, Lookup};
 use crate::runtime::limits::HostState;
@@ -55,6 +56,7 @@ pub struct Runtime {
     linker: Arc<Linker<HostState>>,
     cache: Option<Cache>,
     counters: Counters,
+    calls: Gauge,
     stop_ticker: Arc<AtomicBool>,
 }
 
@@ -105,6 +107,7 @@ impl Runtime {
             linker: Arc::new(linker),
             cache,
             counters: Counters::default(),
+            calls: Gauge::default(),
             stop_ticker,
         })
     }
@@ -163,6 +166,11 @@ impl Runtime {
             tracing::warn!(module, dir = %cache.dir().display(), cause = %err, "cannot write the compiled-module cache");
         }
         Ok(component)
+    }
+
+    /// Guest calls running now, across every module.
+    pub fn calls(&self) -> &Gauge {
+        &self.calls
     }
 
     /// Counts a component that compiled but does not fit our world.

@@ -4,8 +4,13 @@
 
 use std::sync::{Arc, RwLock};
 
+use std::future::Future;
+
+use wasmtime::component::Component;
+use wasmtime::component::types::ComponentItem;
 use wasmtime::{Store, Trap};
 
+use crate::gauge::Gauge;
 use crate::runtime::bindings::{
     AllocateRequest, ContainerResponse, DeviceKind, DevicePlugin, DevicePluginPre, DeviceRef,
     Health, ModuleError,
@@ -14,12 +19,78 @@ use crate::runtime::engine::Runtime;
 use crate::runtime::limits::{Call, CallSettings, HostState, new_store};
 use crate::runtime::{CallError, CallFailure, LoadError};
 
+/// The interfaces a module may import: WASI 0.2 without sockets (a module has no
+/// network), and this host's own.
+pub const PROVIDED_IMPORTS: &[&str] = &[
+    "wasi:io/",
+    "wasi:clocks/",
+    "wasi:random/",
+    "wasi:cli/",
+    "wasi:filesystem/",
+    "wasm-device-plugin:device/",
+];
+
+/// The major.minor of our WIT package that modules must be built against.
+const PACKAGE: &str = "wasm-device-plugin:device";
+const PACKAGE_VERSION: &str = "0.1";
+
+/// Refuses a component that imports an interface this host does not provide, or
+/// another version of our package, naming each such import, or that lacks one
+/// of our exports, naming each missing one. (The linker would
+/// also refuse it, with a less helpful message; WASI sockets it would accept, as
+/// wasmtime links them whole.)
+fn check_imports(engine: &wasmtime::Engine, component: &Component) -> Result<(), LoadError> {
+    let ty = component.component_type();
+    let mut foreign = Vec::new();
+    for (name, item) in ty.imports(engine) {
+        if matches!(item.ty, ComponentItem::Type(_)) {
+            continue;
+        }
+        if let Some(rest) = name.strip_prefix(PACKAGE).and_then(|r| r.strip_prefix('/')) {
+            let version = rest.split_once('@').map_or("", |(_, v)| v);
+            if !version.starts_with(&format!("{PACKAGE_VERSION}.")) {
+                return Err(LoadError::Incompatible(format!(
+                    "it imports `{name}`: built against {PACKAGE}@{}, this host implements {PACKAGE}@{PACKAGE_VERSION}.x",
+                    if version.is_empty() {
+                        "an unversioned package"
+                    } else {
+                        version
+                    }
+                )));
+            }
+            continue;
+        }
+        if !PROVIDED_IMPORTS.iter().any(|p| name.starts_with(p)) {
+            foreign.push(format!("`{name}`"));
+        }
+    }
+    if !foreign.is_empty() {
+        return Err(LoadError::UnsupportedImports(foreign.join(", ")));
+    }
+    let missing: Vec<String> = EXPORTS
+        .iter()
+        .filter(|name| ty.get_export(engine, name).is_none())
+        .map(|name| format!("`{name}`"))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(LoadError::Incompatible(format!(
+        "it does not export {}",
+        missing.join(", ")
+    )))
+}
+
+/// The functions every module exports (their types are checked by the bindings).
+const EXPORTS: [&str; 4] = ["scan", "health", "allocate", "post-allocate"];
+
 /// A compiled module, ready to be called.
 pub struct Guest {
     name: Arc<str>,
     engine: wasmtime::Engine,
     pre: DevicePluginPre<HostState>,
     settings: RwLock<Arc<CallSettings>>,
+    calls: Gauge,
 }
 
 impl Guest {
@@ -36,6 +107,10 @@ impl Guest {
         settings: CallSettings,
     ) -> Result<Self, LoadError> {
         let component = runtime.component(name, bytes)?;
+        if let Err(err) = check_imports(runtime.engine(), &component) {
+            runtime.count_refused();
+            return Err(err);
+        }
         let incompatible = |e: wasmtime::Error| {
             runtime.count_refused();
             LoadError::Incompatible(format!("{e:#}"))
@@ -50,6 +125,7 @@ impl Guest {
             engine: runtime.engine().clone(),
             pre,
             settings: RwLock::new(Arc::new(settings)),
+            calls: runtime.calls().clone(),
         })
     }
 
@@ -72,8 +148,8 @@ impl Guest {
             .clone()
     }
 
-    fn store(&self, call: Call) -> Store<HostState> {
-        new_store(&self.engine, self.name.clone(), call, &self.settings())
+    fn store(&self, call: Call, settings: &Arc<CallSettings>) -> Store<HostState> {
+        new_store(&self.engine, self.name.clone(), call, settings)
     }
 
     async fn instantiate(
@@ -96,10 +172,7 @@ impl Guest {
             CallFailure::OutOfMemory(limits.memory_bytes)
         } else {
             match err.downcast_ref::<Trap>() {
-                Some(Trap::Interrupt) => CallFailure::Deadline(match call {
-                    Call::Scan | Call::Health => limits.scan_deadline,
-                    Call::Allocate => limits.allocate_deadline,
-                }),
+                Some(Trap::Interrupt) => CallFailure::Deadline(limits.deadline(call)),
                 Some(trap) => CallFailure::Trap(format!("{trap}: {err:#}")),
                 None => CallFailure::Trap(format!("{err:#}")),
             }
@@ -125,14 +198,18 @@ impl Guest {
     /// [`CallError`]: the module returned an error, trapped, ran out of time or memory.
     pub async fn scan(&self) -> Result<Vec<DeviceKind>, CallError> {
         let call = Call::Scan;
-        let mut store = self.store(call);
-        let instance = self.instantiate(&mut store, call).await?;
-        let result = instance
-            .call_scan(&mut store)
-            .await
-            .map_err(|e| self.failure(call, &store, e))?;
-        store.data().flush_stdio();
-        result.map_err(|e| self.module_error(call, e))
+        let settings = self.settings();
+        self.bounded(call, &settings, async {
+            let mut store = self.store(call, &settings);
+            let instance = self.instantiate(&mut store, call).await?;
+            let result = instance
+                .call_scan(&mut store)
+                .await
+                .map_err(|e| self.failure(call, &store, e))?;
+            store.data().flush_stdio();
+            result.map_err(|e| self.module_error(call, e))
+        })
+        .await
     }
 
     /// Runs `health` for `devices`.
@@ -141,38 +218,71 @@ impl Guest {
     /// As [`Guest::scan`].
     pub async fn health(&self, devices: &[DeviceRef]) -> Result<Vec<Health>, CallError> {
         let call = Call::Health;
-        let mut store = self.store(call);
-        let instance = self.instantiate(&mut store, call).await?;
-        let result = instance
-            .call_health(&mut store, devices)
-            .await
-            .map_err(|e| self.failure(call, &store, e))?;
-        store.data().flush_stdio();
-        result.map_err(|e| self.module_error(call, e))
+        let settings = self.settings();
+        self.bounded(call, &settings, async {
+            let mut store = self.store(call, &settings);
+            let instance = self.instantiate(&mut store, call).await?;
+            let result = instance
+                .call_health(&mut store, devices)
+                .await
+                .map_err(|e| self.failure(call, &store, e))?;
+            store.data().flush_stdio();
+            result.map_err(|e| self.module_error(call, e))
+        })
+        .await
     }
 
     /// Runs `allocate`, then `post-allocate` with its answer, on one instance; the
-    /// deadline covers both.
+    /// deadline covers both. `settings` is what [`Guest::settings`] returned, so
+    /// that the caller judges the answer by the grants the call ran with.
     ///
     /// # Errors
     /// As [`Guest::scan`], for either call.
     pub async fn allocate(
         &self,
+        settings: &Arc<CallSettings>,
         request: &AllocateRequest,
     ) -> Result<Vec<ContainerResponse>, CallError> {
         let call = Call::Allocate;
-        let mut store = self.store(call);
-        let instance = self.instantiate(&mut store, call).await?;
-        let response = instance
-            .call_allocate(&mut store, request)
+        self.bounded(call, settings, async {
+            let mut store = self.store(call, settings);
+            let instance = self.instantiate(&mut store, call).await?;
+            let response = instance
+                .call_allocate(&mut store, request)
+                .await
+                .map_err(|e| self.failure(call, &store, e))?
+                .map_err(|e| self.module_error(call, e))?;
+            let result = instance
+                .call_post_allocate(&mut store, request, &response)
+                .await
+                .map_err(|e| self.failure(call, &store, e))?;
+            store.data().flush_stdio();
+            result.map_err(|e| self.module_error(call, e))
+        })
+        .await
+    }
+
+    /// Runs one call under its deadline as measured by the host's clock too. The
+    /// epoch deadline stops a guest that computes; this stops one that waits in
+    /// a host function (a WASI sleep or poll), where no wasm runs to trap.
+    async fn bounded<T>(
+        &self,
+        call: Call,
+        settings: &CallSettings,
+        run: impl Future<Output = Result<T, CallError>>,
+    ) -> Result<T, CallError> {
+        let deadline = settings.limits.deadline(call);
+        // Counted out when the call ends, or when its future is dropped (kubelet
+        // hung up, the module was removed).
+        let _running = self.calls.enter();
+        tokio::time::timeout(deadline, run)
             .await
-            .map_err(|e| self.failure(call, &store, e))?
-            .map_err(|e| self.module_error(call, e))?;
-        let result = instance
-            .call_post_allocate(&mut store, request, &response)
-            .await
-            .map_err(|e| self.failure(call, &store, e))?;
-        store.data().flush_stdio();
-        result.map_err(|e| self.module_error(call, e))
+            .unwrap_or_else(|_| {
+                Err(CallError::Failed {
+                    module: self.name.to_string(),
+                    call: call.as_str(),
+                    failure: CallFailure::Deadline(deadline),
+                })
+            })
     }
 }

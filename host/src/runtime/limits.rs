@@ -5,7 +5,6 @@
 //! A fresh store per call means no trap, leak or state outlives the call.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +13,7 @@ use wasmtime::{ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
+use crate::grants::Grants;
 use crate::runtime::bindings::LogLevel;
 use crate::runtime::bindings::wasm_device_plugin::device::{host, types};
 
@@ -21,6 +21,9 @@ use crate::runtime::bindings::wasm_device_plugin::device::{host, types};
 const STDIO_CAP: usize = 4096;
 /// Longest guest log line kept.
 const LOG_LINE_CAP: usize = 4096;
+/// Most log lines one call may write; the rest are dropped (and that is logged
+/// once), so a guest cannot flood the node's logs.
+pub const LOG_LINES_PER_CALL: u32 = 100;
 
 /// A module's configuration values, as the `host.config` import returns them.
 pub type ModuleConfig = BTreeMap<String, String>;
@@ -36,6 +39,16 @@ pub struct Limits {
     pub allocate_deadline: Duration,
 }
 
+impl Limits {
+    /// The deadline of `call`.
+    pub fn deadline(&self, call: Call) -> Duration {
+        match call {
+            Call::Scan | Call::Health => self.scan_deadline,
+            Call::Allocate => self.allocate_deadline,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -46,15 +59,6 @@ impl Default for Limits {
     }
 }
 
-/// What the operator lets a module reach beyond its own memory.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Grants {
-    /// Host directories the guest may read (not write), each visible in the guest
-    /// at the same path. Nothing outside them is reachable, through `..` or
-    /// symlinks either.
-    pub read_only_dirs: Vec<PathBuf>,
-}
-
 /// Everything a call of one module runs with; replaced as a whole when the
 /// operator edits the module's manifest, so a call sees one consistent version.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -63,7 +67,7 @@ pub struct CallSettings {
     pub limits: Limits,
     /// The values `host.config` returns.
     pub config: ModuleConfig,
-    /// Directories the guest may read.
+    /// Directories the guest may read, host paths its allocations may use.
     pub grants: Grants,
 }
 
@@ -128,6 +132,7 @@ pub struct HostState {
     settings: Arc<CallSettings>,
     module: Arc<str>,
     call: Call,
+    log_lines: u32,
     stdout: MemoryOutputPipe,
     stderr: MemoryOutputPipe,
 }
@@ -190,15 +195,13 @@ pub fn new_store(
         settings: settings.clone(),
         module,
         call,
+        log_lines: 0,
         stdout,
         stderr,
     };
     let mut store = Store::new(engine, state);
     store.limiter(|state| &mut state.limiter);
-    let deadline = match call {
-        Call::Scan | Call::Health => limits.scan_deadline,
-        Call::Allocate => limits.allocate_deadline,
-    };
+    let deadline = limits.deadline(call);
     // Every epoch tick a running guest yields to the executor, so a guest that
     // never returns neither holds a worker thread nor blocks cancellation (the
     // host drops the call's future at the yield); at the deadline it traps with
@@ -228,6 +231,13 @@ impl types::Host for HostState {}
 
 impl host::Host for HostState {
     fn log(&mut self, level: LogLevel, mut message: String) {
+        self.log_lines = self.log_lines.saturating_add(1);
+        if self.log_lines > LOG_LINES_PER_CALL {
+            if self.log_lines == LOG_LINES_PER_CALL + 1 {
+                tracing::warn!(module = %self.module, call = self.call.as_str(), "guest wrote more than {LOG_LINES_PER_CALL} log lines in one call; dropping the rest of this call's lines");
+            }
+            return;
+        }
         if message.len() > LOG_LINE_CAP {
             let mut end = LOG_LINE_CAP;
             while !message.is_char_boundary(end) {

@@ -12,7 +12,7 @@ use std::time::Duration;
 pub use bindings::ModuleError;
 pub use engine::{Runtime, RuntimeStats};
 pub use guest::Guest;
-pub use limits::{CallSettings, Grants, Limits, ModuleConfig};
+pub use limits::{CallSettings, Limits, ModuleConfig};
 
 /// The runtime could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -36,8 +36,13 @@ pub enum LoadError {
     /// WebAssembly that does not validate or compile.
     #[error("invalid component: {0}")]
     Invalid(String),
-    /// A component that does not fit our world (missing exports, wrong types,
-    /// imports we do not provide).
+    /// A component imports interfaces this host does not provide.
+    #[error(
+        "component imports {0}, which this host does not provide (modules get WASI io, clocks, random, cli and filesystem, and no network)"
+    )]
+    UnsupportedImports(String),
+    /// A component that does not fit our world (another version of our package,
+    /// missing exports, wrong types).
     #[error(
         "component does not implement the wasm-device-plugin:device@0.1.0 device-plugin world: {0}"
     )]

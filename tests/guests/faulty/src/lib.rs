@@ -1,21 +1,29 @@
 //! A guest that misbehaves on demand, driven by its configuration, so that each
 //! failure path of the host can be tested through the real protocol.
 //!
-//! Serves kind `faulty` with devices `f0`, `f1`, `f2`; `allocate` sets
-//! `FAULTY_<n>=<id>`. Each of these keys names the export (`scan`, `health`,
-//! `allocate`, `post-allocate`) that misbehaves:
+//! Serves kind `faulty` with devices `f0`, `f1`, ... (`devices`, default 3);
+//! `allocate` sets `FAULTY_<n>=<id>`. Each of these keys names the export
+//! (`scan`, `health`, `allocate`, `post-allocate`) that misbehaves:
 //! - `fail`: `<export>=<invalid-request|unavailable|internal>` returns that error;
 //! - `trap`: the export panics (a trap);
-//! - `spin`: the export never returns;
-//! - `grow`: the export allocates memory until it is stopped.
+//! - `spin`: the export never returns, computing;
+//! - `sleep`: the export never returns, waiting in a WASI sleep (no wasm runs);
+//! - `grow`: the export allocates memory until it is stopped;
+//! - `log`: the export writes 1000 log lines.
+//!
+//! `bogus=<rule>` makes `scan`, `health` or `allocate` return an answer that
+//! breaks one rule of the host's output policy (see [`bogus_scan`],
+//! [`bogus_health`] and [`bogus_allocation`]); `path=<p>` is the host path the
+//! path rules use.
 //!
 //! With `probe=sandbox`, `allocate` instead reports what the guest could reach, as
 //! env vars of the first container: `PROBE_ENV` (number of environment variables),
 //! `PROBE_ARGS` (number of arguments), `PROBE_READ` (reading `/etc/passwd`),
-//! `PROBE_LIST` (listing `/`), `PROBE_CWD` (current directory), `PROBE_TCP`
-//! (connecting to the address in config `probe-addr`, where the test listens):
-//! `ok` or `denied`. It also prints to stdout and
-//! stderr, which the host must capture rather than inherit.
+//! `PROBE_LIST` (listing `/`), `PROBE_CWD` (current directory), and for the
+//! paths in `probe-read`, `probe-escape` and `probe-write`, reading the first
+//! two and writing the third: `ok`, or `ok:<contents>` for reads, or `denied`.
+//! It also prints to stdout and stderr, which the host must capture rather than
+//! inherit.
 
 wit_bindgen::generate!({
     path: "../../../wit",
@@ -23,25 +31,34 @@ wit_bindgen::generate!({
 });
 
 use wasm_device_plugin::device::host;
-use wasm_device_plugin::device::types::{Device, KeyValue};
+use wasm_device_plugin::device::types::{Device, DeviceSpec, KeyValue, Mount};
 
 struct Faulty;
 
 fn misbehave(export: &str) -> Result<(), ModuleError> {
-    if host::get_config("trap").as_deref() == Some(export) {
+    let is = |key: &str| host::get_config(key).as_deref() == Some(export);
+    if is("trap") {
         panic!("faulty guest: trap in {export}");
     }
-    if host::get_config("spin").as_deref() == Some(export) {
+    if is("spin") {
         let mut n: u64 = 0;
         loop {
             n = std::hint::black_box(n.wrapping_add(1));
         }
     }
-    if host::get_config("grow").as_deref() == Some(export) {
+    if is("sleep") {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+    if is("grow") {
         let mut hoard: Vec<Vec<u8>> = Vec::new();
         loop {
             hoard.push(vec![1u8; 1 << 20]);
             std::hint::black_box(&hoard);
+        }
+    }
+    if is("log") {
+        for n in 0..1000 {
+            host::log(host::LogLevel::Info, &format!("faulty guest: line {n}"));
         }
     }
     if let Some(spec) = host::get_config("fail") {
@@ -59,26 +76,118 @@ fn misbehave(export: &str) -> Result<(), ModuleError> {
     Ok(())
 }
 
+fn device(id: String) -> Device {
+    Device { id, health: Health::Healthy, numa_nodes: Vec::new() }
+}
+
+fn kind(name: &str, ids: impl IntoIterator<Item = String>) -> DeviceKind {
+    DeviceKind { name: name.to_string(), devices: ids.into_iter().map(device).collect() }
+}
+
+/// A scan that breaks the rule `rule`, if it is a scan rule.
+fn bogus_scan(rule: &str) -> Option<Vec<DeviceKind>> {
+    let ids = |n: usize| (0..n).map(|i| format!("f{i}"));
+    Some(match rule {
+        "empty-id" => vec![kind("faulty", [String::new()])],
+        "long-id" => vec![kind("faulty", ["x".repeat(254)])],
+        "duplicate-id" => vec![kind("faulty", ["f0".to_string(), "f0".to_string()])],
+        "too-many-devices" => vec![kind("faulty", ids(10_001))],
+        "bad-kind-name" => vec![kind("Bad Kind!", ids(1))],
+        "kubernetes-io" => vec![kind("kubernetes.io/faulty", ids(1))],
+        "duplicate-kind" => vec![kind("faulty", ids(1)), kind("faulty", ids(1))],
+        "too-many-kinds" => (0..257).map(|k| kind(&format!("k{k}"), ids(1))).collect(),
+        _ => return None,
+    })
+}
+
+/// A health answer that breaks the rule `rule`, if it is a health rule.
+fn bogus_health(rule: &str, asked: usize) -> Option<Vec<Health>> {
+    match rule {
+        "health-count" => Some(vec![Health::Healthy; asked + 1]),
+        _ => None,
+    }
+}
+
+fn empty_response() -> ContainerResponse {
+    ContainerResponse {
+        envs: Vec::new(),
+        devices: Vec::new(),
+        mounts: Vec::new(),
+        annotations: Vec::new(),
+        cdi_devices: Vec::new(),
+    }
+}
+
+fn kv(key: &str, value: &str) -> KeyValue {
+    KeyValue { key: key.to_string(), value: value.to_string() }
+}
+
+/// An allocation for `containers` containers that breaks the rule `rule`, if it
+/// is an allocation rule.
+fn bogus_allocation(rule: &str, containers: usize) -> Option<Vec<ContainerResponse>> {
+    let path = host::get_config("path").unwrap_or_else(|| "/dev/null".to_string());
+    let node = |host_path: &str, container_path: &str, permissions: &str| DeviceSpec {
+        host_path: host_path.to_string(),
+        container_path: container_path.to_string(),
+        permissions: permissions.to_string(),
+    };
+    let mount = |host_path: &str| Mount {
+        host_path: host_path.to_string(),
+        container_path: "/mnt/x".to_string(),
+        read_only: true,
+    };
+    let mut r = empty_response();
+    match rule {
+        "container-count" => return Some(vec![empty_response(); containers + 1]),
+        "env-name" => r.envs.push(kv("1NOT-A-NAME", "x")),
+        "duplicate-env" => r.envs.extend([kv("SAME", "1"), kv("SAME", "2")]),
+        "too-many-envs" => r.envs.extend((0..1025).map(|n| kv(&format!("E{n}"), "x"))),
+        "huge-response" => r.envs.push(kv("HUGE", &"x".repeat(4 << 20))),
+        "annotation-key" => r.annotations.push(kv("not a key", "x")),
+        "cdi-name" => r.cdi_devices.push("no-equals-sign".to_string()),
+        "container-path" => r.devices.push(node("/dev/null", "dev/null", "rw")),
+        "unnormalised-path" => r.devices.push(node("/dev/../etc/passwd", "/dev/x", "rw")),
+        "permissions" => r.devices.push(node("/dev/null", "/dev/null", "rwx")),
+        "device-path" => r.devices.push(node(&path, "/dev/x", "rw")),
+        "mount-path" => r.mounts.push(mount(&path)),
+        _ => return None,
+    }
+    let mut responses = vec![empty_response(); containers];
+    responses[0] = r;
+    Some(responses)
+}
+
 impl Guest for Faulty {
     fn scan() -> Result<Vec<DeviceKind>, ModuleError> {
         misbehave("scan")?;
-        Ok(vec![DeviceKind {
-            name: "faulty".to_string(),
-            devices: (0..3)
-                .map(|n| Device { id: format!("f{n}"), health: Health::Healthy, numa_nodes: Vec::new() })
-                .collect(),
-        }])
+        if let Some(kinds) = host::get_config("bogus").as_deref().and_then(bogus_scan) {
+            return Ok(kinds);
+        }
+        let count: usize =
+            host::get_config("devices").and_then(|n| n.parse().ok()).unwrap_or(3);
+        Ok(vec![kind("faulty", (0..count).map(|n| format!("f{n}")))])
     }
 
     fn health(devices: Vec<DeviceRef>) -> Result<Vec<Health>, ModuleError> {
         misbehave("health")?;
+        if let Some(answer) =
+            host::get_config("bogus").and_then(|rule| bogus_health(&rule, devices.len()))
+        {
+            return Ok(answer);
+        }
         Ok(devices.iter().map(|_| Health::Healthy).collect())
     }
 
     fn allocate(request: AllocateRequest) -> Result<Vec<ContainerResponse>, ModuleError> {
         misbehave("allocate")?;
+        let containers = request.containers.len();
+        if let Some(answer) =
+            host::get_config("bogus").and_then(|rule| bogus_allocation(&rule, containers))
+        {
+            return Ok(answer);
+        }
         if host::get_config("probe").as_deref() == Some("sandbox") {
-            return Ok(probe(request.containers.len()));
+            return Ok(probe(containers));
         }
         Ok(request
             .containers
@@ -88,12 +197,9 @@ impl Guest for Faulty {
                     .device_ids
                     .iter()
                     .enumerate()
-                    .map(|(n, id)| KeyValue { key: format!("FAULTY_{n}"), value: id.clone() })
+                    .map(|(n, id)| kv(&format!("FAULTY_{n}"), id))
                     .collect(),
-                devices: Vec::new(),
-                mounts: Vec::new(),
-                annotations: Vec::new(),
-                cdi_devices: Vec::new(),
+                ..empty_response()
             })
             .collect())
     }
@@ -111,29 +217,36 @@ fn outcome<T, E>(result: Result<T, E>) -> String {
     if result.is_ok() { "ok".into() } else { "denied".into() }
 }
 
+fn read_outcome(path: &str) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(text) => format!("ok:{}", text.trim()),
+        Err(_) => "denied".into(),
+    }
+}
+
 /// What the sandbox lets this guest reach, one env var per probe.
 fn probe(containers: usize) -> Vec<ContainerResponse> {
     println!("faulty guest: hello on stdout");
     eprintln!("faulty guest: hello on stderr");
-    let probes = [
+    let mut probes = vec![
         ("PROBE_ENV", std::env::vars().count().to_string()),
         ("PROBE_ARGS", std::env::args().count().to_string()),
         ("PROBE_READ", outcome(std::fs::read("/etc/passwd"))),
         ("PROBE_LIST", outcome(std::fs::read_dir("/"))),
         ("PROBE_CWD", outcome(std::fs::read_dir("."))),
-        (
-            "PROBE_TCP",
-            outcome(std::net::TcpStream::connect(
-                host::get_config("probe-addr").unwrap_or_else(|| "127.0.0.1:9".into()),
-            )),
-        ),
     ];
+    if let Some(path) = host::get_config("probe-read") {
+        probes.push(("PROBE_GRANTED", read_outcome(&path)));
+    }
+    if let Some(path) = host::get_config("probe-escape") {
+        probes.push(("PROBE_ESCAPE", read_outcome(&path)));
+    }
+    if let Some(path) = host::get_config("probe-write") {
+        probes.push(("PROBE_WRITE", outcome(std::fs::write(path, "written by a guest"))));
+    }
     let first = ContainerResponse {
-        envs: probes.into_iter().map(|(key, value)| KeyValue { key: key.into(), value }).collect(),
-        devices: Vec::new(),
-        mounts: Vec::new(),
-        annotations: Vec::new(),
-        cdi_devices: Vec::new(),
+        envs: probes.into_iter().map(|(key, value)| kv(key, &value)).collect(),
+        ..empty_response()
     };
     let mut responses = vec![first];
     responses.resize(containers, responses[0].clone());
