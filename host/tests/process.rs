@@ -77,3 +77,50 @@ async fn sigterm_removes_the_sockets_ends_the_streams_and_exits_zero() {
 async fn sigint_stops_the_same_way() {
     stops_cleanly_on(libc::SIGINT).await;
 }
+
+#[tokio::test]
+async fn a_guest_that_floods_the_log_is_cut_off_after_100_lines_per_call() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let dirs = Dirs::new();
+    dirs.add_module("faulty", guests::FAULTY);
+    // Its scan (at load) writes 1000 log lines.
+    dirs.write_manifest("faulty", "[config]\nlog = \"scan\"\n");
+    let kubelet = Simulator::start(&dirs.kubelet()).expect("kubelet");
+    let mut host = Command::new(env!("CARGO_BIN_EXE_wasm-device-plugin"))
+        .args(["run", "--no-cache", "--health-interval", "1h"])
+        .args(["--scan-interval", "1h", "--log-format", "text"])
+        .arg("--modules-dir")
+        .arg(dirs.modules())
+        .arg("--kubelet-dir")
+        .arg(dirs.kubelet())
+        .env("WDP_LOG", "info")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the binary starts");
+    let mut lines = BufReader::new(host.stderr.take().expect("stderr")).lines();
+    let (mut guest_lines, mut cut_off) = (0, 0);
+    let read = async {
+        while let Some(line) = lines.next_line().await.expect("read") {
+            if line.contains("faulty guest: line") {
+                guest_lines += 1;
+            }
+            if line.contains("dropping the rest of this call's lines") {
+                cut_off += 1;
+            }
+            if line.contains("serving resource") {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, read)
+        .await
+        .expect("the module loads");
+    assert_eq!((guest_lines, cut_off), (100, 1));
+    // Unread, the pipe could fill and block the host's shutdown logging.
+    drop(lines);
+    signal(&host, libc::SIGTERM);
+    assert!(exit_status(host).await.success());
+    kubelet.stop().await;
+}
