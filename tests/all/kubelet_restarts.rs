@@ -161,8 +161,36 @@ async fn corrupt_cache_entry_is_not_trusted_and_is_rebuilt() {
         (1, 0, 1),
         "{stats:?}"
     );
-    second.stop().await;
+    let dirs = second.stop().await;
     // Rebuilt: a third start hits.
-    let third = start(Dirs::new());
-    drop(third.stop().await);
+    let third = start(dirs);
+    third.listed(DEV1).await;
+    let stats = third.host.stats();
+    assert_eq!((stats.compiled, stats.cache_hits), (0, 1), "{stats:?}");
+    third.stop().await;
+}
+
+#[tokio::test]
+async fn a_cache_directory_others_may_write_is_not_used() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let cache = tempfile::tempdir().expect("cache dir");
+    let start = |dirs: Dirs| {
+        let mut config = host_config(&dirs, test_settings(&dirs.kubelet()));
+        config.cache_dir = Some(cache.path().to_path_buf());
+        Fixture::start_config(dirs, config)
+    };
+    // A warm, trusted cache first.
+    let cold = start(virtual_devices());
+    cold.listed(DEV1).await;
+    let dirs = cold.stop().await;
+    // Anyone could now have planted an entry: precompiled code from it would be
+    // trusted code execution, so the host compiles from the module instead.
+    std::fs::set_permissions(cache.path(), std::fs::Permissions::from_mode(0o777))
+        .expect("chmod");
+    let second = start(dirs);
+    second.listed(DEV1).await;
+    let stats = second.host.stats();
+    assert_eq!((stats.compiled, stats.cache_hits), (1, 0), "{stats:?}");
+    second.stop().await;
 }
