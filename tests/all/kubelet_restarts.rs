@@ -106,14 +106,17 @@ async fn deleted_plugin_socket_is_served_anew_and_registered_again() {
     fixture.stop().await;
 }
 
+/// The host with its compiled-module cache in `cache`.
+fn with_cache(dirs: Dirs, cache: &std::path::Path) -> Fixture {
+    let mut config = host_config(&dirs, test_settings(&dirs.kubelet()));
+    config.cache_dir = Some(cache.to_path_buf());
+    Fixture::start_config(dirs, config)
+}
+
 #[tokio::test]
 async fn restart_with_a_warm_cache_does_not_recompile() {
     let cache = tempfile::tempdir().expect("cache dir");
-    let start = |dirs: Dirs| {
-        let mut config = host_config(&dirs, test_settings(&dirs.kubelet()));
-        config.cache_dir = Some(cache.path().join("modules"));
-        Fixture::start_config(dirs, config)
-    };
+    let start = |dirs: Dirs| with_cache(dirs, &cache.path().join("modules"));
     let cold = start(virtual_devices());
     cold.listed(DEV1).await;
     let stats = cold.host.stats();
@@ -134,11 +137,7 @@ async fn restart_with_a_warm_cache_does_not_recompile() {
 #[tokio::test]
 async fn corrupt_cache_entry_is_not_trusted_and_is_rebuilt() {
     let cache = tempfile::tempdir().expect("cache dir");
-    let start = |dirs: Dirs| {
-        let mut config = host_config(&dirs, test_settings(&dirs.kubelet()));
-        config.cache_dir = Some(cache.path().to_path_buf());
-        Fixture::start_config(dirs, config)
-    };
+    let start = |dirs: Dirs| with_cache(dirs, cache.path());
     let cold = start(virtual_devices());
     cold.listed(DEV1).await;
     let dirs = cold.stop().await;
@@ -175,19 +174,14 @@ async fn a_cache_directory_others_may_write_is_not_used() {
     use std::os::unix::fs::PermissionsExt;
 
     let cache = tempfile::tempdir().expect("cache dir");
-    let start = |dirs: Dirs| {
-        let mut config = host_config(&dirs, test_settings(&dirs.kubelet()));
-        config.cache_dir = Some(cache.path().to_path_buf());
-        Fixture::start_config(dirs, config)
-    };
+    let start = |dirs: Dirs| with_cache(dirs, cache.path());
     // A warm, trusted cache first.
     let cold = start(virtual_devices());
     cold.listed(DEV1).await;
     let dirs = cold.stop().await;
     // Anyone could now have planted an entry: precompiled code from it would be
     // trusted code execution, so the host compiles from the module instead.
-    std::fs::set_permissions(cache.path(), std::fs::Permissions::from_mode(0o777))
-        .expect("chmod");
+    std::fs::set_permissions(cache.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
     let second = start(dirs);
     second.listed(DEV1).await;
     let stats = second.host.stats();
