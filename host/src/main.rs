@@ -1,6 +1,7 @@
 //! `wasm-device-plugin`: parses the command line, sets up logging, runs the
 //! subcommand and turns its result into an exit code. Nothing else.
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -36,7 +37,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");
-            eprintln!("error: {err:#}");
+            // Not `eprintln!`, which panics when stderr is closed.
+            let _ = writeln!(std::io::stderr(), "error: {err:#}");
             ExitCode::FAILURE
         }
     }
@@ -71,9 +73,13 @@ fn init_tracing(cli: &Cli) {
         Some(directives) => EnvFilter::new(directives),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)),
     };
+    // A log that cannot be written (stderr closed by whatever read it) is lost,
+    // never fatal: the default reports it with `eprintln!`, which panics on a
+    // closed stderr and took down the task that logged, hanging shutdown.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     match cli.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
