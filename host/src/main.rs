@@ -58,8 +58,10 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     };
-    tracing::info!(signal = name, "stopping");
+    // Cancel first: nothing (not even a failing log write) may stand between
+    // the signal and the shutdown.
     shutdown.cancel();
+    tracing::info!(signal = name, "stopping");
 }
 
 fn init_tracing(cli: &Cli) {
