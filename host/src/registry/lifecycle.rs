@@ -488,6 +488,9 @@ async fn apply_files(
                         if new_settings.is_some() {
                             m.manifest_hash = manifest_hash;
                         }
+                        // The new version's first scan succeeded: a run of
+                        // failures of the old one is over.
+                        m.check_succeeded(Check::Scan);
                         m.apply_scan(scanned).await;
                     }
                     None => {
