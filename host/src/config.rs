@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::app::{DEFAULT_SETTLE, HostConfig};
 use crate::registry::Settings;
+use crate::registry::manifest::MAX_DURATION;
 use crate::runtime::Limits;
 
 /// Kubelet's device-plugin directory.
@@ -134,6 +135,10 @@ pub struct DemoArgs {
 fn positive_duration(raw: &str) -> Result<Duration, String> {
     match humantime::parse_duration(raw) {
         Ok(d) if d.is_zero() => Err("must be greater than zero".into()),
+        Ok(d) if d > MAX_DURATION => Err(format!(
+            "must be at most {}",
+            humantime::format_duration(MAX_DURATION)
+        )),
         Ok(d) => Ok(d),
         Err(e) => Err(e.to_string()),
     }
@@ -206,7 +211,7 @@ mod tests {
 
     #[test]
     fn zero_or_malformed_durations_are_refused() {
-        for bad in ["0s", "ten seconds", "-1s"] {
+        for bad in ["0s", "ten seconds", "-1s", "366d", "300000000000years"] {
             let parsed =
                 Cli::try_parse_from(["wasm-device-plugin", "run", "--health-interval", bad]);
             assert!(parsed.is_err(), "{bad} accepted");

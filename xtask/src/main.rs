@@ -4,7 +4,9 @@
 //! - `test`: installs what the tests need (the `wasm32-wasip2` target) and runs
 //!   every test; the test crate builds the guests itself. With `CI` set it also
 //!   checks formatting and denies clippy warnings;
-//! - `guests`: builds the shipped guests into `target/modules/`.
+//! - `guests`: builds the shipped guests into `target/modules/`;
+//! - `fuzz [--seconds N]`: runs the property tests of `host/tests/fuzz.rs` for about
+//!   N seconds (default 180), shared evenly among the properties.
 //!
 //! Needs only rustup and cargo.
 
@@ -12,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 const WASM_TARGET: &str = "wasm32-wasip2";
+/// How long `cargo xtask fuzz` runs without `--seconds`.
+const FUZZ_SECONDS: u64 = 180;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -23,8 +27,9 @@ fn main() -> ExitCode {
         "demo" => demo(rest),
         "test" => test(rest),
         "guests" => guests().map(|dir| println!("guests built into {}", dir.display())),
+        "fuzz" => fuzz(rest),
         _ => {
-            eprintln!("usage: cargo xtask <demo|test|guests> [args...]");
+            eprintln!("usage: cargo xtask <demo|test|guests|fuzz> [args...]");
             eprintln!(
                 "  demo    build the shipped guests and run `wasm-device-plugin demo` on them"
             );
@@ -32,6 +37,9 @@ fn main() -> ExitCode {
                 "  test    install the wasm target and run every test (args go to `cargo test`)"
             );
             eprintln!("  guests  build the shipped guests into target/modules/");
+            eprintln!(
+                "  fuzz    run the property tests for --seconds N (default {FUZZ_SECONDS}), printing cases per property"
+            );
             return if task == "help" || task == "--help" {
                 ExitCode::SUCCESS
             } else {
@@ -181,4 +189,43 @@ fn test(extra: &[String]) -> Result<(), String> {
         ]))?;
     }
     Ok(())
+}
+
+/// Runs `host/tests/fuzz.rs` with `WDP_FUZZ_SECONDS` set: each property keeps
+/// running fresh random cases for its share of the time. One test at a time, so the
+/// whole run takes about that long (plus the build) and each prints its count.
+fn fuzz(args: &[String]) -> Result<(), String> {
+    let mut seconds = FUZZ_SECONDS;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--seconds" => {
+                seconds = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|&n| n > 0)
+                    .ok_or("--seconds needs a whole number of seconds above 0")?;
+            }
+            other => {
+                return Err(format!(
+                    "unknown argument `{other}` (usage: cargo xtask fuzz [--seconds N])"
+                ));
+            }
+        }
+    }
+    // The host's dev-dependencies include the test crate, whose build script
+    // builds the guests.
+    ensure_wasm_target()?;
+    run(cargo()
+        .args([
+            "test",
+            "--package",
+            "wasm-device-plugin",
+            "--test",
+            "fuzz",
+            "--",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("WDP_FUZZ_SECONDS", seconds.to_string()))
 }

@@ -50,6 +50,10 @@ pub const MAX_REPLICAS: u32 = 1000;
 pub const MAX_HYSTERESIS: u32 = 1000;
 /// The `resources` key whose settings apply to every kind without its own entry.
 pub const ALL_KINDS: &str = "*";
+/// Longest interval or timeout (humantime's `1year`). Each is added to the current
+/// instant for a timer or a call deadline, which panics when the sum overflows
+/// (`"300000000000years"` parses); no real setting comes near this.
+pub const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
 
 /// A manifest that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -243,6 +247,13 @@ pub fn parse(
         None => Ok(default),
         Some(text) => match humantime::parse_duration(&text) {
             Ok(d) if d.is_zero() => Err(err(field, "must be greater than zero".into())),
+            Ok(d) if d > MAX_DURATION => Err(err(
+                field,
+                format!(
+                    "`{text}` is longer than {}",
+                    humantime::format_duration(MAX_DURATION)
+                ),
+            )),
             Ok(d) => Ok(d),
             Err(e) => Err(err(
                 field,
@@ -287,7 +298,7 @@ pub fn parse(
                     err(
                         field,
                         format!(
-                            "`{}` is not an absolute path without `.` or `..`",
+                            "`{}` is not an absolute path without `.`, `..` or NUL",
                             p.display()
                         ),
                     )
@@ -376,9 +387,10 @@ fn resource_policy(
 }
 
 /// `path` if it is absolute and has no `.` or `..` parts, with repeated and
-/// trailing slashes dropped.
+/// trailing slashes dropped. A NUL cannot be in a host path, so a grant holding
+/// one would silently match nothing: refused too.
 fn absolute_normal(path: &Path) -> Option<PathBuf> {
-    if !path.is_absolute() {
+    if !path.is_absolute() || path.as_os_str().as_encoded_bytes().contains(&0) {
         return None;
     }
     let mut out = PathBuf::from("/");
@@ -535,6 +547,45 @@ mod tests {
             "vendor.example/gpu"
         );
         assert_eq!(example.resource("gpu").replicas, 4);
+    }
+
+    #[test]
+    fn grant_paths_with_nul_are_refused() {
+        for (text, field) in [
+            (
+                "[grants]\ndevice-paths = [\"/dev/fpga\\u0000x\"]",
+                "grants.device-paths",
+            ),
+            (
+                "[grants]\nmount-paths = [\"/opt\\u0000\"]",
+                "grants.mount-paths",
+            ),
+            (
+                "[grants]\nread-only-dirs = [\"/sys\\u0000\"]",
+                "grants.read-only-dirs",
+            ),
+        ] {
+            assert_eq!(parse_err(text).field, field, "{text}");
+        }
+    }
+
+    #[test]
+    fn durations_longer_than_a_year_are_refused() {
+        for (text, field) in [
+            ("scan-interval = \"300000000000years\"", "scan-interval"),
+            ("health-interval = \"2years\"", "health-interval"),
+            (
+                "[limits]\nallocate-timeout = \"300000000000years\"",
+                "limits.allocate-timeout",
+            ),
+            ("[limits]\nscan-timeout = \"366d\"", "limits.scan-timeout"),
+        ] {
+            assert_eq!(parse_err(text).field, field, "{text}");
+        }
+        assert_eq!(
+            parse_ok("scan-interval = \"1year\"").scan_interval,
+            MAX_DURATION
+        );
     }
 
     #[test]
