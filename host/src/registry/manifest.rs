@@ -317,7 +317,7 @@ pub fn parse(
         Ok(prefixes)
     };
     let grants = &mut out.call.grants;
-    grants.read_only_dirs = paths("grants.read-only-dirs", raw.grants.read_only_dirs)?;
+    grants.read_only_dirs = prefixes("grants.read-only-dirs", raw.grants.read_only_dirs)?;
     if let Some(device_paths) = raw.grants.device_paths {
         grants.device_paths = prefixes("grants.device-paths", device_paths)?;
     }
@@ -503,6 +503,7 @@ mod tests {
                 "grants.mount-paths",
             ),
             ("[grants]\nmount-paths = [\"/\"]", "grants.mount-paths"),
+            ("[grants]\nread-only-dirs = [\"/\"]", "grants.read-only-dirs"),
             ("[grants]\ndevice-paths = [\"//\"]", "grants.device-paths"),
             (
                 "[resources.dev-1]\nreplicas = 0",
