@@ -503,7 +503,10 @@ mod tests {
                 "grants.mount-paths",
             ),
             ("[grants]\nmount-paths = [\"/\"]", "grants.mount-paths"),
-            ("[grants]\nread-only-dirs = [\"/\"]", "grants.read-only-dirs"),
+            (
+                "[grants]\nread-only-dirs = [\"/\"]",
+                "grants.read-only-dirs",
+            ),
             ("[grants]\ndevice-paths = [\"//\"]", "grants.device-paths"),
             (
                 "[resources.dev-1]\nreplicas = 0",
