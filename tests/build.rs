@@ -76,13 +76,19 @@ fn build_workspace(dir: &Path, target_dir: &Path) -> Vec<(PathBuf, PathBuf)> {
     .arg(dir.join("Cargo.toml"))
     .arg("--target-dir")
     .arg(target_dir);
-    // The outer build's settings are for the host, not for wasm guests.
+    // The outer build's settings are for the host, not for wasm guests; nor is a
+    // `cargo clippy` of the host (its wrapper and `-D warnings` would lint the
+    // guests' code and fail their build).
     for var in [
         "CARGO_ENCODED_RUSTFLAGS",
         "RUSTFLAGS",
         "CARGO_TARGET_DIR",
         "CARGO_BUILD_TARGET",
         "CARGO_MAKEFLAGS",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CLIPPY_ARGS",
+        "CLIPPY_CONF_DIR",
     ] {
         cmd.env_remove(var);
     }

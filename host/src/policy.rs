@@ -7,7 +7,8 @@
 //! most 10 000 per resource; a health answer has one entry per device asked about;
 //! an allocation has one response per container; env var names are POSIX names;
 //! container and host paths are absolute and normalised; host paths lie under
-//! the module's grants once symlinks are resolved ([`crate::grants`]); annotation
+//! the module's grants once symlinks are resolved ([`crate::grants`]), and
+//! kubelet is given them resolved; annotation
 //! keys are Kubernetes qualified names; CDI names are `vendor/class=name` as the
 //! runtime's CDI parser accepts them; no list in a response holds more than
 //! [`MAX_ENTRIES`] entries and the whole response stays under [`MAX_RESPONSE_BYTES`].
@@ -254,7 +255,7 @@ fn container(
         .map(|(i, d)| {
             let field = format!("containers[{n}].devices[{i}]");
             check_path(ctx, &format!("{field}.container-path"), &d.container_path)?;
-            check_host_path(
+            let host_path = check_host_path(
                 ctx,
                 grants,
                 &format!("{field}.host-path"),
@@ -267,7 +268,7 @@ fn container(
                 return Err(ctx.err(format!("{field}.permissions"), "must be made of r, w and m"));
             }
             Ok(DeviceNode {
-                host_path: d.host_path,
+                host_path,
                 container_path: d.container_path,
                 permissions: d.permissions,
             })
@@ -280,7 +281,7 @@ fn container(
         .map(|(i, m)| {
             let field = format!("containers[{n}].mounts[{i}]");
             check_path(ctx, &format!("{field}.container-path"), &m.container_path)?;
-            check_host_path(
+            let host_path = check_host_path(
                 ctx,
                 grants,
                 &format!("{field}.host-path"),
@@ -288,7 +289,7 @@ fn container(
                 &m.host_path,
             )?;
             Ok(Mount {
-                host_path: m.host_path,
+                host_path,
                 container_path: m.container_path,
                 read_only: m.read_only,
             })
@@ -320,18 +321,28 @@ fn is_env_name(s: &str) -> bool {
 }
 
 /// A host path: absolute and normalised, and allowed by the module's grants for
-/// `use_` once symlinks are resolved.
+/// `use_` once symlinks are resolved. Returns the resolved path, which is what
+/// kubelet is given.
 fn check_host_path(
     ctx: &Ctx<'_>,
     grants: &Grants,
     field: &str,
     use_: PathUse,
     path: &str,
-) -> Result<(), PolicyError> {
+) -> Result<String, PolicyError> {
     check_path(ctx, field, path)?;
-    grants
+    let resolved = grants
         .check_host_path(use_, path)
-        .map_err(|rule| ctx.err(field, rule))
+        .map_err(|rule| ctx.err(field, rule))?;
+    resolved.into_os_string().into_string().map_err(|real| {
+        ctx.err(
+            field,
+            format!(
+                "`{path}` resolves to `{}`, which is not UTF-8",
+                real.display()
+            ),
+        )
+    })
 }
 
 /// Absolute and normalised: starts with `/`, no `.`, `..` or empty segments, no

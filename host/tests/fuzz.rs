@@ -424,23 +424,23 @@ fn walk(path: &Path) -> Result<PathBuf, String> {
 /// to is, holds or lies in a protected path (as written or resolved).
 fn host_path_allowed(grants: &Grants, use_: PathUse, path: &Path) -> Result<PathBuf, String> {
     let resolved = walk(path)?;
-    for protected in &grants.protected {
-        let real = walk(protected).unwrap_or_else(|_| protected.clone());
+    for protected in grants.protected() {
+        let real = walk(protected).unwrap_or_else(|_| protected.to_path_buf());
         for p in [path, resolved.as_path()] {
-            for q in [protected, &real] {
+            for q in [protected, real.as_path()] {
                 if p.starts_with(q) || q.starts_with(p) {
                     return Err(format!("{} meets protected {}", p.display(), q.display()));
                 }
             }
         }
     }
-    let prefixes = match use_ {
-        PathUse::Device => &grants.device_paths,
-        PathUse::Mount => &grants.mount_paths,
+    let prefixes: Vec<&Path> = match use_ {
+        PathUse::Device => grants.device_paths().collect(),
+        PathUse::Mount => grants.mount_paths().collect(),
     };
     if prefixes
         .iter()
-        .any(|p| resolved.starts_with(walk(p).unwrap_or_else(|_| p.clone())))
+        .any(|p| resolved.starts_with(walk(p).unwrap_or_else(|_| p.to_path_buf())))
     {
         Ok(resolved)
     } else {
@@ -764,12 +764,11 @@ impl Tree {
         link(&r("dev/fpga"), "opt/fpga-link");
         link("opt", "optlink");
         link("outside/priv", "protlink");
-        let grants = Grants {
-            read_only_dirs: vec![],
-            device_paths: vec![root.join("dev"), PathBuf::from("/dev")],
-            mount_paths: vec![root.join("optlink"), root.join("opt/lib")],
-            ..Grants::default()
-        }
+        let grants = Grants::new(
+            vec![],
+            vec![root.join("dev"), PathBuf::from("/dev")],
+            vec![root.join("optlink"), root.join("opt/lib")],
+        )
         .protecting(&root.join("kubelet"))
         .protecting(&root.join("dev/fpga/secret"))
         .protecting(&root.join("protlink"));
@@ -1121,25 +1120,25 @@ fn manifest_bounds(m: &ModuleSettings) -> Result<(), String> {
         return Err(format!("memory {} bytes", limits.memory_bytes));
     }
     let grants = &m.call.grants;
-    let normal = |p: &PathBuf| p.to_str().is_some_and(is_normal_path);
-    if let Some(p) = grants.read_only_dirs.iter().find(|p| !normal(p)) {
+    let normal = |p: &Path| p.to_str().is_some_and(is_normal_path);
+    if let Some(p) = grants.read_only_dirs().iter().find(|p| !normal(p)) {
         return Err(format!("read-only dir {p:?}"));
     }
     if let Some(p) = grants
-        .device_paths
-        .iter()
-        .chain(&grants.mount_paths)
+        .device_paths()
+        .chain(grants.mount_paths())
         .find(|p| !normal(p) || p.as_os_str() == "/")
     {
         return Err(format!("device or mount path {p:?}"));
     }
     let kubelet = settings().kubelet_dir;
-    if !grants.protected.contains(&kubelet)
+    let protected: Vec<&Path> = grants.protected().collect();
+    if !protected.contains(&kubelet.as_path())
         || !grants::PROTECTED
             .iter()
-            .all(|p| grants.protected.contains(&PathBuf::from(p)))
+            .all(|p| protected.contains(&Path::new(p)))
     {
-        return Err(format!("protected {:?}", grants.protected));
+        return Err(format!("protected {protected:?}"));
     }
     let policies = std::iter::once(("*", &m.default_resource))
         .chain(m.resources.iter().map(|(k, p)| (k.as_str(), p)));
@@ -1280,8 +1279,15 @@ fn allocation_output_is_checked() {
     });
 }
 
-/// What a valid response becomes.
+/// What a valid response becomes: the same, with host paths resolved.
 fn expected_allocation(r: &ContainerResponse) -> ContainerAllocation {
+    let resolved = |p: &str| {
+        walk(Path::new(p))
+            .expect("an accepted host path resolves")
+            .to_str()
+            .expect("UTF-8")
+            .to_string()
+    };
     let map = |l: &[KeyValue]| {
         l.iter()
             .map(|kv| (kv.key.clone(), kv.value.clone()))
@@ -1293,7 +1299,7 @@ fn expected_allocation(r: &ContainerResponse) -> ContainerAllocation {
             .devices
             .iter()
             .map(|d| domain::DeviceNode {
-                host_path: d.host_path.clone(),
+                host_path: resolved(&d.host_path),
                 container_path: d.container_path.clone(),
                 permissions: d.permissions.clone(),
             })
@@ -1302,7 +1308,7 @@ fn expected_allocation(r: &ContainerResponse) -> ContainerAllocation {
             .mounts
             .iter()
             .map(|m| domain::Mount {
-                host_path: m.host_path.clone(),
+                host_path: resolved(&m.host_path),
                 container_path: m.container_path.clone(),
                 read_only: m.read_only,
             })
@@ -1330,12 +1336,15 @@ fn host_paths_are_judged_on_what_they_resolve_to() {
         };
         let got = tree.grants.check_host_path(use_, &path);
         match (got, host_path_allowed(&tree.grants, use_, raw)) {
-            (Ok(()), Ok(real)) => {
+            (Ok(got), Ok(real)) => {
+                ensure(got == real, || {
+                    format!("{path} handed out as {got:?}, but it resolves to {real:?}")
+                })?;
                 // As the issue states it: under a granted prefix, clear of every
                 // protected path, once resolved.
-                let prefixes = match use_ {
-                    PathUse::Device => &tree.grants.device_paths,
-                    PathUse::Mount => &tree.grants.mount_paths,
+                let prefixes: Vec<&Path> = match use_ {
+                    PathUse::Device => tree.grants.device_paths().collect(),
+                    PathUse::Mount => tree.grants.mount_paths().collect(),
                 };
                 ensure(
                     prefixes
@@ -1344,8 +1353,8 @@ fn host_paths_are_judged_on_what_they_resolve_to() {
                     || format!("{path} ({real:?}) is under no grant"),
                 )?;
                 ensure(
-                    tree.grants.protected.iter().all(|p| {
-                        let p = grants::resolve(p).unwrap_or_else(|_| p.clone());
+                    tree.grants.protected().all(|p| {
+                        let p = grants::resolve(p).unwrap_or_else(|_| p.to_path_buf());
                         !real.starts_with(&p) && !p.starts_with(&real)
                     }),
                     || format!("{path} ({real:?}) meets a protected path"),
@@ -1353,7 +1362,7 @@ fn host_paths_are_judged_on_what_they_resolve_to() {
                 Ok(Verdict::Accepted)
             }
             (Err(_), Err(_)) => Ok(Verdict::Refused),
-            (Ok(()), Err(why)) => Err(TestCaseError::fail(format!(
+            (Ok(_), Err(why)) => Err(TestCaseError::fail(format!(
                 "{path} allowed for {use_:?}, but {why}"
             ))),
             (Err(e), Ok(real)) => Err(TestCaseError::fail(format!(

@@ -127,9 +127,9 @@ async fn a_preferred_allocation_asking_for_more_than_offered_is_invalid_argument
 async fn list_and_watch_streams_dropped_mid_stream_are_released() {
     let fixture = fixture().await;
     let streams = fixture.host.open_streams();
-    // The simulator holds one stream per resource.
-    let baseline = *streams.borrow();
-    assert_eq!(baseline, 3, "dev-1, dev-2 and faulty");
+    // The simulator holds one stream per resource: dev-1, dev-2 and faulty.
+    let baseline = 3;
+    gauge_reaches(streams.clone(), baseline, "the simulator's streams").await;
     let mut clients = Vec::new();
     for _ in 0..20 {
         let mut client = rogue(&fixture, DEV1);
@@ -168,6 +168,9 @@ async fn an_allocate_abandoned_by_its_client_stops_the_guest_call() {
     // The guest sleeps for an hour under a one-minute deadline; the call is
     // running once the gauge says so.
     gauge_reaches(calls.clone(), 1, "guest calls").await;
+    // Meanwhile the other module answers, and the stuck call is still running.
+    still_serves(&fixture).await;
+    assert_eq!(*calls.borrow(), 1, "the stuck call runs on");
     call.abort();
     let _ = call.await;
     // Only the hang-up can end the call within the wait.

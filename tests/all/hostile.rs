@@ -297,7 +297,7 @@ async fn a_scan_that_hoards_memory_fails_the_module_at_its_cap() {
 // --- The sandbox -----------------------------------------------------------
 
 #[tokio::test]
-async fn a_guest_has_no_environment_files_or_network() {
+async fn a_guest_sees_no_environment_arguments_or_files() {
     let fixture = faulty().await;
     configure(&fixture, &[("probe", "sandbox")], false).await;
     let response = fixture
@@ -606,26 +606,31 @@ async fn device_node_symlinked_out_of_its_granted_prefix_is_refused() {
     let dev = root.path().join("dev");
     std::fs::create_dir(&dev).expect("dev");
     std::fs::write(dev.join("fpga0"), "").expect("node");
+    std::os::unix::fs::symlink("fpga0", dev.join("alias")).expect("link");
     std::os::unix::fs::symlink("/etc", dev.join("x")).expect("link");
     let fixture =
         beside_a_good_module(Some(&format!("[grants]\ndevice-paths = [{dev:?}]\n"))).await;
     fixture
         .wait_for("faulty listed", |v| ids(v, FAULTY).len() == 3)
         .await;
-    // The real node under the grant is handed out as the guest named it...
+    // A node under the grant is handed out, resolved: kubelet gets the node the
+    // host checked, whatever the link says later...
     let node = dev.join("fpga0").display().to_string();
-    configure(
-        &fixture,
-        &[("bogus", "device-path"), ("path", &node)],
-        false,
-    )
-    .await;
-    let response = fixture
-        .kubelet
-        .allocate(FAULTY, &[&["f0"]])
-        .await
-        .expect("a granted node is allowed");
-    assert_eq!(response.container_responses[0].devices[0].host_path, node);
+    for path in [dev.join("fpga0"), dev.join("alias")] {
+        let path = path.display().to_string();
+        configure(
+            &fixture,
+            &[("bogus", "device-path"), ("path", &path)],
+            false,
+        )
+        .await;
+        let response = fixture
+            .kubelet
+            .allocate(FAULTY, &[&["f0"]])
+            .await
+            .expect("a granted node is allowed");
+        assert_eq!(response.container_responses[0].devices[0].host_path, node);
+    }
     // ...but the link under the grant that points at /etc is not.
     let link = dev.join("x").display().to_string();
     refused_on(

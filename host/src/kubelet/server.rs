@@ -256,9 +256,10 @@ impl<B: DeviceBackend> DevicePlugin for PluginService<B> {
                         self.resource, c.allocation_size
                     ))
                 })?;
-                // Kubelet asks for at most what it offers; more would only make
-                // the answer (and its allocation) as large as the request says.
-                let offered = c.available_device_i_ds.len() + c.must_include_device_i_ds.len();
+                // Kubelet asks for at most what it offers (must-include ids are
+                // among the available ones); more would only make the answer, and
+                // its allocation, as large as the request says.
+                let offered = c.available_device_i_ds.len();
                 if size > offered {
                     return Err(Status::invalid_argument(format!(
                         "resource {}: allocation_size {size} is more than the {offered} devices offered",

@@ -298,17 +298,21 @@ pub async fn run(
             tokio::select! {
                 () = token.cancelled() => break,
                 () = retry_due(scan_retry) => {
-                    if let Some(m) = module.as_mut()
-                        && token.run_until_cancelled(m.rescan()).await.is_none()
-                    {
-                        break;
+                    if let Some(m) = module.as_mut() {
+                        // Due once: a failure schedules the next retry, and a
+                        // check with nothing to do must not leave this ready.
+                        m.scan_retry.at = None;
+                        if token.run_until_cancelled(m.rescan()).await.is_none() {
+                            break;
+                        }
                     }
                 }
                 () = retry_due(health_retry) => {
-                    if let Some(m) = module.as_mut()
-                        && token.run_until_cancelled(m.check_health()).await.is_none()
-                    {
-                        break;
+                    if let Some(m) = module.as_mut() {
+                        m.health_retry.at = None;
+                        if token.run_until_cancelled(m.check_health()).await.is_none() {
+                            break;
+                        }
                     }
                 }
                 Some(_) = tick(health_due) => {
@@ -799,5 +803,32 @@ impl Module {
 
     async fn stop(self) {
         futures::future::join_all(self.resources.into_values().map(Resource::stop)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_double_from_one_second_up_to_the_interval_and_reset_on_success() {
+        let interval = Duration::from_secs(10);
+        let mut retry = Retry::default();
+        let delays: Vec<u64> = (0..6).map(|_| retry.failed(interval).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 10, 10]);
+        assert!(retry.at.is_some());
+        assert_eq!(retry.succeeded(), 6);
+        assert!(retry.at.is_none());
+        assert_eq!(retry.failed(interval), FIRST_RETRY);
+        // Many failures never overflow.
+        for _ in 0..100 {
+            retry.failed(interval);
+        }
+        assert_eq!(retry.failed(interval), interval);
+        // An interval shorter than the first retry caps it too.
+        assert_eq!(
+            Retry::default().failed(Duration::from_millis(50)),
+            Duration::from_millis(50)
+        );
     }
 }

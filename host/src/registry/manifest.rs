@@ -40,7 +40,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::domain::{ResourceName, ResourceNameError};
-use crate::grants::Grants;
+use crate::grants::{DEFAULT_DEVICE_PATH, Grants};
 use crate::registry::Settings;
 use crate::runtime::{CallSettings, Limits, ModuleConfig};
 
@@ -316,12 +316,16 @@ pub fn parse(
         }
         Ok(prefixes)
     };
-    let grants = &mut out.call.grants;
-    grants.read_only_dirs = prefixes("grants.read-only-dirs", raw.grants.read_only_dirs)?;
-    if let Some(device_paths) = raw.grants.device_paths {
-        grants.device_paths = prefixes("grants.device-paths", device_paths)?;
-    }
-    grants.mount_paths = prefixes("grants.mount-paths", raw.grants.mount_paths)?;
+    let device_paths = match raw.grants.device_paths {
+        Some(given) => prefixes("grants.device-paths", given)?,
+        None => vec![PathBuf::from(DEFAULT_DEVICE_PATH)],
+    };
+    out.call.grants = Grants::new(
+        prefixes("grants.read-only-dirs", raw.grants.read_only_dirs)?,
+        device_paths,
+        prefixes("grants.mount-paths", raw.grants.mount_paths)?,
+    )
+    .protecting(&settings.kubelet_dir);
 
     out.call.config = raw
         .config
@@ -463,10 +467,13 @@ mod tests {
         assert_eq!(m.call.limits.allocate_deadline, Duration::from_millis(250));
         assert_eq!(m.call.limits.scan_deadline, Duration::from_secs(3));
         assert_eq!(
-            m.call.grants.read_only_dirs,
+            m.call.grants.read_only_dirs(),
             vec![PathBuf::from("/sys/class/fpga_region")]
         );
-        assert_eq!(m.call.grants.device_paths, vec![PathBuf::from("/dev/fpga")]);
+        assert_eq!(
+            m.call.grants.device_paths().collect::<Vec<_>>(),
+            [Path::new("/dev/fpga")]
+        );
         assert_eq!(m.call.config["count"], "3");
         assert_eq!(m.call.config["verbose"], "true");
         let dev1 = m.resource("dev-1");

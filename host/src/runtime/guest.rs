@@ -19,16 +19,18 @@ use crate::runtime::engine::Runtime;
 use crate::runtime::limits::{Call, CallSettings, HostState, new_store};
 use crate::runtime::{CallError, CallFailure, LoadError};
 
-/// The interfaces a module may import: WASI 0.2 without sockets (a module has no
-/// network), and this host's own.
+/// The WASI 0.2 interfaces a module may import (sockets are not among them: a
+/// module has no network), besides this host's own package.
 pub const PROVIDED_IMPORTS: &[&str] = &[
     "wasi:io/",
     "wasi:clocks/",
     "wasi:random/",
     "wasi:cli/",
     "wasi:filesystem/",
-    "wasm-device-plugin:device/",
 ];
+
+/// The WASI version the host provides (any 0.2.x).
+const WASI_VERSION: &str = "0.2.";
 
 /// The major.minor of our WIT package that modules must be built against.
 const PACKAGE: &str = "wasm-device-plugin:device";
@@ -60,7 +62,10 @@ fn check_imports(engine: &wasmtime::Engine, component: &Component) -> Result<(),
             }
             continue;
         }
-        if !PROVIDED_IMPORTS.iter().any(|p| name.starts_with(p)) {
+        let wasi_02 = name
+            .split_once('@')
+            .is_some_and(|(_, version)| version.starts_with(WASI_VERSION));
+        if !(wasi_02 && PROVIDED_IMPORTS.iter().any(|p| name.starts_with(p))) {
             foreign.push(format!("`{name}`"));
         }
     }

@@ -177,7 +177,7 @@ pub fn new_store(
     wasi.allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false);
-    for dir in &settings.grants.read_only_dirs {
+    for dir in settings.grants.read_only_dirs() {
         let guest_path = dir.to_string_lossy();
         if let Err(err) = wasi.preopened_dir(dir, &*guest_path, FsPerms::ReadOnly) {
             // A granted directory that is missing now (a device not plugged in) is

@@ -38,7 +38,7 @@ pub enum LoadError {
     Invalid(String),
     /// A component imports interfaces this host does not provide.
     #[error(
-        "component imports {0}, which this host does not provide (modules get WASI io, clocks, random, cli and filesystem, and no network)"
+        "component imports {0}, which this host does not provide (modules get WASI 0.2 io, clocks, random, cli and filesystem, and no network)"
     )]
     UnsupportedImports(String),
     /// A component that does not fit our world (another version of our package,

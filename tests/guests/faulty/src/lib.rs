@@ -61,17 +61,16 @@ fn misbehave(export: &str) -> Result<(), ModuleError> {
             host::log(host::LogLevel::Info, &format!("faulty guest: line {n}"));
         }
     }
-    if let Some(spec) = host::get_config("fail") {
-        if let Some((which, kind)) = spec.split_once('=') {
-            if which == export {
-                let message = format!("faulty guest: {kind} in {export}");
-                return Err(match kind {
-                    "invalid-request" => ModuleError::InvalidRequest(message),
-                    "unavailable" => ModuleError::Unavailable(message),
-                    _ => ModuleError::Internal(message),
-                });
-            }
-        }
+    if let Some(spec) = host::get_config("fail")
+        && let Some((which, kind)) = spec.split_once('=')
+        && which == export
+    {
+        let message = format!("faulty guest: {kind} in {export}");
+        return Err(match kind {
+            "invalid-request" => ModuleError::InvalidRequest(message),
+            "unavailable" => ModuleError::Unavailable(message),
+            _ => ModuleError::Internal(message),
+        });
     }
     Ok(())
 }
