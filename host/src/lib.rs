@@ -8,7 +8,8 @@
 //! - [`policy`]: guest output → validated [`domain`] values, host paths checked
 //!   against the module's [`grants`];
 //! - [`registry`]: module discovery and lifecycle;
-//! - [`app`]: wiring and shutdown; [`demo`]: the demo run; [`config`]: the CLI.
+//! - [`app`]: wiring and shutdown; [`demo`]: the demo run; [`config`]: the CLI;
+//! - [`gauge`]: counts of calls and streams in progress, for tests and metrics.
 #![warn(missing_docs)]
 
 pub mod app;
