@@ -2,9 +2,8 @@
 //! each call instantiates into a fresh store and runs one export (or, for an
 //! allocation, `allocate` then `post-allocate` on the same instance).
 
-use std::sync::{Arc, RwLock};
-
 use std::future::Future;
+use std::sync::{Arc, RwLock};
 
 use wasmtime::component::Component;
 use wasmtime::component::types::ComponentItem;
@@ -38,10 +37,10 @@ const PACKAGE_VERSION: &str = "0.1";
 
 /// Refuses a component that imports an interface this host does not provide, or
 /// another version of our package, naming each such import, or that lacks one
-/// of our exports, naming each missing one. (The linker would
-/// also refuse it, with a less helpful message; WASI sockets it would accept, as
+/// of our exports, naming each missing one. (The linker would also refuse most
+/// of these, with a less helpful message; WASI sockets it would accept, as
 /// wasmtime links them whole.)
-fn check_imports(engine: &wasmtime::Engine, component: &Component) -> Result<(), LoadError> {
+fn check_world(engine: &wasmtime::Engine, component: &Component) -> Result<(), LoadError> {
     let ty = component.component_type();
     let mut foreign = Vec::new();
     for (name, item) in ty.imports(engine) {
@@ -112,7 +111,7 @@ impl Guest {
         settings: CallSettings,
     ) -> Result<Self, LoadError> {
         let component = runtime.component(name, bytes)?;
-        if let Err(err) = check_imports(runtime.engine(), &component) {
+        if let Err(err) = check_world(runtime.engine(), &component) {
             runtime.count_refused();
             return Err(err);
         }
