@@ -122,8 +122,10 @@ impl Host {
         self.states.clone()
     }
 
-    /// Module files refused so far (the newest last), each naming the module, the
-    /// file and why; a refused file leaves its module as it was.
+    /// What the host refused of each module so far (the newest 64, last last):
+    /// module files, naming the file and why (a refused file leaves its module as
+    /// it was), and scans or health checks that started failing, naming the call
+    /// and why (the module keeps its last good state).
     pub fn refusals(&self) -> watch::Receiver<Refusals> {
         self.ctx.refusals.subscribe()
     }

@@ -231,8 +231,8 @@ impl Fixture {
         }
     }
 
-    /// Waits until a file of module `name` has been refused `count` times in
-    /// all; returns the last reason.
+    /// Waits until module `name` has had `count` refusals in all (refused files
+    /// or failing checks); returns the last reason.
     pub async fn refused(&self, name: &str, count: usize) -> String {
         let mut refusals = self.host.refusals();
         let found = tokio::time::timeout(

@@ -70,7 +70,7 @@ pub struct Context {
     pub kubelet: Arc<KubeletDir>,
     /// Every module's state.
     pub states: watch::Sender<ModuleStates>,
-    /// Files refused, newest last.
+    /// Refused files and failing checks, newest last (see [`Refusal`]).
     pub refusals: watch::Sender<Refusals>,
     /// ListAndWatch streams open, across every resource.
     pub streams: Gauge,
