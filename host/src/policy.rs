@@ -13,7 +13,7 @@
 //! runtime's CDI parser accepts them; no list in a response holds more than
 //! [`MAX_ENTRIES`] entries and the whole response stays under [`MAX_RESPONSE_BYTES`].
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
 use crate::domain::{
@@ -71,16 +71,36 @@ pub struct ScannedResource {
     pub kind: String,
     /// The devices.
     pub devices: DeviceSet,
+    /// Each device's `allocation` as the module reported it (checked), for
+    /// devices whose allocation is not empty; handed back to `allocate`.
+    pub allocations: DeviceAllocations,
+}
+
+/// Per device id, what a container given the device needs, as `scan` reported it
+/// (only devices whose report is not empty).
+pub type DeviceAllocations = HashMap<String, ContainerResponse>;
+
+/// Whether a reported allocation holds nothing.
+pub fn is_empty_allocation(r: &ContainerResponse) -> bool {
+    r.envs.is_empty()
+        && r.devices.is_empty()
+        && r.mounts.is_empty()
+        && r.annotations.is_empty()
+        && r.cdi_devices.is_empty()
 }
 
 /// Checks a scan and names each kind's resource with `name_of` (the module's
-/// domain and the operator's renames).
+/// domain and the operator's renames). Each device's `allocation` is checked by
+/// the rules of an `allocate` answer, host paths against `grants`, and all of a
+/// kind's allocations together hold at most [`MAX_RESPONSE_BYTES`] of text (so
+/// that what `allocate` is handed back always fits).
 ///
 /// # Errors
 /// [`PolicyError`] for the first rule broken.
 pub fn scan(
     module: &str,
     name_of: impl Fn(&str) -> Result<ResourceName, ResourceNameError>,
+    grants: &Grants,
     kinds: Vec<DeviceKind>,
 ) -> Result<Vec<ScannedResource>, PolicyError> {
     let ctx = Ctx { module };
@@ -99,21 +119,41 @@ pub fn scan(
             if !names.insert(name.clone()) {
                 return Err(ctx.err(&field, format!("resource {name} is reported twice")));
             }
-            let devices = kind
-                .devices
-                .into_iter()
-                .map(|d| Device {
+            let mut allocations = DeviceAllocations::new();
+            let mut text = 0usize;
+            let mut devices = Vec::with_capacity(kind.devices.len());
+            for d in kind.devices {
+                if !is_empty_allocation(&d.allocation) {
+                    let at = format!("{field}.devices[{:?}].allocation", d.id);
+                    text = text.saturating_add(text_bytes(&d.allocation));
+                    if text > MAX_RESPONSE_BYTES {
+                        return Err(ctx.err(
+                            at,
+                            format!(
+                                "the kind's allocations hold more than the {MAX_RESPONSE_BYTES} bytes of text one Allocate response may"
+                            ),
+                        ));
+                    }
+                    container(&Ctx { module }, grants, 0, d.allocation.clone())
+                        .map_err(|e| {
+                            let within = e.field.trim_start_matches("containers[0].");
+                            ctx.err(format!("{at}.{within}"), e.rule)
+                        })?;
+                    allocations.insert(d.id.clone(), d.allocation);
+                }
+                devices.push(Device {
                     id: d.id,
                     health: health(d.health),
                     numa_nodes: d.numa_nodes,
-                })
-                .collect();
+                });
+            }
             let devices =
                 DeviceSet::new(devices).map_err(|e| ctx.err(format!("{field}.devices"), e))?;
             Ok(ScannedResource {
                 name,
                 kind: kind.name,
                 devices,
+                allocations,
             })
         })
         .collect()
@@ -416,6 +456,7 @@ mod tests {
                     id: id.to_string(),
                     health: bindings::Health::Healthy,
                     numa_nodes: vec![],
+                    allocation: response(),
                 })
                 .collect(),
         }
@@ -444,6 +485,7 @@ mod tests {
         let got = scan(
             "m",
             EX,
+            &Grants::default(),
             vec![kind("dev-1", &["a"]), kind("vendor.io/x", &["b"])],
         )
         .expect("valid");
@@ -454,16 +496,77 @@ mod tests {
 
     #[test]
     fn scan_rejects_duplicate_device_ids() {
-        let err = scan("m", EX, vec![kind("dev-1", &["a", "a"])]).expect_err("duplicate");
+        let err = scan(
+            "m",
+            EX,
+            &Grants::default(),
+            vec![kind("dev-1", &["a", "a"])],
+        )
+        .expect_err("duplicate");
         assert_eq!(err.module, "m");
         assert!(err.field.contains("dev-1"));
     }
 
     #[test]
     fn scan_rejects_duplicate_kinds_and_bad_names() {
-        assert!(scan("m", EX, vec![kind("x", &[]), kind("x", &[])]).is_err());
-        assert!(scan("m", EX, vec![kind("kubernetes.io/x", &[])]).is_err());
-        assert!(scan("m", EX, vec![kind("bad name", &[])]).is_err());
+        assert!(
+            scan(
+                "m",
+                EX,
+                &Grants::default(),
+                vec![kind("x", &[]), kind("x", &[])]
+            )
+            .is_err()
+        );
+        assert!(
+            scan(
+                "m",
+                EX,
+                &Grants::default(),
+                vec![kind("kubernetes.io/x", &[])]
+            )
+            .is_err()
+        );
+        assert!(scan("m", EX, &Grants::default(), vec![kind("bad name", &[])]).is_err());
+    }
+
+    #[test]
+    fn scan_keeps_reported_allocations_and_checks_them() {
+        let mut dev = kind("fpga", &["a", "b"]);
+        dev.devices[0].allocation.devices.push(DeviceSpec {
+            host_path: "/dev/null".into(),
+            container_path: "/dev/fpga0".into(),
+            permissions: "rw".into(),
+        });
+        let got = scan("m", EX, &Grants::default(), vec![dev.clone()]).expect("valid");
+        // Only the device that reported something is kept, as reported.
+        assert_eq!(got[0].allocations.len(), 1);
+        assert_eq!(got[0].allocations["a"].devices[0].host_path, "/dev/null");
+
+        dev.devices[1].allocation.devices.push(DeviceSpec {
+            host_path: "/dev/mem".into(),
+            container_path: "/dev/mem".into(),
+            permissions: "r".into(),
+        });
+        let err = scan("m", EX, &Grants::default(), vec![dev]).expect_err("protected path");
+        assert_eq!(
+            err.field,
+            "kinds[\"fpga\"].devices[\"b\"].allocation.devices[0].host-path"
+        );
+        assert!(err.rule.contains("/dev/mem"), "{}", err.rule);
+    }
+
+    #[test]
+    fn scan_bounds_a_kinds_allocations() {
+        let mut dev = kind("k", &["a", "b"]);
+        for d in &mut dev.devices {
+            d.allocation.envs.push(KeyValue {
+                key: "BIG".into(),
+                value: "x".repeat(MAX_RESPONSE_BYTES / 2 + 1),
+            });
+        }
+        let err = scan("m", EX, &Grants::default(), vec![dev]).expect_err("too big together");
+        assert!(err.field.contains("devices[\"b\"]"), "{}", err.field);
     }
 
     #[test]

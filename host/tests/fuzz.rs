@@ -516,12 +516,25 @@ fn guest_health() -> impl Strategy<Value = bindings::Health> {
     ]
 }
 
+/// A device allocation that gives nothing (the allocation rules are fuzzed on
+/// `allocate` answers, which scan reports are checked by).
+fn nothing() -> ContainerResponse {
+    ContainerResponse {
+        envs: vec![],
+        devices: vec![],
+        mounts: vec![],
+        annotations: vec![],
+        cdi_devices: vec![],
+    }
+}
+
 fn guest_devices() -> impl Strategy<Value = Vec<GuestDevice>> {
     let device = (device_id(), guest_health(), vec(any::<i64>(), 0..3)).prop_map(
         |(id, health, numa_nodes)| GuestDevice {
             id,
             health,
             numa_nodes,
+            allocation: nothing(),
         },
     );
     prop_oneof![
@@ -532,6 +545,7 @@ fn guest_devices() -> impl Strategy<Value = Vec<GuestDevice>> {
                     id: format!("d{i}"),
                     health: bindings::Health::Healthy,
                     numa_nodes: vec![],
+                    allocation: nothing(),
                 })
                 .collect()
         }),
@@ -1195,7 +1209,10 @@ fn scan_output_is_checked() {
     fuzz("scan", (module_name(), kinds()), |(module, kinds)| {
         let broken = scan_rule_broken(&kinds);
         let name_of = |kind: &str| domain::ResourceName::for_kind(DOMAIN, kind);
-        match (policy::scan(&module, name_of, kinds.clone()), broken) {
+        match (
+            policy::scan(&module, name_of, &Grants::default(), kinds.clone()),
+            broken,
+        ) {
             (Err(e), Some(_)) => names_module(&e, &module),
             (Err(e), None) => Err(TestCaseError::fail(format!("valid scan refused: {e}"))),
             (Ok(_), Some(rule)) => Err(TestCaseError::fail(format!("accepted, but {rule}"))),

@@ -68,8 +68,8 @@ async fn a_truncated_component_is_refused_as_invalid() {
 async fn a_component_of_another_version_of_our_package_is_refused() {
     let reason = refused(guest(guests::WRONG_VERSION)).await;
     assert!(
-        reason.contains("wasm-device-plugin:device/host@0.2.0")
-            && reason.contains("this host implements wasm-device-plugin:device@0.1.x"),
+        reason.contains("wasm-device-plugin:device/host@0.1.0")
+            && reason.contains("this host implements wasm-device-plugin:device@0.2.x"),
         "{reason}"
     );
 }
@@ -88,7 +88,7 @@ async fn a_component_missing_exports_is_refused() {
     let reason = refused(guest(guests::MISSING_EXPORT)).await;
     assert!(
         reason
-            .contains("does not implement the wasm-device-plugin:device@0.1.0 device-plugin world")
+            .contains("does not implement the wasm-device-plugin:device@0.2.0 device-plugin world")
             && reason.contains("it does not export `health`, `allocate`, `post-allocate`"),
         "{reason}"
     );

@@ -11,15 +11,10 @@
 //! character outside `[A-Za-z0-9]` made `_`), and `post-allocate` adds the annotation
 //! `virtual.example.com/devices` listing the container's ids.
 
-wit_bindgen::generate!({
-    path: "../../wit",
-    world: "device-plugin",
-});
-
-use wasm_device_plugin::device::host::{self, LogLevel};
-// The world's `use` makes `DeviceKind`, `DeviceRef`, `Health`, `AllocateRequest`,
-// `ContainerResponse` and `ModuleError` available at the crate root already.
-use wasm_device_plugin::device::types::{ContainerRequest, Device, KeyValue};
+use wdp_sdk::{
+    AllocateRequest, ContainerResponse, Device, DeviceKind, DevicePlugin, DeviceRef, Health,
+    KeyValue, ModuleError, config, debug,
+};
 
 const DEFAULT_KINDS: &str = "dev-1=4,dev-2=2";
 const ANNOTATION: &str = "virtual.example.com/devices";
@@ -33,7 +28,7 @@ struct KindSpec {
 }
 
 fn kinds() -> Result<Vec<KindSpec>, ModuleError> {
-    let raw = host::get_config("kinds").unwrap_or_else(|| DEFAULT_KINDS.to_string());
+    let raw = config::get_or("kinds", DEFAULT_KINDS);
     raw.split(',')
         .map(str::trim)
         .filter(|entry| !entry.is_empty())
@@ -54,48 +49,34 @@ fn device_id(node: &str, kind: &str, n: u32) -> String {
     format!("/{node}/{segment}/{n}")
 }
 
-fn unhealthy_ids() -> Vec<String> {
-    host::get_config("unhealthy")
-        .map(|raw| raw.split(',').map(|id| id.trim().to_string()).collect())
-        .unwrap_or_default()
-}
-
 fn env_safe(kind: &str) -> String {
     kind.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
 }
 
-impl Guest for VirtualDevices {
+impl DevicePlugin for VirtualDevices {
     fn scan() -> Result<Vec<DeviceKind>, ModuleError> {
-        let node = host::get_config("node").unwrap_or_else(|| "node1".to_string());
-        let numa = match host::get_config("numa-nodes") {
-            Some(raw) => raw.trim().parse::<i64>().map_err(|_| {
-                ModuleError::InvalidRequest(format!("config `numa-nodes`: `{raw}` is not a number"))
-            })?,
-            None => 0,
-        };
-        let unhealthy = unhealthy_ids();
+        let node = config::get_or("node", "node1");
+        let numa: i64 = config::parse("numa-nodes")?.unwrap_or(0);
+        let unhealthy = config::list("unhealthy");
         let kinds = kinds()?;
-        host::log(LogLevel::Debug, &format!("scanning {} kinds", kinds.len()));
+        debug!("scanning {} kinds", kinds.len());
         Ok(kinds
             .into_iter()
-            .map(|kind| DeviceKind {
-                devices: (1..=kind.count)
-                    .map(|n| {
-                        let id = device_id(&node, &kind.name, n);
-                        let health =
-                            if unhealthy.contains(&id) { Health::Unhealthy } else { Health::Healthy };
-                        let numa_nodes =
-                            if numa > 0 { vec![i64::from(n - 1) % numa] } else { Vec::new() };
-                        Device { id, health, numa_nodes }
-                    })
-                    .collect(),
-                name: kind.name,
+            .map(|kind| {
+                let devices = (1..=kind.count).map(|n| {
+                    let id = device_id(&node, &kind.name, n);
+                    let healthy = !unhealthy.contains(&id);
+                    let device = Device::new(id).healthy(healthy);
+                    if numa > 0 { device.numa_node(i64::from(n - 1) % numa) } else { device }
+                });
+                DeviceKind::new(kind.name.clone()).with_devices(devices)
             })
             .collect())
     }
 
     fn health(devices: Vec<DeviceRef>) -> Result<Vec<Health>, ModuleError> {
-        let unhealthy = unhealthy_ids();
+        // Cheaper than the default (a whole scan): only the `unhealthy` list matters.
+        let unhealthy = config::list("unhealthy");
         Ok(devices
             .iter()
             .map(|d| if unhealthy.contains(&d.id) { Health::Unhealthy } else { Health::Healthy })
@@ -103,20 +84,16 @@ impl Guest for VirtualDevices {
     }
 
     fn allocate(request: AllocateRequest) -> Result<Vec<ContainerResponse>, ModuleError> {
+        // Numbered per container, so not from scan: the default would not do.
         let kind = env_safe(&request.kind);
         Ok(request
             .containers
             .iter()
-            .map(|ContainerRequest { device_ids }| ContainerResponse {
-                envs: device_ids
-                    .iter()
-                    .enumerate()
-                    .map(|(n, id)| KeyValue { key: format!("DEV_{kind}_ID_{n}"), value: id.clone() })
-                    .collect(),
-                devices: Vec::new(),
-                mounts: Vec::new(),
-                annotations: Vec::new(),
-                cdi_devices: Vec::new(),
+            .map(|container| {
+                container.device_ids.iter().enumerate().fold(
+                    ContainerResponse::new(),
+                    |response, (n, id)| response.env(&format!("DEV_{kind}_ID_{n}"), id),
+                )
             })
             .collect())
     }
@@ -135,4 +112,4 @@ impl Guest for VirtualDevices {
     }
 }
 
-export!(VirtualDevices);
+wdp_sdk::export_device_plugin!(VirtualDevices);

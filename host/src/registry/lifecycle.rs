@@ -49,13 +49,15 @@ use crate::gauge::Gauge;
 use crate::kubelet::dir::KubeletDir;
 use crate::kubelet::server::{AllocateError, DeviceBackend};
 use crate::kubelet::{self, ServedResource};
-use crate::policy::{self, ScannedResource};
+use crate::policy::{self, DeviceAllocations, ScannedResource};
 use crate::registry::manifest::{self, ManifestError, ModuleSettings, ResourcePolicy};
 use crate::registry::watch::ModuleFiles;
 use crate::registry::{
     Claim, Claims, MAX_REFUSALS, ModuleState, ModuleStates, Refusal, Refusals, Settings,
 };
-use crate::runtime::bindings::{AllocateRequest, ContainerRequest, DeviceRef, ModuleError};
+use crate::runtime::bindings::{
+    AllocateRequest, ContainerRequest, ContainerResponse, DeviceRef, ModuleError,
+};
 use crate::runtime::{CallError, CallFailure, CallSettings, Guest, ModuleConfig, Runtime};
 
 /// What every module's lifecycle shares.
@@ -109,11 +111,16 @@ fn current(slot: &GuestSlot) -> Arc<Guest> {
     slot.read().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
+/// The allocations the last accepted scan reported for a resource's devices;
+/// swapped whole on each scan, read once per Allocate.
+type AllocationsSlot = RwLock<Arc<DeviceAllocations>>;
+
 /// Allocates through a module for one of its resources.
 pub struct GuestBackend {
     guest: Arc<GuestSlot>,
     kind: String,
     replicas: Arc<AtomicU32>,
+    allocations: Arc<AllocationsSlot>,
 }
 
 impl DeviceBackend for GuestBackend {
@@ -123,10 +130,15 @@ impl DeviceBackend for GuestBackend {
     ) -> Result<Vec<ContainerAllocation>, AllocateError> {
         let count = containers.len();
         let replicas = self.replicas.load(Ordering::Relaxed);
+        let reported = self
+            .allocations
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let containers = containers
             .into_iter()
-            .map(|ids| ContainerRequest {
-                device_ids: if replicas > 1 {
+            .map(|ids| {
+                let device_ids = if replicas > 1 {
                     // Replicas of one device in a container are that device, once.
                     let mut devices: Vec<String> = Vec::with_capacity(ids.len());
                     for id in &ids {
@@ -138,7 +150,15 @@ impl DeviceBackend for GuestBackend {
                     devices
                 } else {
                     ids
-                },
+                };
+                let allocations = device_ids
+                    .iter()
+                    .map(|id| reported.get(id).cloned().unwrap_or_else(empty_allocation))
+                    .collect();
+                ContainerRequest {
+                    device_ids,
+                    allocations,
+                }
             })
             .collect();
         let request = AllocateRequest {
@@ -154,6 +174,16 @@ impl DeviceBackend for GuestBackend {
             .map_err(allocate_error)?;
         policy::allocation(guest.name(), count, responses, &settings.grants)
             .map_err(|e| AllocateError::Failed(e.to_string()))
+    }
+}
+
+fn empty_allocation() -> ContainerResponse {
+    ContainerResponse {
+        envs: Vec::new(),
+        devices: Vec::new(),
+        mounts: Vec::new(),
+        annotations: Vec::new(),
+        cdi_devices: Vec::new(),
     }
 }
 
@@ -189,6 +219,8 @@ struct Resource {
     tracker: HealthTracker,
     /// The replicas the advertised list was built with (read by Allocate).
     replicas: Arc<AtomicU32>,
+    /// What the last scan reported each device needs (read by Allocate).
+    allocations: Arc<AllocationsSlot>,
     /// The advertised list.
     devices: watch::Sender<Arc<DeviceSet>>,
     token: CancellationToken,
@@ -225,7 +257,12 @@ impl Resource {
 
     /// Takes a scan's devices: the ids and NUMA nodes as scanned; for devices
     /// already known, the scanned health counts as one more health answer.
-    fn update(&mut self, name: &ResourceName, scanned: DeviceSet, policy: ResourcePolicy) {
+    fn update(&mut self, name: &ResourceName, scanned: ScannedResource, policy: ResourcePolicy) {
+        // Before the list goes out, so that a device kubelet may allocate has
+        // its allocation in place.
+        *self.allocations.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(scanned.allocations);
+        let scanned = scanned.devices;
         let merged: Vec<Device> = scanned
             .devices()
             .iter()
@@ -552,9 +589,16 @@ async fn load(
 }
 
 async fn scan(guest: &Guest, settings: &ModuleSettings) -> Result<Vec<ScannedResource>, String> {
+    // Judged by the grants the call ran with, as Allocate is.
+    let call_settings = guest.settings();
     let kinds = guest.scan().await.map_err(|e| e.to_string())?;
-    policy::scan(guest.name(), |kind| settings.resource_name(kind), kinds)
-        .map_err(|e| e.to_string())
+    policy::scan(
+        guest.name(),
+        |kind| settings.resource_name(kind),
+        &call_settings.grants,
+        kinds,
+    )
+    .map_err(|e| e.to_string())
 }
 
 struct Module {
@@ -637,7 +681,8 @@ impl Module {
             let policy = self.settings.resource(&found.kind).clone();
             if let Some(resource) = self.resources.get_mut(&found.name) {
                 if resource.kind == found.kind {
-                    resource.update(&found.name, found.devices, policy);
+                    let name = found.name.clone();
+                    resource.update(&name, found, policy);
                     continue;
                 }
                 // Another kind renamed onto this name: serve it afresh.
@@ -660,10 +705,12 @@ impl Module {
             let (advertised, replicas) = advertise(&found.name, &found.devices, policy.replicas);
             let replicas = Arc::new(AtomicU32::new(replicas));
             let (tx, rx) = watch::channel(Arc::new(advertised));
+            let allocations = Arc::new(RwLock::new(Arc::new(found.allocations)));
             let backend = Arc::new(GuestBackend {
                 guest: self.guest.clone(),
                 kind: found.kind.clone(),
                 replicas: replicas.clone(),
+                allocations: allocations.clone(),
             });
             let token = self.token.child_token();
             let served = kubelet::serve(
@@ -683,6 +730,7 @@ impl Module {
                     real: found.devices,
                     tracker: HealthTracker::default(),
                     replicas,
+                    allocations,
                     devices: tx,
                     token,
                     served,

@@ -33,7 +33,7 @@ const WASI_VERSION: &str = "0.2.";
 
 /// The major.minor of our WIT package that modules must be built against.
 const PACKAGE: &str = "wasm-device-plugin:device";
-const PACKAGE_VERSION: &str = "0.1";
+const PACKAGE_VERSION: &str = "0.2";
 
 /// Refuses a component that imports an interface this host does not provide, or
 /// another version of our package, naming each such import, or that lacks one

@@ -44,7 +44,7 @@ pub enum LoadError {
     /// A component that does not fit our world (another version of our package,
     /// missing exports, wrong types).
     #[error(
-        "component does not implement the wasm-device-plugin:device@0.1.0 device-plugin world: {0}"
+        "component does not implement the wasm-device-plugin:device@0.2.0 device-plugin world: {0}"
     )]
     Incompatible(String),
 }

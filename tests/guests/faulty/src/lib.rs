@@ -76,7 +76,7 @@ fn misbehave(export: &str) -> Result<(), ModuleError> {
 }
 
 fn device(id: String) -> Device {
-    Device { id, health: Health::Healthy, numa_nodes: Vec::new() }
+    Device { id, health: Health::Healthy, numa_nodes: Vec::new(), allocation: empty_response() }
 }
 
 fn kind(name: &str, ids: impl IntoIterator<Item = String>) -> DeviceKind {
@@ -95,6 +95,16 @@ fn bogus_scan(rule: &str) -> Option<Vec<DeviceKind>> {
         "kubernetes-io" => vec![kind("kubernetes.io/faulty", ids(1))],
         "duplicate-kind" => vec![kind("faulty", ids(1)), kind("faulty", ids(1))],
         "too-many-kinds" => (0..257).map(|k| kind(&format!("k{k}"), ids(1))).collect(),
+        // A device whose reported allocation has a node at config `path`.
+        "scan-allocation" => {
+            let mut found = kind("faulty", ids(1));
+            found.devices[0].allocation.devices.push(DeviceSpec {
+                host_path: host::get_config("path").unwrap_or_else(|| "/dev/null".to_string()),
+                container_path: "/dev/faulty".to_string(),
+                permissions: "rw".to_string(),
+            });
+            vec![found]
+        }
         _ => return None,
     })
 }

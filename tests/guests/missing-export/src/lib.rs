@@ -4,7 +4,7 @@
 
 wit_bindgen::generate!({
     inline: "
-        package wasm-device-plugin:device@0.1.0;
+        package wasm-device-plugin:device@0.2.0;
 
         world device-plugin {
             export scan: func() -> list<string>;

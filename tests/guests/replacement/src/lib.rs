@@ -21,6 +21,13 @@ impl Guest for Replacement {
                     id: format!("/v2/dev1/{n}"),
                     health: Health::Healthy,
                     numa_nodes: Vec::new(),
+                    allocation: ContainerResponse {
+                        envs: Vec::new(),
+                        devices: Vec::new(),
+                        mounts: Vec::new(),
+                        annotations: Vec::new(),
+                        cdi_devices: Vec::new(),
+                    },
                 })
                 .collect(),
         }])

@@ -14,7 +14,12 @@ impl Guest for Sockets {
     fn scan() -> Result<Vec<DeviceKind>, ModuleError> {
         Ok(vec![DeviceKind {
             name: "sockets".to_string(),
-            devices: vec![Device { id: "s0".into(), health: Health::Healthy, numa_nodes: Vec::new() }],
+            devices: vec![Device {
+                id: "s0".into(),
+                health: Health::Healthy,
+                numa_nodes: Vec::new(),
+                allocation: empty(),
+            }],
         }])
     }
 
@@ -40,14 +45,18 @@ fn post_nothing(request: AllocateRequest) -> Result<Vec<ContainerResponse>, Modu
     Ok(request
         .containers
         .iter()
-        .map(|_| ContainerResponse {
-            envs: Vec::new(),
-            devices: Vec::new(),
-            mounts: Vec::new(),
-            annotations: Vec::new(),
-            cdi_devices: Vec::new(),
-        })
+        .map(|_| empty())
         .collect())
+}
+
+fn empty() -> ContainerResponse {
+    ContainerResponse {
+        envs: Vec::new(),
+        devices: Vec::new(),
+        mounts: Vec::new(),
+        annotations: Vec::new(),
+        cdi_devices: Vec::new(),
+    }
 }
 
 export!(Sockets);

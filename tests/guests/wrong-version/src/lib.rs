@@ -1,10 +1,10 @@
 //! A module built against another version of the host's WIT package
-//! (`wasm-device-plugin:device@0.2.0`): the host must refuse it at load, naming
+//! (`wasm-device-plugin:device@0.1.0`): the host must refuse it at load, naming
 //! both versions.
 
 wit_bindgen::generate!({
     inline: "
-        package wasm-device-plugin:device@0.2.0;
+        package wasm-device-plugin:device@0.1.0;
 
         interface host {
             log: func(message: string);

@@ -1,0 +1,489 @@
+//! Write a [wasm-device-plugin] device module in Rust.
+//!
+//! The host serves kubelet; a module only answers four questions about its
+//! devices (see `wit/device-plugin.wit`). With this crate a module implements
+//! [`DevicePlugin`], usually just [`DevicePlugin::scan`], and exports it with
+//! [`export_device_plugin!`]:
+//!
+//! ```ignore
+//! use wdp_sdk::{config, info, Device, DeviceKind, DevicePlugin, ModuleError};
+//!
+//! struct Serial;
+//!
+//! impl DevicePlugin for Serial {
+//!     fn scan() -> Result<Vec<DeviceKind>, ModuleError> {
+//!         let count: u32 = config::parse("count")?.unwrap_or(2);
+//!         info!("reporting {count} ports");
+//!         Ok(vec![DeviceKind::new("serial").with_devices((0..count).map(|n| {
+//!             let path = format!("/dev/ttyUSB{n}");
+//!             Device::new(format!("ttyUSB{n}")).node(&path, &path, "rw")
+//!         }))])
+//!     }
+//! }
+//!
+//! wdp_sdk::export_device_plugin!(Serial);
+//! ```
+//!
+//! What the defaults do:
+//! - [`DevicePlugin::allocate`] gives each container what `scan` reported for
+//!   its devices ([`Device::allocation`], handed back by the host in
+//!   `ContainerRequest::allocations`), merged with
+//!   [`ContainerResponse::merge`], as Intel's device-plugin framework builds a
+//!   response from its device tree;
+//! - [`DevicePlugin::health`] runs `scan` again and reports each device's health
+//!   as found (a device no longer found is unhealthy);
+//! - [`DevicePlugin::post_allocate`] returns the response unchanged.
+//!
+//! Every call runs in a fresh instance: keep no state between calls, derive
+//! everything from [`config`] and the files the operator granted.
+//!
+//! [wasm-device-plugin]: https://example.invalid/wasm-device-plugin
+
+#![warn(missing_docs)]
+
+/// The bindings generated from the host's WIT world. Everything a module needs
+/// is re-exported at the crate root; this is here for the rare lower-level need.
+#[allow(missing_docs, clippy::all)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../../wit",
+        world: "device-plugin",
+        pub_export_macro: true,
+        export_macro_name: "export_world",
+        default_bindings_module: "wdp_sdk::bindings",
+    });
+}
+
+pub use bindings::wasm_device_plugin::device::host::LogLevel;
+pub use bindings::wasm_device_plugin::device::types::{
+    AllocateRequest, ContainerRequest, ContainerResponse, Device, DeviceKind, DeviceRef,
+    DeviceSpec, Health, KeyValue, ModuleError, Mount,
+};
+
+/// A device module. Only [`DevicePlugin::scan`] has no default.
+pub trait DevicePlugin {
+    /// Reports the module's devices, grouped by kind (one kubelet resource per
+    /// kind). Give each device what a container needs to use it (device nodes,
+    /// mounts, environment, annotations, CDI names) with [`Device`]'s builder
+    /// methods, and the default [`DevicePlugin::allocate`] does the rest.
+    ///
+    /// # Errors
+    /// A [`ModuleError`] when the devices cannot be listed; the host keeps the last
+    /// good list and retries.
+    fn scan() -> Result<Vec<DeviceKind>, ModuleError>;
+
+    /// The health of `devices`, one entry each, in order. By default: `scan` again,
+    /// and each device's health as scanned; a device no longer found is unhealthy.
+    ///
+    /// # Errors
+    /// As [`DevicePlugin::scan`].
+    fn health(devices: Vec<DeviceRef>) -> Result<Vec<Health>, ModuleError> {
+        Ok(health_from_scan(&Self::scan()?, &devices))
+    }
+
+    /// What each container needs for the devices kubelet chose. By default: per
+    /// container, the merge of what `scan` reported for each of its devices.
+    ///
+    /// # Errors
+    /// A [`ModuleError`] fails the whole Allocate; kubelet does not start the pod.
+    fn allocate(request: AllocateRequest) -> Result<Vec<ContainerResponse>, ModuleError> {
+        Ok(allocate_from_scan(&request))
+    }
+
+    /// Amends the complete response (e.g. adds annotations for a runtime hook).
+    /// By default returns it unchanged.
+    ///
+    /// # Errors
+    /// As [`DevicePlugin::allocate`].
+    fn post_allocate(
+        request: AllocateRequest,
+        response: Vec<ContainerResponse>,
+    ) -> Result<Vec<ContainerResponse>, ModuleError> {
+        let _ = request;
+        Ok(response)
+    }
+}
+
+/// Exports a [`DevicePlugin`] implementation as the module's world. Use once, at
+/// the crate root of a `cdylib` built for `wasm32-wasip2`.
+#[macro_export]
+macro_rules! export_device_plugin {
+    ($plugin:ty) => {
+        const _: () = {
+            struct Exported;
+            impl $crate::bindings::Guest for Exported {
+                fn scan() -> ::core::result::Result<
+                    ::std::vec::Vec<$crate::DeviceKind>,
+                    $crate::ModuleError,
+                > {
+                    <$plugin as $crate::DevicePlugin>::scan()
+                }
+                fn health(
+                    devices: ::std::vec::Vec<$crate::DeviceRef>,
+                ) -> ::core::result::Result<
+                    ::std::vec::Vec<$crate::Health>,
+                    $crate::ModuleError,
+                > {
+                    <$plugin as $crate::DevicePlugin>::health(devices)
+                }
+                fn allocate(
+                    request: $crate::AllocateRequest,
+                ) -> ::core::result::Result<
+                    ::std::vec::Vec<$crate::ContainerResponse>,
+                    $crate::ModuleError,
+                > {
+                    <$plugin as $crate::DevicePlugin>::allocate(request)
+                }
+                fn post_allocate(
+                    request: $crate::AllocateRequest,
+                    response: ::std::vec::Vec<$crate::ContainerResponse>,
+                ) -> ::core::result::Result<
+                    ::std::vec::Vec<$crate::ContainerResponse>,
+                    $crate::ModuleError,
+                > {
+                    <$plugin as $crate::DevicePlugin>::post_allocate(request, response)
+                }
+            }
+            $crate::bindings::export_world!(Exported with_types_in $crate::bindings);
+        };
+    };
+}
+
+/// The default `allocate`: per container, the merge of the allocations `scan`
+/// reported for its devices (in the request, one per device id).
+pub fn allocate_from_scan(request: &AllocateRequest) -> Vec<ContainerResponse> {
+    request
+        .containers
+        .iter()
+        .map(|container| {
+            let mut merged = ContainerResponse::new();
+            for allocation in &container.allocations {
+                merged.merge(allocation);
+            }
+            merged
+        })
+        .collect()
+}
+
+/// The default `health`: each asked device's health in `scanned`; unhealthy when
+/// it is no longer there.
+pub fn health_from_scan(scanned: &[DeviceKind], devices: &[DeviceRef]) -> Vec<Health> {
+    devices
+        .iter()
+        .map(|asked| {
+            scanned
+                .iter()
+                .filter(|kind| kind.name == asked.kind)
+                .flat_map(|kind| kind.devices.iter())
+                .find(|device| device.id == asked.id)
+                .map_or(Health::Unhealthy, |device| device.health)
+        })
+        .collect()
+}
+
+impl DeviceKind {
+    /// A kind with no devices yet. `name` is bare (`dev-1`, served as
+    /// `<domain>/dev-1`) or a full resource name (`vendor.example/dev-1`).
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            devices: Vec::new(),
+        }
+    }
+
+    /// Adds a device.
+    #[must_use]
+    pub fn device(mut self, device: Device) -> Self {
+        self.devices.push(device);
+        self
+    }
+
+    /// Adds devices.
+    #[must_use]
+    pub fn with_devices(mut self, devices: impl IntoIterator<Item = Device>) -> Self {
+        self.devices.extend(devices);
+        self
+    }
+}
+
+impl Device {
+    /// A healthy device with no NUMA affinity that needs nothing in a container
+    /// (add what it needs with the builder methods).
+    pub fn new(id: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            health: Health::Healthy,
+            numa_nodes: Vec::new(),
+            allocation: ContainerResponse::new(),
+        }
+    }
+
+    /// Sets the health.
+    #[must_use]
+    pub fn health(mut self, health: Health) -> Self {
+        self.health = health;
+        self
+    }
+
+    /// Healthy when `healthy`, otherwise unhealthy.
+    #[must_use]
+    pub fn healthy(self, healthy: bool) -> Self {
+        self.health(if healthy { Health::Healthy } else { Health::Unhealthy })
+    }
+
+    /// Adds a NUMA node the device is attached to.
+    #[must_use]
+    pub fn numa_node(mut self, node: i64) -> Self {
+        self.numa_nodes.push(node);
+        self
+    }
+
+    /// A container given this device gets the device node `host_path` at
+    /// `container_path`, with cgroup `permissions` (`r`, `w`, `m`).
+    #[must_use]
+    pub fn node(mut self, host_path: &str, container_path: &str, permissions: &str) -> Self {
+        self.allocation = self.allocation.node(host_path, container_path, permissions);
+        self
+    }
+
+    /// A container given this device gets `host_path` mounted at `container_path`.
+    #[must_use]
+    pub fn mount(mut self, host_path: &str, container_path: &str, read_only: bool) -> Self {
+        self.allocation = self.allocation.mount(host_path, container_path, read_only);
+        self
+    }
+
+    /// A container given this device gets the environment variable `key=value`.
+    #[must_use]
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.allocation = self.allocation.env(key, value);
+        self
+    }
+
+    /// A container given this device gets the annotation `key: value`.
+    #[must_use]
+    pub fn annotation(mut self, key: &str, value: &str) -> Self {
+        self.allocation = self.allocation.annotation(key, value);
+        self
+    }
+
+    /// A container given this device gets the CDI device `name`
+    /// (`vendor.com/class=name`).
+    #[must_use]
+    pub fn cdi_device(mut self, name: &str) -> Self {
+        self.allocation = self.allocation.cdi_device(name);
+        self
+    }
+}
+
+impl Default for ContainerResponse {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ContainerResponse {
+    /// A response that gives the container nothing.
+    pub fn new() -> Self {
+        Self {
+            envs: Vec::new(),
+            devices: Vec::new(),
+            mounts: Vec::new(),
+            annotations: Vec::new(),
+            cdi_devices: Vec::new(),
+        }
+    }
+
+    /// Whether it gives the container nothing.
+    pub fn is_empty(&self) -> bool {
+        self.envs.is_empty()
+            && self.devices.is_empty()
+            && self.mounts.is_empty()
+            && self.annotations.is_empty()
+            && self.cdi_devices.is_empty()
+    }
+
+    /// Adds the device node `host_path` at `container_path` with cgroup
+    /// `permissions` (`r`, `w`, `m`).
+    #[must_use]
+    pub fn node(mut self, host_path: &str, container_path: &str, permissions: &str) -> Self {
+        self.devices.push(DeviceSpec {
+            host_path: host_path.to_string(),
+            container_path: container_path.to_string(),
+            permissions: permissions.to_string(),
+        });
+        self
+    }
+
+    /// Adds a mount of `host_path` at `container_path`.
+    #[must_use]
+    pub fn mount(mut self, host_path: &str, container_path: &str, read_only: bool) -> Self {
+        self.mounts.push(Mount {
+            host_path: host_path.to_string(),
+            container_path: container_path.to_string(),
+            read_only,
+        });
+        self
+    }
+
+    /// Sets the environment variable `key=value` (replacing an earlier value).
+    #[must_use]
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        set(&mut self.envs, key, value);
+        self
+    }
+
+    /// Sets the annotation `key: value` (replacing an earlier value).
+    #[must_use]
+    pub fn annotation(mut self, key: &str, value: &str) -> Self {
+        set(&mut self.annotations, key, value);
+        self
+    }
+
+    /// Adds the CDI device `name`.
+    #[must_use]
+    pub fn cdi_device(mut self, name: &str) -> Self {
+        self.cdi_devices.push(name.to_string());
+        self
+    }
+
+    /// Adds what `other` gives a container, as for a container given both
+    /// devices: device nodes, mounts and CDI names once each (the first mount of a
+    /// container path wins, as two cannot share it); an environment variable or
+    /// annotation set by both keeps both distinct values joined with `,` in
+    /// order (`FPGA_IDS=a,b`).
+    pub fn merge(&mut self, other: &ContainerResponse) {
+        for spec in &other.devices {
+            if !self.devices.contains(spec) {
+                self.devices.push(spec.clone());
+            }
+        }
+        for mount in &other.mounts {
+            if !self
+                .mounts
+                .iter()
+                .any(|m| m.container_path == mount.container_path)
+            {
+                self.mounts.push(mount.clone());
+            }
+        }
+        for name in &other.cdi_devices {
+            if !self.cdi_devices.contains(name) {
+                self.cdi_devices.push(name.clone());
+            }
+        }
+        join(&mut self.envs, &other.envs);
+        join(&mut self.annotations, &other.annotations);
+    }
+}
+
+fn set(list: &mut Vec<KeyValue>, key: &str, value: &str) {
+    match list.iter_mut().find(|kv| kv.key == key) {
+        Some(kv) => kv.value = value.to_string(),
+        None => list.push(KeyValue {
+            key: key.to_string(),
+            value: value.to_string(),
+        }),
+    }
+}
+
+fn join(list: &mut Vec<KeyValue>, more: &[KeyValue]) {
+    for kv in more {
+        match list.iter_mut().find(|have| have.key == kv.key) {
+            Some(have) => {
+                if !have.value.split(',').any(|v| v == kv.value) {
+                    have.value.push(',');
+                    have.value.push_str(&kv.value);
+                }
+            }
+            None => list.push(kv.clone()),
+        }
+    }
+}
+
+impl PartialEq for DeviceSpec {
+    fn eq(&self, other: &Self) -> bool {
+        self.host_path == other.host_path
+            && self.container_path == other.container_path
+            && self.permissions == other.permissions
+    }
+}
+
+/// The module's configuration: the `[config]` table of its manifest.
+pub mod config {
+    use crate::ModuleError;
+    use crate::bindings::wasm_device_plugin::device::host;
+
+    /// Every key and value, in key order.
+    pub fn all() -> Vec<(String, String)> {
+        host::config()
+    }
+
+    /// One value, if set.
+    pub fn get(key: &str) -> Option<String> {
+        host::get_config(key)
+    }
+
+    /// One value, or `default` when unset.
+    pub fn get_or(key: &str, default: &str) -> String {
+        get(key).unwrap_or_else(|| default.to_string())
+    }
+
+    /// One value parsed as `T`, if set.
+    ///
+    /// # Errors
+    /// [`ModuleError::InvalidRequest`] naming the key and value when the value
+    /// does not parse.
+    pub fn parse<T: std::str::FromStr>(key: &str) -> Result<Option<T>, ModuleError> {
+        get(key)
+            .map(|raw| {
+                raw.trim().parse().map_err(|_| {
+                    ModuleError::InvalidRequest(format!(
+                        "config `{key}`: `{raw}` is not a valid {}",
+                        std::any::type_name::<T>()
+                    ))
+                })
+            })
+            .transpose()
+    }
+
+    /// A comma-separated value as its trimmed, non-empty items; empty when unset.
+    pub fn list(key: &str) -> Vec<String> {
+        get(key)
+            .map(|raw| {
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Logging to the host's log, tagged with the module and the call.
+pub mod log {
+    use crate::LogLevel;
+    use crate::bindings::wasm_device_plugin::device::host;
+
+    /// Writes `message` at `level`.
+    pub fn write(level: LogLevel, message: &str) {
+        host::log(level, message);
+    }
+}
+
+/// Logs at trace level, with `format!` arguments.
+#[macro_export]
+macro_rules! trace { ($($arg:tt)*) => { $crate::log::write($crate::LogLevel::Trace, &format!($($arg)*)) }; }
+/// Logs at debug level, with `format!` arguments.
+#[macro_export]
+macro_rules! debug { ($($arg:tt)*) => { $crate::log::write($crate::LogLevel::Debug, &format!($($arg)*)) }; }
+/// Logs at info level, with `format!` arguments.
+#[macro_export]
+macro_rules! info { ($($arg:tt)*) => { $crate::log::write($crate::LogLevel::Info, &format!($($arg)*)) }; }
+/// Logs at warn level, with `format!` arguments.
+#[macro_export]
+macro_rules! warn { ($($arg:tt)*) => { $crate::log::write($crate::LogLevel::Warn, &format!($($arg)*)) }; }
+/// Logs at error level, with `format!` arguments.
+#[macro_export]
+macro_rules! error { ($($arg:tt)*) => { $crate::log::write($crate::LogLevel::Error, &format!($($arg)*)) }; }
