@@ -446,6 +446,28 @@ async fn scan_with_more_than_256_kinds_is_refused() {
 }
 
 #[tokio::test]
+async fn scan_reporting_a_protected_device_node_for_a_device_is_refused() {
+    // What a device needs is judged when the scan reports it, before any Allocate.
+    let fixture = beside_a_good_module(Some(
+        "[config]\nbogus = \"scan-allocation\"\npath = \"/dev/mem\"\n",
+    ))
+    .await;
+    let Some(ModuleState::Failed(reason)) = fixture
+        .module_state("faulty", |s| matches!(s, Some(ModuleState::Failed(_))))
+        .await
+    else {
+        unreachable!()
+    };
+    assert!(
+        reason.contains("kinds[\"faulty\"].devices[\"f0\"].allocation.devices[0].host-path")
+            && reason.contains("/dev/mem"),
+        "{reason}"
+    );
+    neighbour_still_answers(&fixture).await;
+    fixture.stop().await;
+}
+
+#[tokio::test]
 async fn a_health_answer_of_the_wrong_length_is_refused() {
     let fixture = faulty().await;
     configure(&fixture, &[("bogus", "health-count")], false).await;

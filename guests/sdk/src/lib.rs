@@ -112,18 +112,15 @@ macro_rules! export_device_plugin {
         const _: () = {
             struct Exported;
             impl $crate::bindings::Guest for Exported {
-                fn scan() -> ::core::result::Result<
-                    ::std::vec::Vec<$crate::DeviceKind>,
-                    $crate::ModuleError,
-                > {
+                fn scan()
+                -> ::core::result::Result<::std::vec::Vec<$crate::DeviceKind>, $crate::ModuleError>
+                {
                     <$plugin as $crate::DevicePlugin>::scan()
                 }
                 fn health(
                     devices: ::std::vec::Vec<$crate::DeviceRef>,
-                ) -> ::core::result::Result<
-                    ::std::vec::Vec<$crate::Health>,
-                    $crate::ModuleError,
-                > {
+                ) -> ::core::result::Result<::std::vec::Vec<$crate::Health>, $crate::ModuleError>
+                {
                     <$plugin as $crate::DevicePlugin>::health(devices)
                 }
                 fn allocate(
@@ -228,7 +225,11 @@ impl Device {
     /// Healthy when `healthy`, otherwise unhealthy.
     #[must_use]
     pub fn healthy(self, healthy: bool) -> Self {
-        self.health(if healthy { Health::Healthy } else { Health::Unhealthy })
+        self.health(if healthy {
+            Health::Healthy
+        } else {
+            Health::Unhealthy
+        })
     }
 
     /// Adds a NUMA node the device is attached to.
@@ -487,3 +488,118 @@ macro_rules! warn { ($($arg:tt)*) => { $crate::log::write($crate::LogLevel::Warn
 /// Logs at error level, with `format!` arguments.
 #[macro_export]
 macro_rules! error { ($($arg:tt)*) => { $crate::log::write($crate::LogLevel::Error, &format!($($arg)*)) }; }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allocation(device: Device) -> ContainerResponse {
+        device.allocation
+    }
+
+    #[test]
+    fn merge_keeps_each_node_once_and_joins_distinct_values() {
+        let a = allocation(
+            Device::new("a")
+                .node("/dev/fpga0", "/dev/fpga0", "rw")
+                .node("/dev/ctl", "/dev/ctl", "rw")
+                .mount("/opt/a", "/opt/lib", true)
+                .env("FPGA_IDS", "a")
+                .env("MODE", "x")
+                .annotation("example.com/mode", "region")
+                .cdi_device("example.com/fpga=a"),
+        );
+        let b = allocation(
+            Device::new("b")
+                .node("/dev/fpga1", "/dev/fpga1", "rw")
+                .node("/dev/ctl", "/dev/ctl", "rw")
+                .mount("/opt/b", "/opt/lib", true)
+                .env("FPGA_IDS", "b")
+                .env("MODE", "x")
+                .annotation("example.com/mode", "region")
+                .cdi_device("example.com/fpga=b"),
+        );
+        let mut merged = ContainerResponse::new();
+        merged.merge(&a);
+        merged.merge(&b);
+        let nodes: Vec<&str> = merged
+            .devices
+            .iter()
+            .map(|d| d.host_path.as_str())
+            .collect();
+        assert_eq!(nodes, ["/dev/fpga0", "/dev/ctl", "/dev/fpga1"]);
+        // One mount per container path: the first device's.
+        assert_eq!(merged.mounts.len(), 1);
+        assert_eq!(merged.mounts[0].host_path, "/opt/a");
+        let env = |k: &str| {
+            merged
+                .envs
+                .iter()
+                .find(|kv| kv.key == k)
+                .map(|kv| kv.value.as_str())
+        };
+        assert_eq!(env("FPGA_IDS"), Some("a,b"));
+        assert_eq!(env("MODE"), Some("x"));
+        assert_eq!(merged.annotations.len(), 1);
+        assert_eq!(merged.annotations[0].value, "region");
+        assert_eq!(
+            merged.cdi_devices,
+            ["example.com/fpga=a", "example.com/fpga=b"]
+        );
+    }
+
+    #[test]
+    fn default_allocate_merges_per_container() {
+        let one = allocation(Device::new("a").node("/dev/a", "/dev/a", "rw"));
+        let two = allocation(Device::new("b").node("/dev/b", "/dev/b", "r"));
+        let request = AllocateRequest {
+            kind: "k".into(),
+            containers: vec![
+                ContainerRequest {
+                    device_ids: vec!["a".into(), "b".into()],
+                    allocations: vec![one.clone(), two],
+                },
+                ContainerRequest {
+                    device_ids: vec!["a".into()],
+                    allocations: vec![one],
+                },
+            ],
+        };
+        let response = allocate_from_scan(&request);
+        assert_eq!(response.len(), 2);
+        assert_eq!(response[0].devices.len(), 2);
+        assert_eq!(response[1].devices.len(), 1);
+        assert_eq!(response[1].devices[0].permissions, "rw");
+    }
+
+    #[test]
+    fn default_health_reports_vanished_devices_unhealthy() {
+        let scanned = vec![
+            DeviceKind::new("k")
+                .device(Device::new("a"))
+                .device(Device::new("b").healthy(false)),
+        ];
+        let ask = |kind: &str, id: &str| DeviceRef {
+            kind: kind.into(),
+            id: id.into(),
+        };
+        let health = health_from_scan(
+            &scanned,
+            &[
+                ask("k", "a"),
+                ask("k", "b"),
+                ask("k", "gone"),
+                ask("x", "a"),
+            ],
+        );
+        assert_eq!(
+            health,
+            [
+                Health::Healthy,
+                Health::Unhealthy,
+                Health::Unhealthy,
+                Health::Unhealthy
+            ]
+        );
+    }
+}

@@ -39,7 +39,10 @@ fn kinds() -> Result<Vec<KindSpec>, ModuleError> {
             let count = count.trim().parse::<u32>().map_err(|_| {
                 ModuleError::InvalidRequest(format!("config `kinds`: `{count}` is not a count"))
             })?;
-            Ok(KindSpec { name: name.trim().to_string(), count })
+            Ok(KindSpec {
+                name: name.trim().to_string(),
+                count,
+            })
         })
         .collect()
 }
@@ -50,7 +53,9 @@ fn device_id(node: &str, kind: &str, n: u32) -> String {
 }
 
 fn env_safe(kind: &str) -> String {
-    kind.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
+    kind.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
 }
 
 impl DevicePlugin for VirtualDevices {
@@ -67,7 +72,11 @@ impl DevicePlugin for VirtualDevices {
                     let id = device_id(&node, &kind.name, n);
                     let healthy = !unhealthy.contains(&id);
                     let device = Device::new(id).healthy(healthy);
-                    if numa > 0 { device.numa_node(i64::from(n - 1) % numa) } else { device }
+                    if numa > 0 {
+                        device.numa_node(i64::from(n - 1) % numa)
+                    } else {
+                        device
+                    }
                 });
                 DeviceKind::new(kind.name.clone()).with_devices(devices)
             })
@@ -79,7 +88,13 @@ impl DevicePlugin for VirtualDevices {
         let unhealthy = config::list("unhealthy");
         Ok(devices
             .iter()
-            .map(|d| if unhealthy.contains(&d.id) { Health::Unhealthy } else { Health::Healthy })
+            .map(|d| {
+                if unhealthy.contains(&d.id) {
+                    Health::Unhealthy
+                } else {
+                    Health::Healthy
+                }
+            })
             .collect())
     }
 
@@ -90,10 +105,13 @@ impl DevicePlugin for VirtualDevices {
             .containers
             .iter()
             .map(|container| {
-                container.device_ids.iter().enumerate().fold(
-                    ContainerResponse::new(),
-                    |response, (n, id)| response.env(&format!("DEV_{kind}_ID_{n}"), id),
-                )
+                container
+                    .device_ids
+                    .iter()
+                    .enumerate()
+                    .fold(ContainerResponse::new(), |response, (n, id)| {
+                        response.env(&format!("DEV_{kind}_ID_{n}"), id)
+                    })
             })
             .collect())
     }
