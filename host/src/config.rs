@@ -19,6 +19,10 @@ pub const DEFAULT_MODULES_DIR: &str = "/etc/wasm-device-plugin/modules";
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/wasm-device-plugin";
 /// Domain given to modules' bare kind names.
 pub const DEFAULT_DOMAIN: &str = "example.com";
+/// How often `health` runs.
+pub const DEFAULT_HEALTH_INTERVAL: &str = "10s";
+/// How often `scan` runs again.
+pub const DEFAULT_SCAN_INTERVAL: &str = "60s";
 
 /// A Kubernetes device plugin host whose device logic runs in sandboxed
 /// WebAssembly components.
@@ -57,6 +61,23 @@ pub enum Command {
     /// Run the host on the shipped guests against a built-in kubelet simulator in
     /// a temporary directory, and print what kubelet sees and what a pod gets.
     Demo(DemoArgs),
+    /// Check a module file as the host would load it: a component of this host's
+    /// world, its imports and exports, a first scan in the sandbox with its
+    /// manifest's settings, and the output policy. Prints the devices it reports.
+    ///
+    /// Exit code 0 when the host would serve the module; 1, with one line on
+    /// stderr saying why, when it would refuse it; 2 for a command-line error.
+    /// The guest's log lines and output go to stderr with `--log info`.
+    Validate(ValidateArgs),
+    /// Dry-run an Allocate through a module as the host would answer kubelet: scan,
+    /// check the requested ids (known, healthy, each once), `allocate` and
+    /// `post-allocate` in the sandbox, the output policy. Prints what the
+    /// containers would get.
+    ///
+    /// Exit code 0 when the host would answer the request; 1, with one line on
+    /// stderr saying why, when it would refuse it; 2 for a command-line error.
+    /// The guest's log lines and output go to stderr with `--log info`.
+    Allocate(AllocateArgs),
 }
 
 /// Log output format.
@@ -68,20 +89,15 @@ pub enum LogFormat {
     Json,
 }
 
-/// Settings shared by `run` and `demo`.
+/// Settings of every module's calls, shared by `run`, `demo`, `validate` and
+/// `allocate` (a module's manifest overrides them).
 #[derive(Debug, Clone, clap::Args)]
-pub struct HostArgs {
+pub struct ModuleArgs {
     /// Domain prefixed to a module's bare kind names: kind `dev-1` is served as
     /// resource `<domain>/dev-1`. Kinds that already hold a `/` are used as they
     /// are. Set a domain you own; `example.com` is for trying things out.
     #[arg(long, default_value = DEFAULT_DOMAIN, env = "WDP_DOMAIN")]
     pub domain: String,
-    /// How often each module's `health` runs (e.g. `500ms`, `10s`, `1m`).
-    #[arg(long, default_value = "10s", value_parser = positive_duration)]
-    pub health_interval: Duration,
-    /// How often each module's `scan` runs again to find added or removed devices.
-    #[arg(long, default_value = "60s", value_parser = positive_duration)]
-    pub scan_interval: Duration,
     /// Deadline of each `allocate` + `post-allocate` call.
     #[arg(long, default_value = "1s", value_parser = positive_duration)]
     pub allocate_timeout: Duration,
@@ -91,6 +107,20 @@ pub struct HostArgs {
     /// Largest memory one module instance may use, in MiB (1 to 4096).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub memory_limit_mib: u32,
+}
+
+/// Settings shared by `run` and `demo`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HostArgs {
+    /// Domain and limits.
+    #[command(flatten)]
+    pub module: ModuleArgs,
+    /// How often each module's `health` runs (e.g. `500ms`, `10s`, `1m`).
+    #[arg(long, default_value = DEFAULT_HEALTH_INTERVAL, value_parser = positive_duration)]
+    pub health_interval: Duration,
+    /// How often each module's `scan` runs again to find added or removed devices.
+    #[arg(long, default_value = DEFAULT_SCAN_INTERVAL, value_parser = positive_duration)]
+    pub scan_interval: Duration,
 }
 
 /// `run` arguments.
@@ -131,6 +161,74 @@ pub struct DemoArgs {
     pub host: HostArgs,
 }
 
+/// The module file and manifest that `validate` and `allocate` read, and how
+/// they judge it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModuleFileArgs {
+    /// The module: a `.wasm` component, as it would be put in the modules
+    /// directory. Its name (in messages) is the file name without `.wasm`.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// The module's manifest. Default: `<name>.toml` beside FILE, if there is
+    /// one, as the host reads it; otherwise the flags alone, as for a module
+    /// without a manifest.
+    #[arg(long, value_name = "TOML", conflicts_with = "no_manifest")]
+    pub manifest: Option<PathBuf>,
+    /// Use no manifest, not even `<name>.toml` beside FILE.
+    #[arg(long)]
+    pub no_manifest: bool,
+    /// Print one JSON document on stdout instead of text (see the README for
+    /// its shape); also on failure, with the reason in `error`.
+    #[arg(long)]
+    pub json: bool,
+    /// Kubelet's device-plugin directory. Nothing is written there; like the
+    /// host, an allocation may never hand out a path in it.
+    #[arg(long, default_value = DEFAULT_KUBELET_DIR, env = "WDP_KUBELET_DIR")]
+    pub kubelet_dir: PathBuf,
+    /// Domain and limits, as for `run`.
+    #[command(flatten)]
+    pub module: ModuleArgs,
+}
+
+/// `validate` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ValidateArgs {
+    /// The module and how to judge it.
+    #[command(flatten)]
+    pub target: ModuleFileArgs,
+}
+
+/// `allocate` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AllocateArgs {
+    /// The resource to allocate from: its full name (`example.com/dev-1`), the
+    /// kind name the module reports (`dev-1`), or a name the module's domain
+    /// completes (`gpu` for a kind the manifest renamed to `example.com/gpu`).
+    #[arg(long, value_name = "RESOURCE")]
+    pub resource: String,
+    /// Device ids for one container, comma-separated (`a,b`), as kubelet would
+    /// name them (with `replicas`, the advertised ids such as `a::0`). Repeat
+    /// the flag for each further container of the pod.
+    #[arg(long = "devices", value_name = "IDS", required = true, value_parser = device_ids)]
+    pub containers: Vec<DeviceIds>,
+    /// The module and how to judge it.
+    #[command(flatten)]
+    pub target: ModuleFileArgs,
+}
+
+/// The device ids one container asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceIds(pub Vec<String>);
+
+/// `a,b,c`: device ids, none of them empty.
+fn device_ids(raw: &str) -> Result<DeviceIds, String> {
+    let ids: Vec<String> = raw.split(',').map(str::to_string).collect();
+    if ids.iter().any(String::is_empty) {
+        return Err("expected device ids separated by commas, none of them empty".into());
+    }
+    Ok(DeviceIds(ids))
+}
+
 /// A duration such as `500ms`, `10s` or `1m`, greater than zero.
 fn positive_duration(raw: &str) -> Result<Duration, String> {
     match humantime::parse_duration(raw) {
@@ -144,21 +242,43 @@ fn positive_duration(raw: &str) -> Result<Duration, String> {
     }
 }
 
+impl ModuleArgs {
+    /// The limits of every call.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            memory_bytes: usize::try_from(self.memory_limit_mib)
+                .unwrap_or(usize::MAX)
+                .saturating_mul(1024 * 1024),
+            scan_deadline: self.scan_timeout,
+            allocate_deadline: self.allocate_timeout,
+        }
+    }
+}
+
 impl HostArgs {
     /// The registry settings these flags describe, serving into `kubelet_dir`.
     pub fn settings(&self, kubelet_dir: PathBuf) -> Settings {
         Settings {
             kubelet_dir,
-            default_domain: self.domain.clone(),
+            default_domain: self.module.domain.clone(),
             health_interval: self.health_interval,
             scan_interval: self.scan_interval,
-            limits: Limits {
-                memory_bytes: usize::try_from(self.memory_limit_mib)
-                    .unwrap_or(usize::MAX)
-                    .saturating_mul(1024 * 1024),
-                scan_deadline: self.scan_timeout,
-                allocate_deadline: self.allocate_timeout,
-            },
+            limits: self.module.limits(),
+        }
+    }
+}
+
+impl ModuleFileArgs {
+    /// The registry settings a module is judged with: the flags, `--kubelet-dir`
+    /// and the default intervals (a one-off check runs no periodic calls).
+    pub fn settings(&self) -> Settings {
+        let default = |raw| positive_duration(raw).unwrap_or(Duration::from_secs(10));
+        Settings {
+            kubelet_dir: self.kubelet_dir.clone(),
+            default_domain: self.module.domain.clone(),
+            health_interval: default(DEFAULT_HEALTH_INTERVAL),
+            scan_interval: default(DEFAULT_SCAN_INTERVAL),
+            limits: self.module.limits(),
         }
     }
 }
@@ -185,28 +305,106 @@ mod tests {
         Cli::command().debug_assert();
     }
 
-    /// The README's flag table lists exactly the flags `run` takes.
-    #[test]
-    fn readme_documents_every_run_flag() {
+    /// The flags documented in the table of the README section `heading`.
+    fn readme_flags(heading: &str) -> Vec<String> {
         let readme = include_str!("../../README.md");
-        let mut documented: Vec<String> = readme
+        let section = readme
+            .split_once(&format!("\n{heading}\n"))
+            .map(|(_, rest)| rest)
+            .unwrap_or_else(|| panic!("README has no section {heading:?}"));
+        let section = section.split("\n#").next().unwrap_or(section);
+        let mut documented: Vec<String> = section
             .lines()
             .filter_map(|l| l.strip_prefix("| `--"))
             .filter_map(|l| l.split([' ', '`']).next())
             .map(str::to_string)
             .collect();
         documented.sort();
+        documented
+    }
+
+    /// The long flags of `subcommand`, global ones included.
+    fn flags_of(subcommand: &str) -> Vec<String> {
         let mut cli = Cli::command();
         cli.build();
-        let run = cli.find_subcommand("run").expect("run subcommand");
-        let mut flags: Vec<String> = run
+        let sub = cli.find_subcommand(subcommand).expect("subcommand");
+        let mut flags: Vec<String> = sub
             .get_arguments()
             .filter_map(|a| a.get_long())
             .filter(|l| !matches!(*l, "help" | "version"))
             .map(str::to_string)
             .collect();
         flags.sort();
-        assert_eq!(documented, flags);
+        flags
+    }
+
+    /// The README's flag table lists exactly the flags `run` takes.
+    #[test]
+    fn readme_documents_every_run_flag() {
+        assert_eq!(readme_flags("### Flags"), flags_of("run"));
+    }
+
+    /// The README's table for `validate` and `allocate` lists exactly their flags.
+    #[test]
+    fn readme_documents_every_check_flag() {
+        let mut flags = flags_of("validate");
+        flags.extend(flags_of("allocate"));
+        flags.sort();
+        flags.dedup();
+        assert_eq!(
+            readme_flags("### Flags of `validate` and `allocate`"),
+            flags
+        );
+    }
+
+    #[test]
+    fn allocate_takes_one_devices_flag_per_container() {
+        let cli = Cli::try_parse_from([
+            "wasm-device-plugin",
+            "allocate",
+            "m.wasm",
+            "--resource",
+            "dev-1",
+            "--devices",
+            "a,b",
+            "--devices",
+            "c",
+        ])
+        .expect("parses");
+        let Command::Allocate(args) = cli.command else {
+            panic!("not allocate")
+        };
+        assert_eq!(
+            args.containers,
+            [
+                DeviceIds(vec!["a".into(), "b".into()]),
+                DeviceIds(vec!["c".into()])
+            ]
+        );
+        assert_eq!(args.target.file, PathBuf::from("m.wasm"));
+        for bad in [&["--devices", "a,,b"][..], &["--devices", ""], &[]] {
+            let mut argv = vec![
+                "wasm-device-plugin",
+                "allocate",
+                "m.wasm",
+                "--resource",
+                "r",
+            ];
+            argv.extend_from_slice(bad);
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?} accepted");
+        }
+        assert!(
+            Cli::try_parse_from([
+                "wasm-device-plugin",
+                "validate",
+                "m.wasm",
+                "--manifest",
+                "m.toml",
+                "--no-manifest"
+            ])
+            .is_err(),
+            "--manifest with --no-manifest"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //!   against the module's [`grants`];
 //! - [`registry`]: module discovery and lifecycle;
 //! - [`app`]: wiring and shutdown; [`demo`]: the demo run; [`config`]: the CLI;
+//! - [`inspect`]: `validate` and `allocate`, one module judged as the host would;
 //! - [`gauge`]: counts of calls and streams in progress, for tests and metrics.
 #![warn(missing_docs)]
 
@@ -18,6 +19,7 @@ pub mod demo;
 pub mod domain;
 pub mod gauge;
 pub mod grants;
+pub mod inspect;
 pub mod kubelet;
 pub mod policy;
 pub mod registry;

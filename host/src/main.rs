@@ -8,11 +8,13 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 use wasm_device_plugin::config::{Cli, Command, LogFormat};
-use wasm_device_plugin::{app, demo};
+use wasm_device_plugin::{app, demo, inspect};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli);
+    // A check's failure is its one line on stderr, not a log event as well.
+    let log_failure = !matches!(cli.command, Command::Validate(_) | Command::Allocate(_));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -31,12 +33,20 @@ fn main() -> ExitCode {
                 app::run(args.host_config(), shutdown).await
             }
             Command::Demo(args) => demo::run(&args, &mut std::io::stdout()).await,
+            Command::Validate(args) => inspect::validate(&args, &mut std::io::stdout())
+                .await
+                .map_err(|e| anyhow::anyhow!(e.summary())),
+            Command::Allocate(args) => inspect::allocate(&args, &mut std::io::stdout())
+                .await
+                .map_err(|e| anyhow::anyhow!(e.summary())),
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!("{err:#}");
+            if log_failure {
+                tracing::error!("{err:#}");
+            }
             // Not `eprintln!`, which panics when stderr is closed.
             let _ = writeln!(std::io::stderr(), "error: {err:#}");
             ExitCode::FAILURE
@@ -65,11 +75,12 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
 }
 
 fn init_tracing(cli: &Cli) {
-    // The demo's report goes to stdout; keep its log to warnings unless asked.
-    let default = if matches!(cli.command, Command::Demo(_)) {
-        "warn"
-    } else {
-        "info"
+    // The demo's and the checks' reports go to stdout; keep their log to
+    // warnings (errors for the checks, whose own failure is one line) unless asked.
+    let default = match cli.command {
+        Command::Run(_) => "info",
+        Command::Demo(_) => "warn",
+        Command::Validate(_) | Command::Allocate(_) => "error",
     };
     let filter = match &cli.log {
         Some(directives) => EnvFilter::new(directives),

@@ -123,6 +123,26 @@ pub struct GuestBackend {
     allocations: Arc<AllocationsSlot>,
 }
 
+impl GuestBackend {
+    /// A backend for one resource of `guest`, of kind `kind`, with each device
+    /// advertised `replicas` times and `allocations` as its scan reported them:
+    /// what a served resource allocates through, for a one-off allocation that
+    /// serves nothing (`inspect`).
+    pub fn new(
+        guest: Arc<Guest>,
+        kind: String,
+        replicas: u32,
+        allocations: DeviceAllocations,
+    ) -> Self {
+        Self {
+            guest: Arc::new(RwLock::new(guest)),
+            kind,
+            replicas: Arc::new(AtomicU32::new(replicas)),
+            allocations: Arc::new(RwLock::new(Arc::new(allocations))),
+        }
+    }
+}
+
 impl DeviceBackend for GuestBackend {
     async fn allocate(
         &self,

@@ -138,6 +138,11 @@ impl Guest {
         &self.name
     }
 
+    /// The compiled component (for tools that describe its imports and exports).
+    pub fn component(&self) -> &Component {
+        self.pre.instance_pre().component()
+    }
+
     /// Replaces the settings (limits, configuration, grants) that later calls
     /// see; calls in flight keep theirs.
     pub fn set_settings(&self, settings: CallSettings) {
