@@ -4,6 +4,7 @@
 mod bad_modules;
 mod bad_requests;
 mod foundation;
+mod fpga;
 mod generic;
 mod hostile;
 mod kubelet_restarts;
