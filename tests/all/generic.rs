@@ -267,6 +267,31 @@ async fn replicas_let_two_containers_share_one_device() {
 }
 
 #[tokio::test]
+async fn a_shared_device_whose_node_vanishes_is_unhealthy_in_every_replica() {
+    let tree = Tree::start(
+        &["ttyUSB0", "ttyUSB1"],
+        "kinds = \"serial\"\n\"serial.paths\" = \"/dev/ttyUSB*\"\n",
+        "[resources.serial]\nreplicas = 2\n",
+        "1h",
+    );
+    tree.fixture.listed(SERIAL).await;
+    std::fs::remove_file(tree.host_path("ttyUSB0")).expect("remove node");
+    let view = tree
+        .fixture
+        .wait_for("ttyUSB0's replicas unhealthy", |v| {
+            ["ttyUSB0::0", "ttyUSB0::1"]
+                .iter()
+                .all(|id| health_of(v, SERIAL, id).as_deref() == Some("Unhealthy"))
+        })
+        .await;
+    assert_eq!(
+        view.plugins[SERIAL].healthy_ids(),
+        ["ttyUSB1::0", "ttyUSB1::1"]
+    );
+    tree.stop().await;
+}
+
+#[tokio::test]
 async fn a_removed_node_makes_its_device_unhealthy_until_it_returns() {
     let tree = Tree::scanned_once(NODES, SERIAL_AND_AUDIO);
     tree.fixture.listed(SERIAL).await;

@@ -34,9 +34,11 @@
 //!   on a node leave it unset.
 //!
 //! Any other key, a kind's key for a kind `kinds` does not list, a missing or
-//! empty `paths`, or a pattern that is not an absolute, normalised path fails
-//! the call with `invalid-request` naming the key; at load that means the
-//! module does not load, with that reason.
+//! empty `paths`, a pattern that is not an absolute, normalised path (or has an
+//! unclosed `[`), a `group` other than `each`/`all`, `permissions` with other
+//! letters or a `root` that is not an absolute, normalised path fails the call
+//! with `invalid-request` naming the key; at load that means the module does
+//! not load, with that reason.
 //!
 //! # Devices
 //!
@@ -60,8 +62,9 @@
 //! - **Health**: a device is healthy while its node still exists and still
 //!   matches the kind's patterns (checked with one `stat` per device, no
 //!   directory listing); a `group = "all"` device while at least one node
-//!   matches. A vanished node makes its device unhealthy at the next health
-//!   check; the next scan drops it.
+//!   matches (until the next scan, its allocation still names the nodes the
+//!   last scan found). A vanished node makes its device unhealthy at the next
+//!   health check; the next scan drops it.
 //! - **Sharing**: not done here. The manifest's `[resources.<kind>] replicas = N`
 //!   makes the host advertise each device N times (`ttyUSB0::0` ...) and hand
 //!   every container that gets one the same node.
