@@ -23,25 +23,6 @@ const AF_B2: &str = "fpga.intel.com/af-bfa.f7d.v6xNhR7oVv6MlYZc4buqLfffQFy9es9yI
 const CRASHED: &str = "ffffffffffffffffffffffffffffffff";
 const AF_A_CRASHED: &str = "fpga.intel.com/af-ce4.fff.zkiWk5jwXzOUbVYHCL4Qiv____________________8";
 
-/// The host cannot serve the af resource names yet: their socket path
-/// (`<kubelet dir>/<resource>-<millis>-<n>.sock`) is longer than a unix socket
-/// address holds (see `af_resources_register_under_intels_names`). The af tests
-/// serve them under these short names, through the manifest's `[resources.<kind>]
-/// name`, which applies only to a kind the guest reports under exactly that name.
-const ALIASES: [(&str, &str); 3] = [
-    (AF_A1, "fpga.intel.com/af-a1"),
-    (AF_B2, "fpga.intel.com/af-b2"),
-    (AF_A_CRASHED, "fpga.intel.com/af-a-crashed"),
-];
-
-/// The resource `kind` is served as.
-fn served_as(kind: &str) -> &str {
-    ALIASES
-        .iter()
-        .find(|(k, _)| *k == kind)
-        .map_or(kind, |(_, alias)| alias)
-}
-
 fn region(interface: &str) -> String {
     format!("fpga.intel.com/region-{interface}")
 }
@@ -129,18 +110,9 @@ impl FakeNode {
     }
 
     /// The manifest serving this node in `mode` (the default when `None`), health
-    /// checked every 50 ms and no re-scan during a test, with the af [`ALIASES`].
-    /// With `see_nodes` the guest may also read `dev/`, so that it checks the
-    /// device nodes.
+    /// checked every 50 ms and no re-scan during a test. With `see_nodes` the
+    /// guest may also read `dev/`, so that it checks the device nodes.
     fn manifest(&self, mode: Option<&str>, see_nodes: bool) -> String {
-        let aliases: String = ALIASES
-            .iter()
-            .map(|(kind, alias)| format!("[resources.{kind:?}]\nname = {alias:?}\n"))
-            .collect();
-        self.manifest_without_aliases(mode, see_nodes) + &aliases
-    }
-
-    fn manifest_without_aliases(&self, mode: Option<&str>, see_nodes: bool) -> String {
         let sys = self.root.join("sys");
         let dev = self.dev();
         let read = if see_nodes {
@@ -404,16 +376,13 @@ async fn af_mode_is_the_default_and_serves_a_resource_per_function_without_annot
         node.card(1, IF_B, &[(1, Afu::Id(AF_2))]);
         node.card(2, IF_A, &[(2, Afu::Id(AF_1))]);
     });
-    let view = all_listed(&fixture, &[served_as(AF_A1), served_as(AF_B2)]).await;
-    assert_eq!(ids(&view, served_as(AF_A1)), ["dfl-port.0", "dfl-port.2"]);
-    assert_eq!(ids(&view, served_as(AF_B2)), ["dfl-port.1"]);
-    assert_eq!(
-        served(&fixture).await,
-        set(&[served_as(AF_A1), served_as(AF_B2)])
-    );
+    let view = all_listed(&fixture, &[AF_A1, AF_B2]).await;
+    assert_eq!(ids(&view, AF_A1), ["dfl-port.0", "dfl-port.2"]);
+    assert_eq!(ids(&view, AF_B2), ["dfl-port.1"]);
+    assert_eq!(served(&fixture).await, set(&[AF_A1, AF_B2]));
     let response = fixture
         .kubelet
-        .allocate(served_as(AF_A1), &[&["dfl-port.2"]])
+        .allocate(AF_A1, &[&["dfl-port.2"]])
         .await
         .expect("allocated");
     let c = &response.container_responses[0];
@@ -431,13 +400,11 @@ async fn af_mode_is_the_default_and_serves_a_resource_per_function_without_annot
 }
 
 #[tokio::test]
-#[ignore = "the host names a socket `<resource>-<millis>-<n>.sock`, too long for an af resource \
-            (over 107 bytes even in /var/lib/kubelet/device-plugins): the host must shorten it"]
 async fn af_resources_register_under_intels_names() {
     let dirs = Dirs::new();
     let node = FakeNode::new(&dirs);
     node.card(0, IF_A, &[(0, Afu::Id(AF_1))]);
-    let manifest = node.manifest_without_aliases(Some("af"), false);
+    let manifest = node.manifest(Some("af"), false);
     let fixture = start(dirs, &manifest);
     let view = fixture.listed(AF_A1).await;
     assert_eq!(ids(&view, AF_A1), ["dfl-port.0"]);
@@ -449,10 +416,10 @@ async fn af_mode_allocate_of_two_ports_merges_their_nodes() {
     let (fixture, node) = serve(Some("af"), false, |node| {
         node.card(0, IF_A, &[(0, Afu::Id(AF_1)), (1, Afu::Id(AF_1))]);
     });
-    fixture.listed(served_as(AF_A1)).await;
+    fixture.listed(AF_A1).await;
     let response = fixture
         .kubelet
-        .allocate(served_as(AF_A1), &[&["dfl-port.0", "dfl-port.1"]])
+        .allocate(AF_A1, &[&["dfl-port.0", "dfl-port.1"]])
         .await
         .expect("allocated");
     assert_eq!(
@@ -520,9 +487,9 @@ async fn a_region_without_a_function_is_still_a_region() {
 #[tokio::test]
 async fn a_port_without_a_function_is_not_offered_in_af_mode() {
     let (fixture, _node) = serve(Some("af"), false, one_card_without_a_function);
-    let view = fixture.listed(served_as(AF_A1)).await;
-    assert_eq!(ids(&view, served_as(AF_A1)), ["dfl-port.0"]);
-    assert_eq!(served(&fixture).await, set(&[served_as(AF_A1)]));
+    let view = fixture.listed(AF_A1).await;
+    assert_eq!(ids(&view, AF_A1), ["dfl-port.0"]);
+    assert_eq!(served(&fixture).await, set(&[AF_A1]));
     fixture.stop().await;
 }
 
@@ -531,13 +498,10 @@ async fn a_crashed_function_is_unhealthy() {
     let (fixture, _node) = serve(Some("af"), false, |node| {
         node.card(0, IF_A, &[(0, Afu::Id(AF_1)), (1, Afu::Id(CRASHED))]);
     });
-    let view = all_listed(&fixture, &[served_as(AF_A1), served_as(AF_A_CRASHED)]).await;
+    let view = all_listed(&fixture, &[AF_A1, AF_A_CRASHED]).await;
+    assert_eq!(health_of(&view, AF_A1, "dfl-port.0"), Some("Healthy"));
     assert_eq!(
-        health_of(&view, served_as(AF_A1), "dfl-port.0"),
-        Some("Healthy")
-    );
-    assert_eq!(
-        health_of(&view, served_as(AF_A_CRASHED), "dfl-port.1"),
+        health_of(&view, AF_A_CRASHED, "dfl-port.1"),
         Some("Unhealthy")
     );
     fixture.stop().await;
@@ -561,21 +525,18 @@ async fn a_port_removed_from_sysfs_turns_unhealthy() {
     let (fixture, node) = serve(Some("af"), false, |node| {
         node.card(0, IF_A, &[(0, Afu::Id(AF_1)), (1, Afu::Id(AF_1))]);
     });
-    let view = fixture.listed(served_as(AF_A1)).await;
+    let view = fixture.listed(AF_A1).await;
     assert_eq!(
-        view.plugins[served_as(AF_A1)].healthy_ids(),
+        view.plugins[AF_A1].healthy_ids(),
         ["dfl-port.0", "dfl-port.1"]
     );
     std::fs::remove_dir_all(node.card_dir(0).join("dfl-port.1")).expect("remove port");
     let view = fixture
         .wait_for("dfl-port.1 unhealthy", |v| {
-            health_of(v, served_as(AF_A1), "dfl-port.1") == Some("Unhealthy")
+            health_of(v, AF_A1, "dfl-port.1") == Some("Unhealthy")
         })
         .await;
-    assert_eq!(
-        health_of(&view, served_as(AF_A1), "dfl-port.0"),
-        Some("Healthy")
-    );
+    assert_eq!(health_of(&view, AF_A1, "dfl-port.0"), Some("Healthy"));
     fixture.stop().await;
 }
 
@@ -621,9 +582,9 @@ async fn malformed_entries_are_skipped_and_the_rest_served() {
         node.port(3, 4, Afu::Id(AF_1));
         node.link("region6", &node.card_dir(3));
     });
-    let view = fixture.listed(served_as(AF_A1)).await;
-    assert_eq!(ids(&view, served_as(AF_A1)), ["dfl-port.0"]);
-    assert_eq!(served(&fixture).await, set(&[served_as(AF_A1)]));
+    let view = fixture.listed(AF_A1).await;
+    assert_eq!(ids(&view, AF_A1), ["dfl-port.0"]);
+    assert_eq!(served(&fixture).await, set(&[AF_A1]));
     fixture.stop().await;
 }
 

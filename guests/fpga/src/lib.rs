@@ -44,12 +44,6 @@
 //! - **`regiondevel`**: as `region`, plus the FME's node, and no annotation: the
 //!   container programs the card itself.
 //!
-//! Known limit of the host, not of this module: it names a resource's socket
-//! `<kubelet dir>/<resource>-<unix millis>-<n>.sock`, which for an af resource in
-//! `/var/lib/kubelet/device-plugins` is longer than a unix socket address holds (107
-//! bytes), and for a region resource is once `n` reaches 10; such a resource fails to
-//! register. Intel's plugin names its sockets `<domain>-<name>.sock`, which fits.
-//!
 //! Device nodes keep their name in the container: `<dev-root>/dfl-port.P` on the
 //! host is `/dev/dfl-port.P` inside, with permissions `rw`. No environment
 //! variables are set (Intel's plugin sets none; its webhook sets `FPGA_*`).

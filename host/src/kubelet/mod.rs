@@ -318,7 +318,7 @@ impl Incarnation {
         streams: &Gauge,
         shutdown: &CancellationToken,
     ) -> Result<Self, PluginError> {
-        let endpoint = socket::plugin_socket_name(resource);
+        let endpoint = socket::plugin_socket_name(dir.path(), resource);
         let socket_path = dir.path().join(&endpoint).display().to_string();
         let socket_err = |cause| PluginError::Socket {
             path: socket_path.clone(),

@@ -18,18 +18,37 @@ use crate::domain::ResourceName;
 /// The longest path a unix socket address holds on Linux (`sun_path` less the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
-/// A file name for a resource's socket that no earlier incarnation used:
+/// A file name in `dir` for a resource's socket that no earlier incarnation used:
 /// `<resource made file-safe>-<unix millis>-<sequence>.sock`. Kubelet does not
 /// support a new registration on an old socket path, so every (re)start gets a
 /// new one.
-pub fn plugin_socket_name(resource: &ResourceName) -> String {
+///
+/// A unix socket path holds at most [`MAX_SOCKET_PATH`] bytes, and resource names
+/// may be long (Intel's FPGA function resources are 69 characters; the kubelet
+/// directory takes 32 more): when the whole path would not fit, the resource part
+/// is cut and ends in `~` and 8 hex digits of its SHA-256, so the name still says
+/// which resource it serves and stays distinct from other cut names. Kubelet only
+/// uses the name to dial the socket.
+pub fn plugin_socket_name(dir: &Path, resource: &ResourceName) -> String {
     static SEQUENCE: AtomicU64 = AtomicU64::new(0);
     let millis = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or(0);
     let seq = SEQUENCE.fetch_add(1, Ordering::Relaxed);
-    format!("{}-{millis}-{seq}.sock", resource.file_safe())
+    let suffix = format!("-{millis}-{seq}.sock");
+    let name = resource.file_safe();
+    // `dir/` + name + suffix must fit.
+    let room = MAX_SOCKET_PATH.saturating_sub(dir.as_os_str().len() + 1 + suffix.len());
+    if name.len() <= room {
+        return format!("{name}{suffix}");
+    }
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(name.as_bytes());
+    let hash: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    // `file_safe` is ASCII, so any byte index is a character boundary.
+    let keep = room.saturating_sub(1 + hash.len());
+    format!("{}~{hash}{suffix}", &name[..keep.min(name.len())])
 }
 
 /// A bound socket file that is removed when the guard drops, so a stopped plugin
@@ -125,4 +144,60 @@ pub fn channel(path: &Path) -> Result<Channel, tonic::transport::Error> {
             },
         )),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KUBELET_DIR: &str = "/var/lib/kubelet/device-plugins";
+
+    #[test]
+    fn short_names_keep_the_whole_resource() {
+        let resource = ResourceName::parse("example.com/dev-1").expect("valid");
+        let name = plugin_socket_name(Path::new(KUBELET_DIR), &resource);
+        assert!(name.starts_with("example.com_dev-1-"), "{name}");
+        assert!(name.ends_with(".sock"));
+    }
+
+    #[test]
+    fn long_names_are_cut_to_fit_a_socket_path_and_stay_distinct() {
+        let long = |f: &str| {
+            ResourceName::parse(&format!(
+                "fpga.intel.com/af-ce4.d84.zkiWk5jwXzOUbVYHCL4QithCTcSko8QT-J5DNoP5B{f}"
+            ))
+            .expect("valid")
+        };
+        let dir = Path::new(KUBELET_DIR);
+        let a = plugin_socket_name(dir, &long("As"));
+        let b = plugin_socket_name(dir, &long("Bs"));
+        for name in [&a, &b] {
+            assert!(
+                dir.join(name).as_os_str().len() <= MAX_SOCKET_PATH,
+                "{name} is too long"
+            );
+            assert!(name.starts_with("fpga.intel.com_af-ce4.d84."), "{name}");
+        }
+        let resource_part = |n: &str| {
+            n.split_once('~')
+                .map(|(r, h)| (r.to_string(), h[..8].to_string()))
+        };
+        let (ra, ha) = resource_part(&a).expect("cut");
+        let (rb, hb) = resource_part(&b).expect("cut");
+        assert_eq!(ra, rb, "same prefix");
+        assert_ne!(ha, hb, "the hash tells them apart");
+        // And a bind in a directory that long works.
+        let tmp = tempfile::tempdir().expect("tmp");
+        let deep = tmp.path().join("d".repeat(40));
+        std::fs::create_dir(&deep).expect("dir");
+        let name = plugin_socket_name(&deep, &long("As"));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        rt.block_on(async {
+            let (_listener, file) = bind(&deep, &name).expect("fits");
+            assert!(file.path().exists());
+        });
+    }
 }
