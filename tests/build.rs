@@ -4,6 +4,9 @@
 //!
 //! The guests build in their own target directory (`target/guests`): a nested
 //! cargo on the outer build's target directory would wait on its lock forever.
+//!
+//! The Python guest (`guests/python-virtual`) is built with componentize-py, which
+//! `cargo xtask test` installs into `target/py` (or named by `WDP_COMPONENTIZE_PY`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -36,9 +39,130 @@ fn main() {
             ));
         }
     }
-    let out =
-        PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("guests.rs");
-    std::fs::write(out, consts).expect("cannot write guests.rs");
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let python = build_python(&root, &root.join("guests/python-virtual"), &out_dir);
+    consts.push_str(&format!(
+        "/// `guests/python-virtual` built with componentize-py.\npub const PYTHON_VIRTUAL: &str = {:?};\n",
+        python.display().to_string()
+    ));
+    std::fs::write(out_dir.join("guests.rs"), consts).expect("cannot write guests.rs");
+}
+
+/// The componentize-py that `cargo xtask test` installs; its version is pinned there.
+const COMPONENTIZE_PY: &str = "target/py/bin/componentize-py";
+
+/// Builds the Python guest in `dir` (its `app.py`) into `out_dir`; returns the
+/// component file.
+///
+/// `--stub-wasi` replaces every WASI import with a stub that traps: without it the
+/// component imports `wasi:sockets`, which the host refuses at load.
+fn build_python(root: &Path, dir: &Path, out_dir: &Path) -> PathBuf {
+    println!("cargo:rerun-if-env-changed=WDP_COMPONENTIZE_PY");
+    let componentize_py = std::env::var_os("WDP_COMPONENTIZE_PY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(COMPONENTIZE_PY));
+    assert!(
+        componentize_py.is_file(),
+        "componentize-py not found at {} (building the Python guest {} needs it): \
+         run the tests with `cargo xtask test`, which installs it into target/py, \
+         or set WDP_COMPONENTIZE_PY to a componentize-py 0.25.1",
+        componentize_py.display(),
+        dir.display()
+    );
+    println!("cargo:rerun-if-changed={}", componentize_py.display());
+    println!("cargo:rerun-if-changed={}", dir.display());
+    let mut sources = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("guests/python-virtual exists") {
+        let path = entry.expect("readable directory").path();
+        if path.extension().is_some_and(|e| e == "py") {
+            let text = std::fs::read(&path).expect("cannot read the Python guest's sources");
+            sources.push((path, text));
+        }
+    }
+    sources.sort();
+
+    // This script reruns whenever any guest changes; componentize-py takes seconds,
+    // so it runs only when its own inputs changed since the last build.
+    let build = out_dir.join("python-virtual");
+    let wasm = build.join("python_virtual.wasm");
+    let stamp = build.join("inputs.stamp");
+    let inputs = python_inputs(root, &componentize_py, &sources);
+    if wasm.is_file() && std::fs::read(&stamp).is_ok_and(|s| s == inputs) {
+        return wasm;
+    }
+
+    // No stamp while the component is being written: a build cut short is redone.
+    let _ = std::fs::remove_file(&stamp);
+    // componentize-py writes `__pycache__` beside the sources it imports: build
+    // from a copy, so the source tree stays clean.
+    let src = build.join("src");
+    if src.exists() {
+        std::fs::remove_dir_all(&src).expect("cannot clear the Python build directory");
+    }
+    std::fs::create_dir_all(&src).expect("cannot create the Python build directory");
+    for (path, text) in &sources {
+        std::fs::write(src.join(path.file_name().expect("file name")), text)
+            .expect("cannot copy the Python guest's sources");
+    }
+    let mut cmd = Command::new(&componentize_py);
+    cmd.arg("--quiet")
+        .arg("--wit-path")
+        .arg(root.join("wit"))
+        .args(["--world", "device-plugin", "componentize", "--stub-wasi"])
+        .arg("--python-path")
+        .arg(&src)
+        .arg("app")
+        .arg("--output")
+        .arg(&wasm);
+    // componentize-py adds `$VIRTUAL_ENV`'s packages to the module path: use the
+    // venv it is installed in, not whichever one the caller has activated.
+    match componentize_py.parent().and_then(Path::parent) {
+        Some(venv) => cmd.env("VIRTUAL_ENV", venv),
+        None => cmd.env_remove("VIRTUAL_ENV"),
+    };
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", componentize_py.display()));
+    assert!(
+        status.success(),
+        "building the Python guest {} with {} failed ({status})",
+        dir.display(),
+        componentize_py.display()
+    );
+    std::fs::write(&stamp, inputs).expect("cannot write the Python build's stamp");
+    wasm
+}
+
+/// Everything the Python build depends on, as bytes to compare with the last
+/// build's: the tool (path, size, modification time), the WIT files and the sources.
+fn python_inputs(root: &Path, componentize_py: &Path, sources: &[(PathBuf, Vec<u8>)]) -> Vec<u8> {
+    let mut inputs = Vec::new();
+    let tool = std::fs::metadata(componentize_py).expect("componentize-py exists");
+    inputs.extend(
+        format!(
+            "{} {} {:?}\n",
+            componentize_py.display(),
+            tool.len(),
+            tool.modified().ok()
+        )
+        .into_bytes(),
+    );
+    let mut files: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(root.join("wit"))
+        .expect("wit/ exists")
+        .map(|e| e.expect("readable directory").path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            let text = std::fs::read(&p).expect("cannot read wit/");
+            (p, text)
+        })
+        .collect();
+    files.sort();
+    files.extend(sources.iter().cloned());
+    for (path, text) in files {
+        inputs.extend(format!("{} {}\n", path.display(), text.len()).into_bytes());
+        inputs.extend(text);
+    }
+    inputs
 }
 
 /// Builds every member of the workspace at `dir`; returns each member's directory

@@ -9,7 +9,7 @@ Configuration (all optional):
 - `unhealthy`: comma-separated device ids that `scan` and `health` report unhealthy;
 - `numa-nodes`: spread the devices round-robin over this many NUMA nodes.
 
-Ids look like `/node1/pydev/2` (kind `py-dev`, device 2: the kind without its `-`).
+Ids look like `/node1/pydev/2` (kind `py-dev` with `-` removed, device 2).
 `allocate` sets `DEV_<kind>_ID_<n>=<id>` for the n-th device of the container (kind
 with every character outside `[A-Za-z0-9]` made `_`, n from 0), and `post-allocate`
 adds the annotation `virtual.example.com/devices` listing the container's ids.
@@ -89,7 +89,7 @@ def _unhealthy_ids() -> List[str]:
     raw = host.get_config("unhealthy")
     if raw is None:
         return []
-    return [device_id.strip() for device_id in raw.split(",")]
+    return [item.strip() for item in raw.split(",") if item.strip()]
 
 
 def _device_id(node: str, kind: str, n: int) -> str:
@@ -152,5 +152,6 @@ class WitWorld(wit_world.WitWorld):
         self, request: AllocateRequest, response: List[ContainerResponse]
     ) -> List[ContainerResponse]:
         for container, reply in zip(request.containers, response):
-            reply.annotations.append(KeyValue(key=ANNOTATION, value=",".join(container.device_ids)))
+            ids = ",".join(container.device_ids)
+            reply.annotations.append(KeyValue(key=ANNOTATION, value=ids))
         return response

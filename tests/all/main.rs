@@ -9,3 +9,4 @@ mod generic;
 mod hostile;
 mod kubelet_restarts;
 mod live;
+mod python;

@@ -1,19 +1,26 @@
 //! Project tasks, run as `cargo xtask <task>` (an alias in `.cargo/config.toml`):
 //!
 //! - `demo`: builds the shipped guests and runs `wasm-device-plugin demo` on them;
-//! - `test`: installs what the tests need (the `wasm32-wasip2` target) and runs
-//!   every test; the test crate builds the guests itself. With `CI` set it also
-//!   checks formatting and denies clippy warnings;
+//! - `test`: installs what the tests need (the `wasm32-wasip2` target, and
+//!   componentize-py in a venv at `target/py` for the Python guest) and runs every
+//!   test; the test crate builds the guests itself. With `CI` set it also checks
+//!   formatting and denies clippy warnings;
 //! - `guests`: builds the shipped guests into `target/modules/`;
 //! - `fuzz [--seconds N]`: runs the property tests of `host/tests/fuzz.rs` for about
 //!   N seconds (default 180), shared evenly among the properties.
 //!
-//! Needs only rustup and cargo.
+//! Needs rustup and cargo; `test` and `fuzz` also need `python3` with its `venv`
+//! module (the test crate builds the Python guest).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 const WASM_TARGET: &str = "wasm32-wasip2";
+/// The componentize-py that builds the Python guest, pinned: its output embeds a
+/// CPython and a WASI version that the tests were written against.
+const COMPONENTIZE_PY_VERSION: &str = "0.25.1";
+/// The venv `ensure_componentize_py` installs it into; `tests/build.rs` looks there.
+const PY_VENV: &str = "target/py";
 /// How long `cargo xtask fuzz` runs without `--seconds`.
 const FUZZ_SECONDS: u64 = 180;
 
@@ -34,7 +41,7 @@ fn main() -> ExitCode {
                 "  demo    build the shipped guests and run `wasm-device-plugin demo` on them"
             );
             eprintln!(
-                "  test    install the wasm target and run every test (args go to `cargo test`)"
+                "  test    install the wasm target and componentize-py, run every test (args go to `cargo test`)"
             );
             eprintln!("  guests  build the shipped guests into target/modules/");
             eprintln!(
@@ -94,6 +101,36 @@ fn ensure_wasm_target() -> Result<(), String> {
         return Ok(());
     }
     run(Command::new("rustup").args(["target", "add", WASM_TARGET]))
+}
+
+/// Installs componentize-py (pinned) into the venv at `target/py` unless that
+/// version is there already. `WDP_COMPONENTIZE_PY` names another one instead, and
+/// then nothing is installed.
+fn ensure_componentize_py() -> Result<(), String> {
+    if std::env::var_os("WDP_COMPONENTIZE_PY").is_some() {
+        return Ok(());
+    }
+    let venv = root().join(PY_VENV);
+    let tool = venv.join("bin/componentize-py");
+    let version = Command::new(&tool)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    if version == format!("componentize-py {COMPONENTIZE_PY_VERSION}") {
+        return Ok(());
+    }
+    if !venv.join("bin/pip").is_file() {
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv)).map_err(|e| {
+            format!("{e}\n(the Python guest needs python3 with its venv module, e.g. the python3-venv package)")
+        })?;
+    }
+    run(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        &format!("componentize-py=={COMPONENTIZE_PY_VERSION}"),
+    ]))
 }
 
 /// Builds the guests workspace and copies each component into `target/modules/`.
@@ -171,6 +208,7 @@ fn demo(extra: &[String]) -> Result<(), String> {
 
 fn test(extra: &[String]) -> Result<(), String> {
     ensure_wasm_target()?;
+    ensure_componentize_py()?;
     let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false");
     if ci {
         // Present in rustup's default profile; added here for minimal installs.
@@ -216,6 +254,7 @@ fn fuzz(args: &[String]) -> Result<(), String> {
     // The host's dev-dependencies include the test crate, whose build script
     // builds the guests.
     ensure_wasm_target()?;
+    ensure_componentize_py()?;
     run(cargo()
         .args([
             "test",
