@@ -3,6 +3,7 @@
 //! (registrations, ListAndWatch) and what a pod gets (Allocate responses).
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -26,16 +27,19 @@ pub async fn run(args: &DemoArgs, out: &mut impl Write) -> anyhow::Result<()> {
         .prefix("wdp-demo")
         .tempdir()
         .context("cannot create a temporary directory")?;
-    let kubelet = Simulator::start(dir.path())?;
+    let kubelet_dir = dir.path().join("kubelet");
+    std::fs::create_dir(&kubelet_dir).context("cannot create the kubelet directory")?;
+    let (modules_dir, simulated) = stage(&args.modules_dir, dir.path())?;
+    let kubelet = Simulator::start(&kubelet_dir)?;
     let shutdown = CancellationToken::new();
     let config = HostConfig {
-        modules_dir: args.modules_dir.clone(),
+        modules_dir,
         cache_dir: None,
         settle: crate::app::DEFAULT_SETTLE,
-        settings: args.host.settings(dir.path().to_path_buf()),
+        settings: args.host.settings(kubelet_dir),
     };
     let host = Host::start(config, &shutdown)?;
-    let result = report(&host, &kubelet, args, out).await;
+    let result = report(&host, &kubelet, args, &simulated, out).await;
     host.stop().await;
     kubelet.stop().await;
     result
@@ -45,6 +49,7 @@ async fn report(
     host: &Host,
     kubelet: &Simulator,
     args: &DemoArgs,
+    simulated: &[String],
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
     writeln!(out, "wasm-device-plugin demo")?;
@@ -54,6 +59,9 @@ async fn report(
         "  kubelet simulator: {}",
         kubelet.dir().join("kubelet.sock").display()
     )?;
+    for line in simulated {
+        writeln!(out, "  simulated hardware: {line}")?;
+    }
     let states = host.settled(READY_TIMEOUT).await?;
     let mut resources = Vec::new();
     writeln!(out, "\nModules")?;
@@ -158,6 +166,101 @@ async fn report(
         }
     }
     Ok(())
+}
+
+/// Copies the modules (and manifests) of `modules` into `dir/modules`; for the
+/// shipped guests that read hardware and come without a manifest (`fpga`,
+/// `generic`), builds a simulated node under `dir/node` and writes a manifest
+/// that grants it, so that the demo shows them serving. Returns the directory to
+/// serve and a line per simulated node.
+fn stage(modules: &Path, dir: &Path) -> anyhow::Result<(PathBuf, Vec<String>)> {
+    let staged = dir.join("modules");
+    std::fs::create_dir(&staged).context("cannot create the demo's modules directory")?;
+    let entries =
+        std::fs::read_dir(modules).with_context(|| format!("cannot read {}", modules.display()))?;
+    for entry in entries {
+        let path = entry?.path();
+        let wanted = path.extension().is_some_and(|e| e == "wasm" || e == "toml");
+        if let (true, Some(name)) = (wanted && path.is_file(), path.file_name()) {
+            std::fs::copy(&path, staged.join(name))
+                .with_context(|| format!("cannot copy {}", path.display()))?;
+        }
+    }
+    let node = dir.join("node");
+    let mut simulated = Vec::new();
+    let needs_node = |name: &str| {
+        staged.join(format!("{name}.wasm")).is_file()
+            && !staged.join(format!("{name}.toml")).exists()
+    };
+    if needs_node("fpga") {
+        simulated.push(fpga_node(&node, &staged)?);
+    }
+    if needs_node("generic") {
+        simulated.push(generic_node(&node, &staged)?);
+    }
+    Ok((staged, simulated))
+}
+
+/// An FPGA card as Linux's DFL driver lays it out in sysfs (see `guests/fpga`),
+/// with an interface id and one port whose function is loaded; the `fpga`
+/// module in region mode, granted it.
+fn fpga_node(node: &Path, modules: &Path) -> anyhow::Result<String> {
+    const INTERFACE: &str = "ce48969398f05f33946d560708be108a";
+    const FUNCTION: &str = "d8424dc4a4a3c413f89e433683f9040b";
+    let sys = node.join("sys");
+    let dev = node.join("dev");
+    let card = "devices/pci0000:00/0000:00:00.0/fpga_region/region0";
+    let pr = format!("{card}/dfl-fme.0/dfl-fme-region.0/fpga_region/region1");
+    std::fs::create_dir_all(sys.join(&pr))?;
+    std::fs::write(sys.join(&pr).join("compat_id"), format!("{INTERFACE}\n"))?;
+    std::fs::create_dir_all(sys.join(card).join("dfl-port.0"))?;
+    std::fs::write(
+        sys.join(card).join("dfl-port.0/afu_id"),
+        format!("{FUNCTION}\n"),
+    )?;
+    let class = sys.join("class/fpga_region");
+    std::fs::create_dir_all(&class)?;
+    std::os::unix::fs::symlink(format!("../../{card}"), class.join("region0"))?;
+    std::os::unix::fs::symlink(format!("../../{pr}"), class.join("region1"))?;
+    std::fs::create_dir_all(&dev)?;
+    for name in ["dfl-fme.0", "dfl-port.0"] {
+        std::fs::write(dev.join(name), "")?;
+    }
+    std::fs::write(
+        modules.join("fpga.toml"),
+        format!(
+            "[grants]\nread-only-dirs = [{sys:?}]\ndevice-paths = [{dev:?}]\n\
+             [config]\nmode = \"region\"\nsysfs-root = {class:?}\ndev-root = {dev:?}\n"
+        ),
+    )?;
+    Ok(format!(
+        "fpga: one DFL card (interface {INTERFACE}, a function loaded) under {}, region mode",
+        node.display()
+    ))
+}
+
+/// Two USB serial adapters and a sound card in a simulated `/dev`; the
+/// `generic` module serving them, each serial port shared by two containers.
+fn generic_node(node: &Path, modules: &Path) -> anyhow::Result<String> {
+    let dev = node.join("dev");
+    std::fs::create_dir_all(dev.join("snd"))?;
+    for name in ["ttyUSB0", "ttyUSB1", "snd/controlC0", "snd/pcmC0D0p"] {
+        std::fs::write(dev.join(name), "")?;
+    }
+    std::fs::write(
+        modules.join("generic.toml"),
+        format!(
+            "[grants]\nread-only-dirs = [{dev:?}]\ndevice-paths = [{dev:?}]\n\
+             [config]\nkinds = \"serial,audio\"\nroot = {node:?}\n\
+             \"serial.paths\" = \"/dev/ttyUSB*\"\n\
+             \"audio.paths\" = \"/dev/snd/*\"\n\"audio.group\" = \"all\"\n\
+             [resources.serial]\nreplicas = 2\n"
+        ),
+    )?;
+    Ok(format!(
+        "generic: /dev/ttyUSB0, /dev/ttyUSB1 and /dev/snd/* under {}",
+        node.display()
+    ))
 }
 
 fn print_container(

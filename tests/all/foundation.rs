@@ -416,6 +416,47 @@ async fn demo_prints_registrations_devices_and_an_allocation_from_the_guest() {
 }
 
 #[tokio::test]
+async fn demo_serves_the_hardware_guests_on_a_simulated_node() {
+    // As `cargo xtask demo` lays them out: the shipped guests, no manifests.
+    let dirs = Dirs::new();
+    dirs.add_module("fpga", guests::FPGA);
+    dirs.add_module("generic", guests::GENERIC);
+    let modules = dirs.modules();
+    let cli = Cli::try_parse_from([
+        "wasm-device-plugin".as_ref(),
+        "demo".as_ref(),
+        "--modules-dir".as_ref(),
+        modules.as_os_str(),
+    ])
+    .expect("demo arguments parse");
+    let Command::Demo(args) = cli.command else {
+        panic!("not the demo subcommand")
+    };
+    let mut out = Vec::new();
+    wasm_device_plugin::demo::run(&args, &mut out)
+        .await
+        .expect("demo runs");
+    let out = String::from_utf8(out).expect("utf-8");
+    assert!(
+        out.contains("fpga: serving fpga.intel.com/region-ce48969398f05f33946d560708be108a"),
+        "{out}"
+    );
+    assert!(
+        out.contains("annotation  com.intel.fpga.mode=fpga.intel.com/region"),
+        "{out}"
+    );
+    assert!(out.contains("-> /dev/dfl-port.0 (rw)"), "{out}");
+    assert!(
+        out.contains("generic: serving example.com/audio, example.com/serial"),
+        "{out}"
+    );
+    assert!(out.contains("ttyUSB1::1"), "{out}");
+    assert!(out.contains("-> /dev/snd/pcmC0D0p (rw)"), "{out}");
+    // The operator's directory is left as it was: the demo works on a copy.
+    assert!(!modules.join("fpga.toml").exists());
+}
+
+#[tokio::test]
 async fn modules_serve_side_by_side_and_a_resource_is_served_by_one_module_only() {
     let dirs = Dirs::new();
     dirs.add_module("first", guests::VIRTUAL_DEVICES);
