@@ -185,7 +185,13 @@ fn build_workspace(dir: &Path, target_dir: &Path) -> Vec<(PathBuf, PathBuf)> {
                 path.join("Cargo.toml").display()
             );
             println!("cargo:rerun-if-changed={}", path.join("src").display());
-            members.push(path);
+            // Libraries (the SDK) are built as the guests' dependencies; only
+            // `cdylib` crates become components.
+            let is_guest = std::fs::read_to_string(path.join("Cargo.toml"))
+                .is_ok_and(|manifest| manifest.contains("cdylib"));
+            if is_guest {
+                members.push(path);
+            }
         }
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

@@ -3,9 +3,11 @@
 //! - `demo`: builds the shipped guests and runs `wasm-device-plugin demo` on them;
 //! - `test`: installs what the tests need (the `wasm32-wasip2` target, and
 //!   componentize-py in a venv at `target/py` for the Python guest) and runs every
-//!   test; the test crate builds the guests itself. With `CI` set it also checks
-//!   formatting and denies clippy warnings;
+//!   test: the test crate (which builds the guests itself), the guests' own unit
+//!   tests, and the walkthrough of `docs/writing-a-guest.md` (`guide`). With `CI`
+//!   set it also checks formatting and denies clippy warnings;
 //! - `guests`: builds the shipped guests into `target/modules/`;
+//! - `guide`: runs the walkthrough of `docs/writing-a-guest.md` as written;
 //! - `fuzz [--seconds N]`: runs the property tests of `host/tests/fuzz.rs` for about
 //!   N seconds (default 180), shared evenly among the properties.
 //!
@@ -35,6 +37,7 @@ fn main() -> ExitCode {
         "test" => test(rest),
         "guests" => guests().map(|dir| println!("guests built into {}", dir.display())),
         "fuzz" => fuzz(rest),
+        "guide" => guide(),
         _ => {
             eprintln!("usage: cargo xtask <demo|test|guests|fuzz> [args...]");
             eprintln!(
@@ -44,6 +47,9 @@ fn main() -> ExitCode {
                 "  test    install the wasm target and componentize-py, run every test (args go to `cargo test`)"
             );
             eprintln!("  guests  build the shipped guests into target/modules/");
+            eprintln!(
+                "  guide   run every `sh` block of docs/writing-a-guest.md, in order, as written"
+            );
             eprintln!(
                 "  fuzz    run the property tests for --seconds N (default {FUZZ_SECONDS}), printing cases per property"
             );
@@ -214,8 +220,19 @@ fn test(extra: &[String]) -> Result<(), String> {
         // Present in rustup's default profile; added here for minimal installs.
         run(Command::new("rustup").args(["component", "add", "rustfmt", "clippy"]))?;
         run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+        for workspace in ["guests/Cargo.toml", "tests/guests/Cargo.toml"] {
+            run(cargo().args(["fmt", "--manifest-path", workspace, "--all", "--", "--check"]))?;
+        }
     }
     run(cargo().args(["test", "--workspace"]).args(extra))?;
+    // The SDK's and the guests' own unit tests, natively (their code is plain Rust
+    // around the bindings); the test crate has built and run them as components.
+    run(cargo()
+        .args(["test", "--manifest-path", "guests/Cargo.toml", "--workspace"])
+        .arg("--target-dir")
+        .arg(root().join("target/guests")))?;
+    // The guide's walkthrough, as a reader runs it.
+    guide()?;
     if ci {
         run(cargo().args([
             "clippy",
@@ -267,4 +284,58 @@ fn fuzz(args: &[String]) -> Result<(), String> {
             "--test-threads=1",
         ])
         .env("WDP_FUZZ_SECONDS", seconds.to_string()))
+}
+
+/// The guide whose walkthrough `cargo xtask guide` runs.
+const GUIDE: &str = "docs/writing-a-guest.md";
+
+/// Runs the guide's walkthrough: every fenced `sh` block, in order, as one bash
+/// script (`-e`: the first failing command fails it) from the repository root, so
+/// the commands a reader copies are the commands that were checked.
+fn guide() -> Result<(), String> {
+    let root = root();
+    let text = std::fs::read_to_string(root.join(GUIDE))
+        .map_err(|e| format!("cannot read {GUIDE}: {e}"))?;
+    let script = sh_blocks(&text);
+    if script.is_empty() {
+        return Err(format!("{GUIDE} has no `sh` blocks"));
+    }
+    let mut cmd = Command::new("bash");
+    cmd.args(["-euxo", "pipefail", "-c", &script])
+        .current_dir(&root)
+        // The walkthrough's cargo builds its own crates, not this workspace's
+        // xtask: let it see a plain environment.
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER");
+    eprintln!("+ bash: the `sh` blocks of {GUIDE}");
+    let status = cmd.status().map_err(|e| format!("cannot run bash: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("the walkthrough in {GUIDE} failed ({status})"))
+    }
+}
+
+/// The fenced blocks of markdown `text` whose info string is exactly `sh`, joined.
+fn sh_blocks(text: &str) -> String {
+    let mut script = String::new();
+    let mut inside = false;
+    for line in text.lines() {
+        let fence = line.trim_start();
+        if inside {
+            if fence.starts_with("```") {
+                inside = false;
+            } else {
+                script.push_str(line);
+                script.push('\n');
+            }
+        } else if fence
+            .strip_prefix("```")
+            .is_some_and(|info| info.trim() == "sh")
+        {
+            inside = true;
+        }
+    }
+    script
 }

@@ -141,7 +141,7 @@ macro_rules! export_device_plugin {
                     <$plugin as $crate::DevicePlugin>::post_allocate(request, response)
                 }
             }
-            $crate::bindings::export_world!(Exported with_types_in $crate::bindings);
+            $crate::bindings::export_world! { Exported with_types_in $crate::bindings }
         };
     };
 }

@@ -76,11 +76,19 @@ fn misbehave(export: &str) -> Result<(), ModuleError> {
 }
 
 fn device(id: String) -> Device {
-    Device { id, health: Health::Healthy, numa_nodes: Vec::new(), allocation: empty_response() }
+    Device {
+        id,
+        health: Health::Healthy,
+        numa_nodes: Vec::new(),
+        allocation: empty_response(),
+    }
 }
 
 fn kind(name: &str, ids: impl IntoIterator<Item = String>) -> DeviceKind {
-    DeviceKind { name: name.to_string(), devices: ids.into_iter().map(device).collect() }
+    DeviceKind {
+        name: name.to_string(),
+        devices: ids.into_iter().map(device).collect(),
+    }
 }
 
 /// A scan that breaks the rule `rule`, if it is a scan rule.
@@ -128,7 +136,10 @@ fn empty_response() -> ContainerResponse {
 }
 
 fn kv(key: &str, value: &str) -> KeyValue {
-    KeyValue { key: key.to_string(), value: value.to_string() }
+    KeyValue {
+        key: key.to_string(),
+        value: value.to_string(),
+    }
 }
 
 /// An allocation for `containers` containers that breaks the rule `rule`, if it
@@ -172,8 +183,9 @@ impl Guest for Faulty {
         if let Some(kinds) = host::get_config("bogus").as_deref().and_then(bogus_scan) {
             return Ok(kinds);
         }
-        let count: usize =
-            host::get_config("devices").and_then(|n| n.parse().ok()).unwrap_or(3);
+        let count: usize = host::get_config("devices")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(3);
         Ok(vec![kind("faulty", (0..count).map(|n| format!("f{n}")))])
     }
 
@@ -223,7 +235,11 @@ impl Guest for Faulty {
 }
 
 fn outcome<T, E>(result: Result<T, E>) -> String {
-    if result.is_ok() { "ok".into() } else { "denied".into() }
+    if result.is_ok() {
+        "ok".into()
+    } else {
+        "denied".into()
+    }
 }
 
 fn read_outcome(path: &str) -> String {
@@ -251,10 +267,16 @@ fn probe(containers: usize) -> Vec<ContainerResponse> {
         probes.push(("PROBE_ESCAPE", read_outcome(&path)));
     }
     if let Some(path) = host::get_config("probe-write") {
-        probes.push(("PROBE_WRITE", outcome(std::fs::write(path, "written by a guest"))));
+        probes.push((
+            "PROBE_WRITE",
+            outcome(std::fs::write(path, "written by a guest")),
+        ));
     }
     let first = ContainerResponse {
-        envs: probes.into_iter().map(|(key, value)| kv(key, &value)).collect(),
+        envs: probes
+            .into_iter()
+            .map(|(key, value)| kv(key, &value))
+            .collect(),
         ..empty_response()
     };
     let mut responses = vec![first];

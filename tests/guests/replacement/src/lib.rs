@@ -42,7 +42,10 @@ impl Guest for Replacement {
             .containers
             .iter()
             .map(|c| {
-                let mut envs = vec![KeyValue { key: "VERSION".into(), value: "2".into() }];
+                let mut envs = vec![KeyValue {
+                    key: "VERSION".into(),
+                    value: "2".into(),
+                }];
                 envs.extend(c.device_ids.iter().enumerate().map(|(n, id)| KeyValue {
                     key: format!("DEV_{n}"),
                     value: id.clone(),

@@ -42,11 +42,7 @@ impl Guest for Sockets {
 }
 
 fn post_nothing(request: AllocateRequest) -> Result<Vec<ContainerResponse>, ModuleError> {
-    Ok(request
-        .containers
-        .iter()
-        .map(|_| empty())
-        .collect())
+    Ok(request.containers.iter().map(|_| empty()).collect())
 }
 
 fn empty() -> ContainerResponse {
