@@ -221,14 +221,26 @@ fn test(extra: &[String]) -> Result<(), String> {
         run(Command::new("rustup").args(["component", "add", "rustfmt", "clippy"]))?;
         run(cargo().args(["fmt", "--all", "--", "--check"]))?;
         for workspace in ["guests/Cargo.toml", "tests/guests/Cargo.toml"] {
-            run(cargo().args(["fmt", "--manifest-path", workspace, "--all", "--", "--check"]))?;
+            run(cargo().args([
+                "fmt",
+                "--manifest-path",
+                workspace,
+                "--all",
+                "--",
+                "--check",
+            ]))?;
         }
     }
     run(cargo().args(["test", "--workspace"]).args(extra))?;
     // The SDK's and the guests' own unit tests, natively (their code is plain Rust
     // around the bindings); the test crate has built and run them as components.
     run(cargo()
-        .args(["test", "--manifest-path", "guests/Cargo.toml", "--workspace"])
+        .args([
+            "test",
+            "--manifest-path",
+            "guests/Cargo.toml",
+            "--workspace",
+        ])
         .arg("--target-dir")
         .arg(root().join("target/guests")))?;
     // The guide's walkthrough, as a reader runs it.

@@ -558,6 +558,14 @@ mod tests {
             "vendor.example/gpu"
         );
         assert_eq!(example.resource("gpu").replicas, 4);
+        // The other shipped guests' examples parse too (their tests load them).
+        let generic = parse_ok(include_str!("../../../examples/generic.toml"));
+        assert_eq!(generic.resource("audio").replicas, 4);
+        let fpga = parse_ok(include_str!("../../../examples/fpga.toml"));
+        assert_eq!(
+            fpga.call.config.get("mode").map(String::as_str),
+            Some("region")
+        );
     }
 
     #[test]
