@@ -381,11 +381,9 @@ async fn stopping_the_host_removes_its_sockets_and_ends_the_streams() {
     drop(dirs);
 }
 
-#[tokio::test]
-async fn demo_prints_registrations_devices_and_an_allocation_from_the_guest() {
-    let dirs = virtual_devices();
-    // The demo's own defaults, as `wasm-device-plugin demo --modules-dir DIR` gets them.
-    let modules = dirs.modules();
+/// What `wasm-device-plugin demo --modules-dir <modules>` prints, with the demo's
+/// own defaults.
+async fn demo(modules: &std::path::Path) -> String {
     let cli = Cli::try_parse_from([
         "wasm-device-plugin".as_ref(),
         "demo".as_ref(),
@@ -400,7 +398,14 @@ async fn demo_prints_registrations_devices_and_an_allocation_from_the_guest() {
     wasm_device_plugin::demo::run(&args, &mut out)
         .await
         .expect("demo runs");
-    let out = String::from_utf8(out).expect("utf-8");
+    String::from_utf8(out).expect("utf-8")
+}
+
+#[tokio::test]
+async fn demo_prints_registrations_devices_and_an_allocation_from_the_guest() {
+    let dirs = virtual_devices();
+    let modules = dirs.modules();
+    let out = demo(&modules).await;
     assert!(
         out.contains("virtual: serving example.com/dev-1, example.com/dev-2"),
         "{out}"
@@ -422,21 +427,7 @@ async fn demo_serves_the_hardware_guests_on_a_simulated_node() {
     dirs.add_module("fpga", guests::FPGA);
     dirs.add_module("generic", guests::GENERIC);
     let modules = dirs.modules();
-    let cli = Cli::try_parse_from([
-        "wasm-device-plugin".as_ref(),
-        "demo".as_ref(),
-        "--modules-dir".as_ref(),
-        modules.as_os_str(),
-    ])
-    .expect("demo arguments parse");
-    let Command::Demo(args) = cli.command else {
-        panic!("not the demo subcommand")
-    };
-    let mut out = Vec::new();
-    wasm_device_plugin::demo::run(&args, &mut out)
-        .await
-        .expect("demo runs");
-    let out = String::from_utf8(out).expect("utf-8");
+    let out = demo(&modules).await;
     assert!(
         out.contains("fpga: serving fpga.intel.com/region-ce48969398f05f33946d560708be108a"),
         "{out}"
