@@ -32,7 +32,7 @@ use crate::gauge::Gauge;
 use crate::kubelet::proto::{self, device_plugin_server::DevicePlugin};
 use crate::kubelet::server::PluginService;
 use crate::policy::{self, PolicyError, ScannedResource};
-use crate::registry::lifecycle::GuestBackend;
+use crate::registry::lifecycle::{GuestBackend, advertise};
 use crate::registry::manifest::{self, ManifestError, ModuleSettings};
 use crate::registry::watch::{MAX_MANIFEST_BYTES, MAX_MODULE_BYTES};
 use crate::runtime::bindings::{ContainerResponse, KeyValue};
@@ -220,13 +220,12 @@ pub async fn allocate(args: &AllocateArgs, out: &mut impl Write) -> Result<(), I
         let found = resource(&loaded, scanned, &args.resource)?;
         report.resource = Some(found.name.to_string());
         report.kind = Some(found.kind.clone());
-        let replicas = loaded.settings.resource(&found.kind).replicas;
-        // As the serving host advertises it: each device `replicas` times, or
-        // once when that would pass the per-resource limit.
-        let (advertised, replicas) = match found.devices.replicated(replicas) {
-            Ok(set) => (set, replicas),
-            Err(_) => (found.devices.clone(), 1),
-        };
+        // As the serving host advertises it.
+        let (advertised, replicas) = advertise(
+            &found.name,
+            &found.devices,
+            loaded.settings.resource(&found.kind).replicas,
+        );
         let containers =
             allocate_through_host(loaded, found, advertised, replicas, &args.containers).await?;
         report.containers = Some(

@@ -5,7 +5,7 @@
 //! [`DevicePlugin`], usually just [`DevicePlugin::scan`], and exports it with
 //! [`export_device_plugin!`]:
 //!
-//! ```ignore
+//! ```no_run
 //! use wdp_sdk::{config, info, Device, DeviceKind, DevicePlugin, ModuleError};
 //!
 //! struct Serial;

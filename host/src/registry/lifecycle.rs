@@ -251,7 +251,7 @@ struct Resource {
 
 /// The list to advertise for `real` shared `replicas` times, and the replicas
 /// used: 1 when sharing would exceed the per-resource device limit (logged).
-fn advertise(resource: &ResourceName, real: &DeviceSet, replicas: u32) -> (DeviceSet, u32) {
+pub fn advertise(resource: &ResourceName, real: &DeviceSet, replicas: u32) -> (DeviceSet, u32) {
     match real.replicated(replicas) {
         Ok(set) => (set, replicas),
         Err(err) => {
