@@ -4,18 +4,21 @@
 //! the caller's and every task it spawns.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::gauge::Gauge;
 use crate::kubelet::dir::KubeletDir;
+use crate::kubelet::{PluginStatus, Plugins, Registrations};
+use crate::metrics::{self, Metrics, Probes};
 use crate::registry;
 use crate::registry::lifecycle::{self, Context, Control};
 use crate::registry::watch::{DirEvent, ModuleFiles};
@@ -46,6 +49,7 @@ pub struct Host {
     ctx: Arc<Context>,
     states: watch::Receiver<ModuleStates>,
     controls: Controls,
+    supervisor: AbortHandle,
     token: CancellationToken,
     tasks: TaskTracker,
 }
@@ -83,17 +87,21 @@ impl Host {
         if initial.is_empty() {
             tracing::warn!(dir = %config.modules_dir.display(), "no *.wasm modules yet; watching the directory for some");
         }
-        let runtime = Arc::new(Runtime::new(config.cache_dir.as_deref())?);
+        let metrics = Arc::new(Metrics::new());
+        let runtime = Arc::new(Runtime::new(config.cache_dir.as_deref(), metrics.clone())?);
         let (states_tx, states) = watch::channel(ModuleStates::new());
-        let kubelet = KubeletDir::watch(&settings.kubelet_dir);
+        let plugins = Plugins {
+            dir: KubeletDir::watch(&settings.kubelet_dir, metrics),
+            streams: Gauge::default(),
+            registrations: Registrations::default(),
+        };
         let ctx = Arc::new(Context {
             runtime,
             settings,
             claims: Claims::default(),
-            kubelet,
+            plugins,
             states: states_tx,
             refusals: watch::channel(Refusals::new()).0,
-            streams: Gauge::default(),
         });
         let controls = Controls::default();
         let mut supervisor = Supervisor {
@@ -106,12 +114,13 @@ impl Host {
             supervisor.handle_now(event);
         }
         let tasks = TaskTracker::new();
-        tasks.spawn(supervisor.run(events));
+        let supervisor = tasks.spawn(supervisor.run(events)).abort_handle();
         tasks.close();
         Ok(Self {
             ctx,
             states,
             controls,
+            supervisor,
             token,
             tasks,
         })
@@ -143,7 +152,67 @@ impl Host {
 
     /// ListAndWatch streams open now, across every resource.
     pub fn open_streams(&self) -> watch::Receiver<u64> {
-        self.ctx.streams.watch()
+        self.ctx.plugins.streams.watch()
+    }
+
+    /// The host's metrics.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.ctx.metrics().clone()
+    }
+
+    /// What `/healthz` and `/readyz` ask.
+    pub fn probes(&self) -> Arc<dyn Probes> {
+        Arc::new(HostProbes {
+            states: self.states.clone(),
+            registrations: self.ctx.plugins.registrations.watch(),
+            supervisor: self.supervisor.clone(),
+            streams: self.ctx.plugins.streams.clone(),
+            calls: self.ctx.runtime.calls().clone(),
+        })
+    }
+
+    /// `Ok` once every loaded module's resources are registered with kubelet
+    /// (what `/readyz` answers); what is missing otherwise.
+    ///
+    /// # Errors
+    /// What the host still waits for.
+    pub fn ready(&self) -> Result<(), String> {
+        readiness(
+            &self.states.borrow(),
+            &self.ctx.plugins.registrations.watch().borrow(),
+        )
+    }
+
+    /// Waits until [`Host::ready`] holds or stops holding (`want`), at most
+    /// `timeout`.
+    ///
+    /// # Errors
+    /// The timeout passed first; says what was missing then.
+    pub async fn wait_ready(&self, want: bool, timeout: Duration) -> anyhow::Result<()> {
+        let mut states = self.states.clone();
+        let mut registrations = self.ctx.plugins.registrations.watch();
+        let waited = tokio::time::timeout(timeout, async {
+            loop {
+                let now = readiness(
+                    &states.borrow_and_update(),
+                    &registrations.borrow_and_update(),
+                );
+                if now.is_ok() == want {
+                    return;
+                }
+                tokio::select! {
+                    _ = states.changed() => {}
+                    _ = registrations.changed() => {}
+                }
+            }
+        })
+        .await;
+        waited.map_err(|_| {
+            anyhow::anyhow!(
+                "readiness is not {want} after {timeout:?}: {:?}",
+                self.ready()
+            )
+        })
     }
 
     /// Waits until no module is settling or loading any more (each is serving or
@@ -280,21 +349,116 @@ impl Supervisor {
             let _ = running.task.await;
             tracing::info!(module = %name, "module stopped; its sockets are removed");
         }
-        self.ctx
-            .states
-            .send_if_modified(|s| s.remove(name).is_some());
+        self.ctx.remove_state(name);
     }
 }
 
-/// Runs the host until `shutdown` is cancelled.
+/// Ready when no module is settling or loading, and every resource of every
+/// serving module is registered with kubelet. Failed modules do not hold
+/// readiness back (they are logged, counted and retried when their files
+/// change); with no modules at all the host is ready.
+fn readiness(
+    states: &ModuleStates,
+    registrations: &std::collections::BTreeMap<crate::domain::ResourceName, PluginStatus>,
+) -> Result<(), String> {
+    let mut missing = Vec::new();
+    for (name, state) in states {
+        match state {
+            ModuleState::Settling => {
+                missing.push(format!("module {name}: file still being written"))
+            }
+            ModuleState::Loading => missing.push(format!("module {name}: loading")),
+            ModuleState::Serving(resources) => {
+                for resource in resources {
+                    let registered = registrations
+                        .iter()
+                        .find(|(r, _)| r.as_str() == resource)
+                        .is_some_and(|(_, s)| matches!(s, PluginStatus::Registered(_)));
+                    if !registered {
+                        missing.push(format!(
+                            "resource {resource} (module {name}): not registered with kubelet"
+                        ));
+                    }
+                }
+            }
+            ModuleState::Failed(_) | ModuleState::Stopped => {}
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("not ready: {}", missing.join("; ")))
+    }
+}
+
+/// The probes of a running host.
+struct HostProbes {
+    states: watch::Receiver<ModuleStates>,
+    registrations:
+        watch::Receiver<std::collections::BTreeMap<crate::domain::ResourceName, PluginStatus>>,
+    supervisor: AbortHandle,
+    streams: Gauge,
+    calls: Gauge,
+}
+
+impl Probes for HostProbes {
+    fn live(&self) -> Result<(), String> {
+        // The supervisor follows the modules directory and owns every module's
+        // task; it ends only on shutdown. Without it the host serves stale
+        // modules forever: restart it.
+        if self.supervisor.is_finished() {
+            return Err("the module supervisor has stopped".into());
+        }
+        Ok(())
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        readiness(&self.states.borrow(), &self.registrations.borrow())
+    }
+
+    fn refresh(&self, metrics: &Metrics) {
+        metrics.set_live(self.streams.get(), self.calls.get());
+    }
+}
+
+/// Runs the host until `shutdown` is cancelled, with its metrics and probes
+/// served over HTTP on `metrics_addr` when given.
 ///
 /// # Errors
-/// As [`Host::start`].
-pub async fn run(config: HostConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// As [`Host::start`]; or `metrics_addr` cannot be listened on.
+pub async fn run(
+    config: HostConfig,
+    metrics_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    // Bound first: a host that cannot be probed would be restarted by kubelet
+    // anyway, so it fails at once and says why.
+    let listener = match metrics_addr {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen on {addr} for metrics and probes (--metrics-addr; `off` turns them off)")
+        })?),
+        None => None,
+    };
     let host = Host::start(config, &shutdown)?;
+    let endpoints = listener.map(|listener| {
+        let addr = listener
+            .local_addr()
+            .map_or_else(|_| "?".to_string(), |a| a.to_string());
+        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+        let (metrics, probes) = (host.metrics(), host.probes());
+        let token = shutdown.child_token();
+        tokio::spawn(async move {
+            if let Err(err) = metrics::serve(listener, metrics, probes, token).await {
+                tracing::error!(cause = %err, "metrics and probes server failed");
+            }
+        })
+    });
     shutdown.cancelled().await;
     tracing::info!("shutting down: stopping every module and removing its sockets");
     host.stop().await;
+    if let Some(endpoints) = endpoints {
+        let _ = endpoints.await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

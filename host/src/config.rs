@@ -1,6 +1,7 @@
 //! The command line: clap arguments and their conversion into plain config
 //! structs. The only place that reads flags or environment variables.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -23,6 +24,8 @@ pub const DEFAULT_DOMAIN: &str = "example.com";
 pub const DEFAULT_HEALTH_INTERVAL: &str = "10s";
 /// How often `scan` runs again.
 pub const DEFAULT_SCAN_INTERVAL: &str = "60s";
+/// Where `/metrics`, `/healthz` and `/readyz` are served.
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9477";
 
 /// A Kubernetes device plugin host whose device logic runs in sandboxed
 /// WebAssembly components.
@@ -144,6 +147,19 @@ pub struct RunArgs {
     /// Compile every module at load; read and write no cache.
     #[arg(long, conflicts_with = "cache_dir")]
     pub no_cache: bool,
+    /// Address of the HTTP endpoints: `/metrics` (Prometheus), `/healthz`
+    /// (liveness) and `/readyz` (ready once every loaded module's resources are
+    /// registered with kubelet). On by default, as kubelet's probes need it; in
+    /// a pod it is reachable on the pod's network only. `off` turns it off;
+    /// port 0 picks a free port (logged).
+    #[arg(
+        long,
+        default_value = DEFAULT_METRICS_ADDR,
+        env = "WDP_METRICS_ADDR",
+        value_parser = metrics_addr,
+        value_name = "ADDR|off"
+    )]
+    pub metrics_addr: MetricsAddr,
     /// Host settings.
     #[command(flatten)]
     pub host: HostArgs,
@@ -214,6 +230,23 @@ pub struct AllocateArgs {
     /// The module and how to judge it.
     #[command(flatten)]
     pub target: ModuleFileArgs,
+}
+
+/// Where the metrics and probes are served, if at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsAddr(pub Option<SocketAddr>);
+
+/// `host:port` (an IP address, v4 or `[v6]`), or `off`.
+fn metrics_addr(raw: &str) -> Result<MetricsAddr, String> {
+    if raw == "off" {
+        return Ok(MetricsAddr(None));
+    }
+    raw.parse::<SocketAddr>()
+        .map(|a| MetricsAddr(Some(a)))
+        .map_err(|_| {
+            "expected an IP address and port (`0.0.0.0:9477`, `127.0.0.1:0`, `[::]:9477`) or `off`"
+                .into()
+        })
 }
 
 /// The device ids one container asks for.

@@ -31,6 +31,7 @@ use crate::domain::{DeviceSet, ResourceName};
 use crate::gauge::Gauge;
 use crate::kubelet::proto::{self, device_plugin_server::DevicePlugin};
 use crate::kubelet::server::PluginService;
+use crate::metrics::Metrics;
 use crate::policy::{self, PolicyError, ScannedResource};
 use crate::registry::lifecycle::{GuestBackend, advertise};
 use crate::registry::manifest::{self, ManifestError, ModuleSettings};
@@ -296,7 +297,7 @@ fn load(target: &ModuleFileArgs, file: &mut FileReport) -> Result<Loaded, Inspec
             manifest::parse(path, &text, &base).map_err(InspectError::Manifest)?
         }
     };
-    let runtime = Runtime::new(None).map_err(InspectError::Runtime)?;
+    let runtime = Runtime::new(None, Arc::new(Metrics::new())).map_err(InspectError::Runtime)?;
     // CPU-bound (compilation); nothing else runs on this executor meanwhile.
     let guest = Guest::compile(
         &runtime,

@@ -10,7 +10,8 @@
 //! - [`registry`]: module discovery and lifecycle;
 //! - [`app`]: wiring and shutdown; [`demo`]: the demo run; [`config`]: the CLI;
 //! - [`inspect`]: `validate` and `allocate`, one module judged as the host would;
-//! - [`gauge`]: counts of calls and streams in progress, for tests and metrics.
+//! - [`gauge`]: counts of calls and streams in progress, for tests and metrics;
+//! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoints.
 #![warn(missing_docs)]
 
 pub mod app;
@@ -21,6 +22,7 @@ pub mod gauge;
 pub mod grants;
 pub mod inspect;
 pub mod kubelet;
+pub mod metrics;
 pub mod policy;
 pub mod registry;
 pub mod runtime;

@@ -30,7 +30,7 @@ fn main() -> ExitCode {
             Command::Run(args) => {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(cancel_on_signal(shutdown.clone()));
-                app::run(args.host_config(), shutdown).await
+                app::run(args.host_config(), args.metrics_addr.0, shutdown).await
             }
             Command::Demo(args) => demo::run(&args, &mut std::io::stdout()).await,
             Command::Validate(args) => inspect::validate(&args, &mut std::io::stdout())

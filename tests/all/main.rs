@@ -9,4 +9,5 @@ mod generic;
 mod hostile;
 mod kubelet_restarts;
 mod live;
+mod observability;
 mod python;

@@ -2,6 +2,7 @@
 //! that runs the real host against the kubelet simulator over real unix sockets in
 //! a temporary directory.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -254,6 +255,19 @@ impl Fixture {
         }
     }
 
+    /// Serves the host's `/metrics`, `/healthz` and `/readyz` on a free port
+    /// until the fixture stops; returns the address.
+    pub async fn serve_endpoints(&self) -> SocketAddr {
+        serve_endpoints(&self.host, &self.shutdown).await
+    }
+
+    /// The host's metrics page, as Prometheus scrapes it.
+    pub async fn scrape(&self, addr: SocketAddr) -> String {
+        let (status, page) = http_get(addr, "/metrics").await;
+        assert_eq!(status, 200, "/metrics answers: {page}");
+        page
+    }
+
     /// Stops the host (sockets removed), then the kubelet.
     pub async fn stop(self) -> Dirs {
         self.shutdown.cancel();
@@ -261,4 +275,72 @@ impl Fixture {
         self.kubelet.stop().await;
         self.dirs
     }
+}
+
+/// Serves `host`'s `/metrics`, `/healthz` and `/readyz` on a free port of
+/// 127.0.0.1 until `shutdown` is cancelled (or the runtime ends); returns the
+/// address. Bound before it returns, so the first request never races the server.
+pub async fn serve_endpoints(host: &Host, shutdown: &CancellationToken) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a free port");
+    let addr = listener.local_addr().expect("bound address");
+    tokio::spawn(wasm_device_plugin::metrics::serve(
+        listener,
+        host.metrics(),
+        host.probes(),
+        shutdown.child_token(),
+    ));
+    addr
+}
+
+/// `GET path` over HTTP/1.1, as a scraper or kubelet's probe does; returns the
+/// status code and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connect in time")
+        .expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send request");
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut raw))
+        .await
+        .expect("answer in time")
+        .expect("read answer");
+    let text = String::from_utf8(raw).expect("UTF-8 answer");
+    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP head and body");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    // Small bodies only: axum sends them whole, with a Content-Length.
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "unexpected chunked answer: {head}"
+    );
+    (status, body.to_string())
+}
+
+/// The value of the sample `name{labels}` in a metrics page (labels in the
+/// order the host writes them), if there is one.
+pub fn sample(page: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    let series = if labels.is_empty() {
+        format!("{name} ")
+    } else {
+        format!("{name}{{{}}} ", labels.join(","))
+    };
+    page.lines().find_map(|l| l.strip_prefix(&series)).map(|v| {
+        v.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number: {l}", l = v))
+    })
 }

@@ -5,17 +5,21 @@
 //! files (`kubelet_identity`, a socket's inode), never by decoding events, so a
 //! missed or coalesced event costs only latency: plugins also re-check on a timer.
 //!
+//! A `kubelet.sock` with a new identity after an earlier one is counted as a
+//! kubelet restart in the metrics, once, by whichever look notices it first.
+//!
 //! Uses inotify through the `notify` crate; if the watch cannot be set up (no
 //! inotify instances left, say), the timer is the only trigger and a warning says so.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::watch;
 
 use crate::kubelet::proto;
+use crate::metrics::Metrics;
 
 /// A file's identity: device and inode. A recreated file has a new one.
 pub type FileIdentity = (u64, u64);
@@ -30,6 +34,7 @@ pub fn file_identity(path: &Path) -> Option<FileIdentity> {
 /// The watched directory.
 pub struct KubeletDir {
     path: PathBuf,
+    restarts: Arc<Restarts>,
     changes: watch::Receiver<u64>,
     // Kept so that `changes` never reports a closed channel, watcher or not.
     _sender: Arc<watch::Sender<u64>>,
@@ -46,14 +51,64 @@ impl std::fmt::Debug for KubeletDir {
     }
 }
 
+/// Counts kubelet restarts: `kubelet.sock` found again after it was seen gone,
+/// or found recreated (a new inode, or the same inode number reused with a new
+/// change time, as a quick delete-and-create often gives).
+struct Restarts {
+    socket: PathBuf,
+    last: Mutex<Seen>,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Default)]
+struct Seen {
+    /// Device, inode and change time (seconds, nanoseconds) of the last socket seen.
+    socket: Option<(u64, u64, i64, i64)>,
+    /// The socket was seen gone since.
+    gone: bool,
+}
+
+impl Restarts {
+    /// Looks at `kubelet.sock` and returns its identity, counting a restart if
+    /// it is new.
+    fn look(&self) -> Option<FileIdentity> {
+        let meta = std::fs::symlink_metadata(&self.socket).ok();
+        let mut seen = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        match &meta {
+            None => seen.gone = seen.socket.is_some(),
+            Some(m) => {
+                let now = (m.dev(), m.ino(), m.ctime(), m.ctime_nsec());
+                if seen.socket.is_some_and(|before| before != now || seen.gone) {
+                    self.metrics.kubelet_restarted();
+                }
+                *seen = Seen {
+                    socket: Some(now),
+                    gone: false,
+                };
+            }
+        }
+        meta.map(|m| (m.dev(), m.ino()))
+    }
+}
+
 impl KubeletDir {
-    /// Starts watching `path`.
-    pub fn watch(path: &Path) -> Arc<Self> {
+    /// Starts watching `path`; kubelet restarts are counted in `metrics`.
+    pub fn watch(path: &Path, metrics: Arc<Metrics>) -> Arc<Self> {
+        let restarts = Arc::new(Restarts {
+            socket: path.join(proto::KUBELET_SOCKET),
+            last: Mutex::new(Seen::default()),
+            metrics,
+        });
+        restarts.look();
         let (sender, changes) = watch::channel(0u64);
         let sender = Arc::new(sender);
         let tx = sender.clone();
+        let seen = restarts.clone();
         // Any event, an error (queue overflow) included, means "look again".
         let watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
+            // Counted before the plugins are woken, so a restart is in the
+            // metrics by the time anything re-registers.
+            seen.look();
             tx.send_modify(|n| *n = n.wrapping_add(1));
         })
         .and_then(|mut w| w.watch(path, RecursiveMode::NonRecursive).map(|()| w));
@@ -66,6 +121,7 @@ impl KubeletDir {
         };
         Arc::new(Self {
             path: path.to_path_buf(),
+            restarts,
             changes,
             _sender: sender,
             _watcher: watcher,
@@ -89,6 +145,6 @@ impl KubeletDir {
 
     /// The identity of `kubelet.sock` now; a restarted kubelet has a new one.
     pub fn kubelet_identity(&self) -> Option<FileIdentity> {
-        file_identity(&self.kubelet_socket())
+        self.restarts.look()
     }
 }

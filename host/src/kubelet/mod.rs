@@ -12,6 +12,7 @@ pub mod server;
 pub mod simulator;
 pub mod socket;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::{DeviceSet, ResourceName};
 use crate::gauge::Gauge;
+use crate::metrics::ResourceMetrics;
 use dir::{FileIdentity, KubeletDir, file_identity};
 use registration::RegistrationError;
 use server::{DeviceBackend, PluginService};
@@ -51,14 +53,47 @@ pub enum PluginStatus {
     Registered(String),
 }
 
+/// Where every served resource stands with kubelet: an entry from the moment it
+/// is served until its socket is removed. Readiness is read off it.
+#[derive(Debug, Clone, Default)]
+pub struct Registrations(Arc<watch::Sender<BTreeMap<ResourceName, PluginStatus>>>);
+
+impl Registrations {
+    fn set(&self, resource: &ResourceName, status: PluginStatus) {
+        self.0.send_if_modified(|all| {
+            all.insert(resource.clone(), status.clone()).as_ref() != Some(&status)
+        });
+    }
+
+    fn remove(&self, resource: &ResourceName) {
+        self.0
+            .send_if_modified(|all| all.remove(resource).is_some());
+    }
+
+    /// Every served resource's status now, and each change.
+    pub fn watch(&self) -> watch::Receiver<BTreeMap<ResourceName, PluginStatus>> {
+        self.0.subscribe()
+    }
+}
+
+/// What the plugin tasks of every resource share.
+#[derive(Debug, Clone)]
+pub struct Plugins {
+    /// The watched kubelet directory.
+    pub dir: Arc<KubeletDir>,
+    /// Counts the open ListAndWatch streams.
+    pub streams: Gauge,
+    /// Where each resource stands with kubelet.
+    pub registrations: Registrations,
+}
+
 /// A resource being served: a task that keeps it served and registered across
 /// kubelet restarts until the token passed to [`serve`] is cancelled, then
 /// stops its server and removes its socket.
 #[derive(Debug)]
 pub struct ServedResource {
-    /// Where it stands with kubelet.
-    pub status: watch::Receiver<PluginStatus>,
-    /// The plugin task; await it after cancelling to know the socket is gone.
+    /// The plugin task; await it after cancelling to know the socket is gone
+    /// (and its entry in [`Registrations`] removed).
     pub task: JoinHandle<()>,
 }
 
@@ -80,28 +115,29 @@ const RECHECK: Duration = Duration::from_secs(5);
 /// kubelet is absent or refuses, it retries with backoff, woken early by a new
 /// `kubelet.sock`.
 pub fn serve<B: DeviceBackend>(
-    dir: Arc<KubeletDir>,
+    plugins: &Plugins,
     resource: ResourceName,
     devices: watch::Receiver<Arc<DeviceSet>>,
     backend: Arc<B>,
-    streams: Gauge,
+    metrics: ResourceMetrics,
     shutdown: CancellationToken,
 ) -> ServedResource {
-    let (status_tx, status) = watch::channel(PluginStatus::Waiting);
+    plugins.registrations.set(&resource, PluginStatus::Waiting);
     let plugin = Plugin {
-        changes: dir.changes(),
-        dir,
+        changes: plugins.dir.changes(),
+        dir: plugins.dir.clone(),
         resource,
         devices,
         backend,
-        streams,
+        streams: plugins.streams.clone(),
+        metrics,
         shutdown,
-        status: status_tx,
+        registrations: plugins.registrations.clone(),
         unregistered_since: None,
         last_error: String::new(),
     };
     let task = tokio::spawn(plugin.run());
-    ServedResource { status, task }
+    ServedResource { task }
 }
 
 /// Why a registered incarnation ended.
@@ -131,8 +167,9 @@ struct Plugin<B> {
     backend: Arc<B>,
     /// Counts the open ListAndWatch streams.
     streams: Gauge,
+    metrics: ResourceMetrics,
     shutdown: CancellationToken,
-    status: watch::Sender<PluginStatus>,
+    registrations: Registrations,
     changes: watch::Receiver<u64>,
     /// Since when the resource has not been registered (for the log).
     unregistered_since: Option<Instant>,
@@ -157,7 +194,7 @@ impl<B: DeviceBackend> Plugin<B> {
                 }
             }
         }
-        self.status.send_replace(PluginStatus::Waiting);
+        self.registrations.remove(&self.resource);
     }
 
     /// Serves a new incarnation and registers it with the kubelet whose socket
@@ -177,6 +214,7 @@ impl<B: DeviceBackend> Plugin<B> {
             &self.devices,
             &self.backend,
             &self.streams,
+            &self.metrics,
             &self.shutdown,
         )
         .await
@@ -198,6 +236,10 @@ impl<B: DeviceBackend> Plugin<B> {
             }
             Some(Err(err)) => {
                 incarnation.stop().await;
+                self.metrics.registered(match err {
+                    RegistrationError::Refused(_) => "refused",
+                    RegistrationError::Unreachable { .. } => "unreachable",
+                });
                 let cap = match err {
                     RegistrationError::Refused(_) => RETRY_MAX_REFUSED,
                     RegistrationError::Unreachable { .. } => RETRY_MAX,
@@ -216,12 +258,16 @@ impl<B: DeviceBackend> Plugin<B> {
                     .map(|since| since.elapsed().as_millis() as u64);
                 tracing::info!(resource = %resource, endpoint = %incarnation.endpoint, waited_ms, "registered with kubelet");
                 self.last_error.clear();
-                self.status
-                    .send_replace(PluginStatus::Registered(incarnation.endpoint.clone()));
+                self.metrics.registered("ok");
+                self.registrations.set(
+                    &self.resource,
+                    PluginStatus::Registered(incarnation.endpoint.clone()),
+                );
                 let ended = incarnation
                     .watch(&self.dir, &mut self.changes, kubelet, &self.shutdown)
                     .await;
-                self.status.send_replace(PluginStatus::Waiting);
+                self.registrations
+                    .set(&self.resource, PluginStatus::Waiting);
                 incarnation.stop().await;
                 self.unregistered_since = Some(Instant::now());
                 match ended {
@@ -316,6 +362,7 @@ impl Incarnation {
         devices: &watch::Receiver<Arc<DeviceSet>>,
         backend: &Arc<B>,
         streams: &Gauge,
+        metrics: &ResourceMetrics,
         shutdown: &CancellationToken,
     ) -> Result<Self, PluginError> {
         let endpoint = socket::plugin_socket_name(dir.path(), resource);
@@ -334,7 +381,8 @@ impl Incarnation {
             backend.clone(),
             streams.clone(),
             token.clone(),
-        );
+        )
+        .with_metrics(metrics.clone());
         let span_resource = resource.to_string();
         let task = tokio::spawn(async move {
             if let Err(err) = service.serve(listener).await {

@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures::{Stream, StreamExt};
 use tokio::net::UnixListener;
@@ -28,6 +29,7 @@ use crate::kubelet::proto::{
     device_plugin_server::{DevicePlugin, DevicePluginServer},
 };
 use crate::kubelet::registration::plugin_options;
+use crate::metrics::ResourceMetrics;
 
 /// Why a backend could not allocate. Each variant maps to one gRPC code.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +76,7 @@ pub struct PluginService<B> {
     backend: Arc<B>,
     streams: Gauge,
     shutdown: CancellationToken,
+    metrics: Option<ResourceMetrics>,
 }
 
 impl<B: DeviceBackend> PluginService<B> {
@@ -93,7 +96,15 @@ impl<B: DeviceBackend> PluginService<B> {
             backend,
             streams,
             shutdown,
+            metrics: None,
         }
+    }
+
+    /// Records each Allocate's latency and outcome in `metrics`.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: ResourceMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Serves the service on `listener` until `shutdown` is cancelled, then waits
@@ -285,7 +296,30 @@ impl<B: DeviceBackend> DevicePlugin for PluginService<B> {
         &self,
         request: Request<AllocateRequest>,
     ) -> Result<Response<AllocateResponse>, Status> {
-        let request = request.into_inner();
+        let started = Instant::now();
+        let result = self.answer_allocate(request.into_inner()).await;
+        if let Some(metrics) = &self.metrics {
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(status) => code_label(status.code()),
+            };
+            metrics.allocated(started.elapsed(), outcome);
+        }
+        result.map(Response::new)
+    }
+
+    async fn pre_start_container(
+        &self,
+        _: Request<PreStartContainerRequest>,
+    ) -> Result<Response<PreStartContainerResponse>, Status> {
+        // Options say pre_start_required = false; answer anyway, as kubelet may call it.
+        Ok(Response::new(PreStartContainerResponse {}))
+    }
+}
+
+impl<B: DeviceBackend> PluginService<B> {
+    /// Checks the request, allocates through the backend, and builds the answer.
+    async fn answer_allocate(&self, request: AllocateRequest) -> Result<AllocateResponse, Status> {
         self.check_request(&request)?;
         let containers: Vec<Vec<String>> = request
             .container_requests
@@ -304,16 +338,32 @@ impl<B: DeviceBackend> DevicePlugin for PluginService<B> {
                 allocations.len()
             )));
         }
-        Ok(Response::new(AllocateResponse {
+        Ok(AllocateResponse {
             container_responses: allocations.into_iter().map(container_response).collect(),
-        }))
+        })
     }
+}
 
-    async fn pre_start_container(
-        &self,
-        _: Request<PreStartContainerRequest>,
-    ) -> Result<Response<PreStartContainerResponse>, Status> {
-        // Options say pre_start_required = false; answer anyway, as kubelet may call it.
-        Ok(Response::new(PreStartContainerResponse {}))
+/// A gRPC code as a metric label: its name in snake case.
+fn code_label(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown",
+        Code::InvalidArgument => "invalid_argument",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::NotFound => "not_found",
+        Code::AlreadyExists => "already_exists",
+        Code::PermissionDenied => "permission_denied",
+        Code::ResourceExhausted => "resource_exhausted",
+        Code::FailedPrecondition => "failed_precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out_of_range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data_loss",
+        Code::Unauthenticated => "unauthenticated",
     }
 }

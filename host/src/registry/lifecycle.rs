@@ -45,10 +45,9 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::{
     ContainerAllocation, Device, DeviceSet, Health, HealthTracker, ResourceName, replica_device,
 };
-use crate::gauge::Gauge;
-use crate::kubelet::dir::KubeletDir;
 use crate::kubelet::server::{AllocateError, DeviceBackend};
-use crate::kubelet::{self, ServedResource};
+use crate::kubelet::{self, Plugins, ServedResource};
+use crate::metrics::{MODULE_STATES, Metrics, ResourceMetrics};
 use crate::policy::{self, DeviceAllocations, ScannedResource};
 use crate::registry::manifest::{self, ManifestError, ModuleSettings, ResourcePolicy};
 use crate::registry::watch::ModuleFiles;
@@ -68,23 +67,60 @@ pub struct Context {
     pub settings: Arc<Settings>,
     /// Which module serves which resource name.
     pub claims: Claims,
-    /// The watched kubelet directory.
-    pub kubelet: Arc<KubeletDir>,
+    /// The kubelet directory, the stream count and the registrations that every
+    /// resource's plugin task shares.
+    pub plugins: Plugins,
     /// Every module's state.
     pub states: watch::Sender<ModuleStates>,
     /// Refused files and failing checks, newest last (see [`Refusal`]).
     pub refusals: watch::Sender<Refusals>,
-    /// ListAndWatch streams open, across every resource.
-    pub streams: Gauge,
 }
 
 impl Context {
     /// Publishes `name`'s state; watchers (readiness, tests) wake only on changes.
     pub fn set_state(&self, name: &str, state: ModuleState) {
         self.states.send_if_modified(|s| {
-            s.insert(name.to_string(), state.clone()).as_ref() != Some(&state)
+            let changed = s.insert(name.to_string(), state.clone()).as_ref() != Some(&state);
+            if changed {
+                count_states(s, self.metrics());
+            }
+            changed
         });
     }
+
+    /// Forgets a removed module's state.
+    pub fn remove_state(&self, name: &str) {
+        self.states.send_if_modified(|s| {
+            let removed = s.remove(name).is_some();
+            if removed {
+                count_states(s, self.metrics());
+            }
+            removed
+        });
+    }
+
+    /// The host's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        self.runtime.metrics()
+    }
+}
+
+/// Sets the `modules` gauges from `states`.
+fn count_states(states: &ModuleStates, metrics: &Metrics) {
+    let mut counts = MODULE_STATES.map(|state| (state, 0i64));
+    for state in states.values() {
+        let name = match state {
+            ModuleState::Settling => "settling",
+            ModuleState::Loading => "loading",
+            ModuleState::Serving(_) => "serving",
+            ModuleState::Failed(_) => "failed",
+            ModuleState::Stopped => continue,
+        };
+        if let Some(count) = counts.iter_mut().find(|(s, _)| *s == name) {
+            count.1 += 1;
+        }
+    }
+    metrics.set_module_states(&counts);
 }
 
 /// Messages to a running module (its files arrive on a `watch` channel of
@@ -245,8 +281,19 @@ struct Resource {
     devices: watch::Sender<Arc<DeviceSet>>,
     token: CancellationToken,
     served: ServedResource,
+    metrics: ResourceMetrics,
     /// Dropped last, when `stop` returns: the name is free only once the socket is gone.
     _claim: Claim,
+}
+
+/// Sets the advertised device counts of a resource, by health.
+fn set_device_counts(metrics: &ResourceMetrics, advertised: &DeviceSet) {
+    let healthy = advertised
+        .devices()
+        .iter()
+        .filter(|d| d.health == Health::Healthy)
+        .count();
+    metrics.set_devices(healthy, advertised.len() - healthy);
 }
 
 /// The list to advertise for `real` shared `replicas` times, and the replicas
@@ -269,6 +316,7 @@ impl Resource {
         self.devices.send_if_modified(|current| {
             let changed = **current != advertised;
             if changed {
+                set_device_counts(&self.metrics, &advertised);
                 *current = Arc::new(advertised);
             }
             changed
@@ -313,6 +361,7 @@ impl Resource {
         // the server has stopped and removed its socket.
         drop(self.devices);
         let _ = self.served.task.await;
+        self.metrics.forget_devices();
     }
 }
 
@@ -417,6 +466,7 @@ pub async fn run(
     if let Some(m) = module {
         m.stop().await;
     }
+    ctx.metrics().forget_module(&name);
     ctx.set_state(&name, ModuleState::Stopped);
 }
 
@@ -456,6 +506,7 @@ async fn tick(interval: Option<&mut Interval>) -> Option<Instant> {
 
 /// Keeps `reason` in the refusals (the newest [`MAX_REFUSALS`]).
 fn record_refusal(ctx: &Context, name: &str, reason: &str) {
+    ctx.metrics().module_refused(name);
     ctx.refusals.send_modify(|r| {
         if r.len() == MAX_REFUSALS {
             r.remove(0);
@@ -733,12 +784,14 @@ impl Module {
                 allocations: allocations.clone(),
             });
             let token = self.token.child_token();
+            let metrics = self.ctx.metrics().resource(found.name.as_str());
+            set_device_counts(&metrics, &rx.borrow());
             let served = kubelet::serve(
-                self.ctx.kubelet.clone(),
+                &self.ctx.plugins,
                 found.name.clone(),
                 rx,
                 backend,
-                self.ctx.streams.clone(),
+                metrics.clone(),
                 token.clone(),
             );
             tracing::info!(module = %self.name, resource = %found.name, devices = found.devices.len(), replicas = policy.replicas, "serving resource");
@@ -754,6 +807,7 @@ impl Module {
                     devices: tx,
                     token,
                     served,
+                    metrics,
                     _claim: claim,
                 },
             );

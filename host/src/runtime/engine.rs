@@ -6,13 +6,14 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine};
 
 use crate::gauge::Gauge;
+use crate::metrics::{LoadOutcome, Metrics};
 use crate::runtime::bindings::DevicePlugin;
 use crate::runtime::cache::{self, Cache, Lookup};
 use crate::runtime::limits::HostState;
@@ -26,15 +27,6 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 const WASM_MAGIC: [u8; 4] = *b"\0asm";
 /// The version field of a core module (a component's differs).
 const CORE_MODULE_VERSION: [u8; 4] = [1, 0, 0, 0];
-
-/// Counts of what loading modules cost, since the runtime started.
-#[derive(Debug, Default)]
-struct Counters {
-    compiled: AtomicU64,
-    cache_hits: AtomicU64,
-    cache_rejected: AtomicU64,
-    refused: AtomicU64,
-}
 
 /// A snapshot of [`Runtime::stats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -55,7 +47,7 @@ pub struct Runtime {
     engine: Engine,
     linker: Arc<Linker<HostState>>,
     cache: Option<Cache>,
-    counters: Counters,
+    metrics: Arc<Metrics>,
     calls: Gauge,
     stop_ticker: Arc<AtomicBool>,
 }
@@ -65,10 +57,11 @@ impl Runtime {
     /// linker with WASI 0.2 and the `host` interface, and starts the ticker.
     /// Compiled components are cached in `cache_dir` when given; a directory that
     /// cannot be used is logged and the host compiles every module instead.
+    /// Loads and guest calls are counted in `metrics`.
     ///
     /// # Errors
     /// [`RuntimeError::Engine`] if wasmtime rejects the configuration.
-    pub fn new(cache_dir: Option<&Path>) -> Result<Self, RuntimeError> {
+    pub fn new(cache_dir: Option<&Path>, metrics: Arc<Metrics>) -> Result<Self, RuntimeError> {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
@@ -106,7 +99,7 @@ impl Runtime {
             engine,
             linker: Arc::new(linker),
             cache,
-            counters: Counters::default(),
+            metrics,
             calls: Gauge::default(),
             stop_ticker,
         })
@@ -114,13 +107,18 @@ impl Runtime {
 
     /// What loading modules has cost so far.
     pub fn stats(&self) -> RuntimeStats {
-        let c = &self.counters;
+        let count = |outcome| self.metrics.module_loads(outcome);
         RuntimeStats {
-            compiled: c.compiled.load(Ordering::Relaxed),
-            cache_hits: c.cache_hits.load(Ordering::Relaxed),
-            cache_rejected: c.cache_rejected.load(Ordering::Relaxed),
-            refused: c.refused.load(Ordering::Relaxed),
+            compiled: count(LoadOutcome::Compiled),
+            cache_hits: count(LoadOutcome::Cached),
+            cache_rejected: count(LoadOutcome::CacheRejected),
+            refused: count(LoadOutcome::Refused),
         }
+    }
+
+    /// The metrics this runtime counts into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The component in `bytes`, from the cache when it holds a valid entry for
@@ -131,7 +129,7 @@ impl Runtime {
     /// [`LoadError`] saying why the bytes are not a component.
     pub fn component(&self, module: &str, bytes: &[u8]) -> Result<Component, LoadError> {
         let refused = |err| {
-            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            self.metrics.module_loaded(LoadOutcome::Refused);
             Err(err)
         };
         if bytes.len() < 8 || bytes[..4] != WASM_MAGIC {
@@ -144,12 +142,12 @@ impl Runtime {
         if let (Some(cache), Some(hash)) = (&self.cache, &hash) {
             match cache.load(&self.engine, hash) {
                 (Lookup::Hit, Some(component)) => {
-                    self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.module_loaded(LoadOutcome::Cached);
                     tracing::debug!(module, "compiled module read from the cache");
                     return Ok(component);
                 }
                 (Lookup::Rejected(reason), _) => {
-                    self.counters.cache_rejected.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.module_loaded(LoadOutcome::CacheRejected);
                     tracing::warn!(module, entry = %cache.entry_path(hash).display(), %reason, "cache entry not trusted; compiling again");
                 }
                 _ => {}
@@ -159,7 +157,7 @@ impl Runtime {
             Ok(component) => component,
             Err(e) => return refused(LoadError::Invalid(format!("{e:#}"))),
         };
-        self.counters.compiled.fetch_add(1, Ordering::Relaxed);
+        self.metrics.module_loaded(LoadOutcome::Compiled);
         if let (Some(cache), Some(hash)) = (&self.cache, &hash)
             && let Err(err) = cache.store(&component, hash)
         {
@@ -175,7 +173,7 @@ impl Runtime {
 
     /// Counts a component that compiled but does not fit our world.
     pub(crate) fn count_refused(&self) {
-        self.counters.refused.fetch_add(1, Ordering::Relaxed);
+        self.metrics.module_loaded(LoadOutcome::Refused);
     }
 
     /// The engine.

@@ -4,12 +4,14 @@
 
 use std::future::Future;
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use wasmtime::component::Component;
 use wasmtime::component::types::ComponentItem;
 use wasmtime::{Store, Trap};
 
 use crate::gauge::Gauge;
+use crate::metrics::{CallFailureKind, Function, ModuleMetrics};
 use crate::runtime::bindings::{
     AllocateRequest, ContainerResponse, DeviceKind, DevicePlugin, DevicePluginPre, DeviceRef,
     Health, ModuleError,
@@ -95,6 +97,7 @@ pub struct Guest {
     pre: DevicePluginPre<HostState>,
     settings: RwLock<Arc<CallSettings>>,
     calls: Gauge,
+    metrics: ModuleMetrics,
 }
 
 impl Guest {
@@ -130,6 +133,7 @@ impl Guest {
             pre,
             settings: RwLock::new(Arc::new(settings)),
             calls: runtime.calls().clone(),
+            metrics: runtime.metrics().module(name),
         })
     }
 
@@ -166,10 +170,29 @@ impl Guest {
         store: &mut Store<HostState>,
         call: Call,
     ) -> Result<DevicePlugin, CallError> {
-        self.pre
+        let started = Instant::now();
+        let instance = self
+            .pre
             .instantiate_async(&mut *store)
             .await
-            .map_err(|e| self.failure(call, store, e))
+            .map_err(|e| self.failure(call, store, e))?;
+        self.metrics.instantiated(started.elapsed());
+        Ok(instance)
+    }
+
+    /// Runs one export on `store`, timing it (a value or the module's own error
+    /// counts as returned; a failure is counted as such by `failure`).
+    async fn timed<T>(
+        &self,
+        function: Function,
+        run: impl Future<Output = wasmtime::Result<T>>,
+    ) -> wasmtime::Result<T> {
+        let started = Instant::now();
+        let result = run.await;
+        if result.is_ok() {
+            self.metrics.called(function, started.elapsed());
+        }
+        result
     }
 
     /// Turns a wasmtime error into what went wrong, by the trap code and the
@@ -211,8 +234,8 @@ impl Guest {
         self.bounded(call, &settings, async {
             let mut store = self.store(call, &settings);
             let instance = self.instantiate(&mut store, call).await?;
-            let result = instance
-                .call_scan(&mut store)
+            let result = self
+                .timed(Function::Scan, instance.call_scan(&mut store))
                 .await
                 .map_err(|e| self.failure(call, &store, e))?;
             store.data().flush_stdio();
@@ -231,8 +254,8 @@ impl Guest {
         self.bounded(call, &settings, async {
             let mut store = self.store(call, &settings);
             let instance = self.instantiate(&mut store, call).await?;
-            let result = instance
-                .call_health(&mut store, devices)
+            let result = self
+                .timed(Function::Health, instance.call_health(&mut store, devices))
                 .await
                 .map_err(|e| self.failure(call, &store, e))?;
             store.data().flush_stdio();
@@ -256,13 +279,19 @@ impl Guest {
         self.bounded(call, settings, async {
             let mut store = self.store(call, settings);
             let instance = self.instantiate(&mut store, call).await?;
-            let response = instance
-                .call_allocate(&mut store, request)
+            let response = self
+                .timed(
+                    Function::Allocate,
+                    instance.call_allocate(&mut store, request),
+                )
                 .await
                 .map_err(|e| self.failure(call, &store, e))?
                 .map_err(|e| self.module_error(call, e))?;
-            let result = instance
-                .call_post_allocate(&mut store, request, &response)
+            let result = self
+                .timed(
+                    Function::PostAllocate,
+                    instance.call_post_allocate(&mut store, request, &response),
+                )
                 .await
                 .map_err(|e| self.failure(call, &store, e))?;
             store.data().flush_stdio();
@@ -284,7 +313,7 @@ impl Guest {
         // Counted out when the call ends, or when its future is dropped (kubelet
         // hung up, the module was removed).
         let _running = self.calls.enter();
-        tokio::time::timeout(deadline, run)
+        let result = tokio::time::timeout(deadline, run)
             .await
             .unwrap_or_else(|_| {
                 Err(CallError::Failed {
@@ -292,6 +321,28 @@ impl Guest {
                     call: call.as_str(),
                     failure: CallFailure::Deadline(deadline),
                 })
-            })
+            });
+        if let Err(err) = &result {
+            let reason = match err {
+                CallError::Module { .. } => CallFailureKind::Error,
+                CallError::Failed { failure, .. } => match failure {
+                    CallFailure::Deadline(_) => CallFailureKind::Deadline,
+                    CallFailure::OutOfMemory(_) => CallFailureKind::Memory,
+                    CallFailure::Trap(_) => CallFailureKind::Trap,
+                },
+            };
+            self.metrics.failed(function_of(call), reason);
+        }
+        result
+    }
+}
+
+/// The export a call is named after (an allocation's failure counts against
+/// `allocate`, whichever of its two exports failed).
+fn function_of(call: Call) -> Function {
+    match call {
+        Call::Scan => Function::Scan,
+        Call::Health => Function::Health,
+        Call::Allocate => Function::Allocate,
     }
 }
