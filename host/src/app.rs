@@ -115,6 +115,11 @@ impl Host {
         }
         let tasks = TaskTracker::new();
         let supervisor = tasks.spawn(supervisor.run(events)).abort_handle();
+        tasks.spawn(log_readiness(
+            states.clone(),
+            ctx.plugins.registrations.watch(),
+            token.clone(),
+        ));
         tasks.close();
         Ok(Self {
             ctx,
@@ -388,6 +393,41 @@ fn readiness(
         Ok(())
     } else {
         Err(format!("not ready: {}", missing.join("; ")))
+    }
+}
+
+/// Logs each change of readiness: when the host becomes ready, and when it
+/// stops being ready, with what is missing.
+async fn log_readiness(
+    mut states: watch::Receiver<ModuleStates>,
+    mut registrations: watch::Receiver<
+        std::collections::BTreeMap<crate::domain::ResourceName, PluginStatus>,
+    >,
+    token: CancellationToken,
+) {
+    let mut was_ready = None;
+    loop {
+        let now = readiness(
+            &states.borrow_and_update(),
+            &registrations.borrow_and_update(),
+        );
+        match (&now, was_ready) {
+            (Ok(()), Some(true)) | (Err(_), Some(false) | None) => {}
+            (Ok(()), _) => {
+                tracing::info!("ready: every loaded module's resources are registered with kubelet")
+            }
+            (Err(why), Some(true)) => tracing::info!(%why, "no longer ready"),
+        }
+        was_ready = Some(now.is_ok());
+        let changed = tokio::select! {
+            () = token.cancelled() => break,
+            changed = states.changed() => changed,
+            changed = registrations.changed() => changed,
+        };
+        if changed.is_err() {
+            // The host is gone.
+            break;
+        }
     }
 }
 

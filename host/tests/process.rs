@@ -6,14 +6,16 @@ use std::process::{ExitStatus, Stdio};
 
 use tokio::process::{Child, Command};
 use wasm_device_plugin::kubelet::simulator::Simulator;
-use wdp_tests::{Dirs, WAIT, guests, plugin_sockets};
+use wdp_tests::{Dirs, WAIT, guests, http_get, plugin_sockets, sample};
 
 /// `wasm-device-plugin run` on `dirs`, no cache, no health checks during a test,
-/// logging at info.
+/// logging at info, metrics and probes on a free port of 127.0.0.1 (tests run
+/// in parallel: the default port would be taken).
 fn host_command(dirs: &Dirs) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_wasm-device-plugin"));
     command
         .args(["run", "--no-cache", "--health-interval", "1h"])
+        .args(["--metrics-addr", "127.0.0.1:0"])
         .arg("--modules-dir")
         .arg(dirs.modules())
         .arg("--kubelet-dir")
@@ -125,4 +127,113 @@ async fn a_guest_that_floods_the_log_is_cut_off_after_100_lines_per_call() {
     signal(&host, libc::SIGTERM);
     assert!(exit_status(host).await.success());
     kubelet.stop().await;
+}
+
+/// Reads the host's stderr as JSON log lines (each must parse) until one has
+/// `fields.message == message`; returns that line's fields.
+async fn json_log_line(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+    message: &str,
+) -> serde_json::Map<String, serde_json::Value> {
+    let read = async {
+        while let Some(line) = lines.next_line().await.expect("read stderr") {
+            let event: serde_json::Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            assert!(
+                event["level"].is_string() && event["timestamp"].is_string(),
+                "{line}"
+            );
+            let fields = event["fields"].as_object().cloned().unwrap_or_default();
+            if fields.get("message").and_then(|m| m.as_str()) == Some(message) {
+                return fields;
+            }
+        }
+        panic!("the host's log ended before `{message}`");
+    };
+    tokio::time::timeout(WAIT, read)
+        .await
+        .unwrap_or_else(|_| panic!("no `{message}` in the log within {WAIT:?}"))
+}
+
+#[tokio::test]
+async fn json_logs_name_the_metrics_address_and_the_probes_answer_over_http() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let dirs = Dirs::new();
+    dirs.add_module("virtual", guests::VIRTUAL_DEVICES);
+    let mut host = host_command(&dirs)
+        .args(["--log-format", "json"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let mut lines = BufReader::new(host.stderr.take().expect("stderr")).lines();
+    let serving = json_log_line(&mut lines, "serving /metrics, /healthz and /readyz").await;
+    let addr: std::net::SocketAddr = serving["addr"]
+        .as_str()
+        .expect("addr field")
+        .parse()
+        .expect("a socket address");
+    assert_ne!(addr.port(), 0, "the port picked is logged");
+
+    // Kubelet is not there yet: alive, not ready.
+    let (status, _) = http_get(addr, "/healthz").await;
+    assert_eq!(status, 200);
+    let (status, body) = http_get(addr, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+
+    let kubelet = Simulator::start(&dirs.kubelet()).expect("kubelet");
+    json_log_line(
+        &mut lines,
+        "ready: every loaded module's resources are registered with kubelet",
+    )
+    .await;
+    let (status, _) = http_get(addr, "/readyz").await;
+    assert_eq!(status, 200);
+    kubelet
+        .allocate("example.com/dev-1", &[&["/node1/dev1/1"]])
+        .await
+        .expect("allocate");
+    let (status, page) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        sample(
+            &page,
+            "wdp_allocations_total",
+            &[("resource", "example.com/dev-1"), ("outcome", "ok")]
+        ),
+        Some(1.0)
+    );
+    assert!(page.contains("wdp_build_info{version="), "{page}");
+
+    signal(&host, libc::SIGTERM);
+    // Keep reading, so every line up to the exit is checked to be JSON.
+    json_log_line(&mut lines, "stopped").await;
+    assert!(exit_status(host).await.success());
+    kubelet.stop().await;
+}
+
+#[tokio::test]
+async fn a_metrics_port_in_use_stops_the_host_with_the_flag_named() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("address");
+    let dirs = Dirs::new();
+    let output = Command::new(env!("CARGO_BIN_EXE_wasm-device-plugin"))
+        .args(["run", "--no-cache"])
+        .arg("--metrics-addr")
+        .arg(addr.to_string())
+        .arg("--modules-dir")
+        .arg(dirs.modules())
+        .arg("--kubelet-dir")
+        .arg(dirs.kubelet())
+        .output();
+    let output = tokio::time::timeout(WAIT, output)
+        .await
+        .expect("exits in time")
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--metrics-addr") && stderr.contains(&addr.to_string()),
+        "{stderr}"
+    );
 }

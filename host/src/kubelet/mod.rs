@@ -256,13 +256,13 @@ impl<B: DeviceBackend> Plugin<B> {
                     .unregistered_since
                     .take()
                     .map(|since| since.elapsed().as_millis() as u64);
-                tracing::info!(resource = %resource, endpoint = %incarnation.endpoint, waited_ms, "registered with kubelet");
                 self.last_error.clear();
                 self.metrics.registered("ok");
                 self.registrations.set(
                     &self.resource,
                     PluginStatus::Registered(incarnation.endpoint.clone()),
                 );
+                tracing::info!(resource = %resource, endpoint = %incarnation.endpoint, waited_ms, "registered with kubelet");
                 let ended = incarnation
                     .watch(&self.dir, &mut self.changes, kubelet, &self.shutdown)
                     .await;
