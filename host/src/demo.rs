@@ -165,6 +165,29 @@ async fn report(
             Ok(_) => writeln!(out, "    unexpectedly accepted")?,
         }
     }
+    probes_and_metrics(host, out)
+}
+
+/// What the host's `/readyz` answers and the Allocate counts Prometheus would
+/// scrape from `/metrics` (which `run` serves on `--metrics-addr`).
+fn probes_and_metrics(host: &Host, out: &mut impl Write) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "\nProbes and metrics (what `run` serves on --metrics-addr)"
+    )?;
+    match host.ready() {
+        Ok(()) => writeln!(out, "  /readyz: 200 ok")?,
+        Err(why) => writeln!(out, "  /readyz: 503 {why}")?,
+    }
+    let page = host.metrics().render();
+    let mut lines: Vec<&str> = page
+        .lines()
+        .filter(|l| l.starts_with("wdp_allocations_total{") && !l.ends_with(" 0"))
+        .collect();
+    lines.sort_unstable();
+    for line in lines {
+        writeln!(out, "  /metrics: {line}")?;
+    }
     Ok(())
 }
 

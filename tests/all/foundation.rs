@@ -418,6 +418,13 @@ async fn demo_prints_registrations_devices_and_an_allocation_from_the_guest() {
         "{out}"
     );
     assert!(out.contains("unknown device id `/no/such/device`"), "{out}");
+    assert!(out.contains("/readyz: 200 ok"), "{out}");
+    for line in [
+        r#"/metrics: wdp_allocations_total{resource="example.com/dev-1",outcome="ok"} 1"#,
+        r#"/metrics: wdp_allocations_total{resource="example.com/dev-1",outcome="invalid_argument"} 1"#,
+    ] {
+        assert!(out.contains(line), "{line} in:\n{out}");
+    }
 }
 
 #[tokio::test]
