@@ -552,16 +552,18 @@ mod tests {
             .expect("a toml block");
         let m = parse_ok(block);
         assert_eq!(m.resource("dev-1").replicas, 4);
-        let example = parse_ok(include_str!("../../../examples/virtual_devices.toml"));
+        let example = parse_ok(include_str!(
+            "../../../examples/modules/virtual_devices.toml"
+        ));
         assert_eq!(
             m.resource_name("dev-1").expect("name").as_str(),
             "vendor.example/gpu"
         );
         assert_eq!(example.resource("gpu").replicas, 4);
         // The other shipped guests' examples parse too (their tests load them).
-        let generic = parse_ok(include_str!("../../../examples/generic.toml"));
+        let generic = parse_ok(include_str!("../../../examples/modules/generic.toml"));
         assert_eq!(generic.resource("audio").replicas, 4);
-        let fpga = parse_ok(include_str!("../../../examples/fpga.toml"));
+        let fpga = parse_ok(include_str!("../../../examples/modules/fpga.toml"));
         assert_eq!(
             fpga.call.config.get("mode").map(String::as_str),
             Some("region")
