@@ -7,6 +7,11 @@
 //!   tests, and the walkthrough of `docs/writing-a-guest.md` (`guide`). With `CI`
 //!   set it also checks formatting and denies clippy warnings;
 //! - `guests`: builds the shipped guests into `target/modules/`;
+//! - `dist OUT [--release] [--locked]`: builds the host and the shipped guests and
+//!   lays them out under `OUT` as the container image holds them
+//!   (`usr/local/bin/wasm-device-plugin`, `etc/wasm-device-plugin/modules/` with each
+//!   guest's manifest from `examples/modules/`); `deploy/Dockerfile` runs it. `test`
+//!   stages into `target/dist` and checks the result;
 //! - `guide`: runs the walkthrough of `docs/writing-a-guest.md` as written;
 //! - `fuzz [--seconds N]`: runs the property tests of `host/tests/fuzz.rs` for about
 //!   N seconds (default 180), shared evenly among the properties.
@@ -36,10 +41,11 @@ fn main() -> ExitCode {
         "demo" => demo(rest),
         "test" => test(rest),
         "guests" => guests().map(|dir| println!("guests built into {}", dir.display())),
+        "dist" => dist_task(rest),
         "fuzz" => fuzz(rest),
         "guide" => guide(),
         _ => {
-            eprintln!("usage: cargo xtask <demo|test|guests|fuzz> [args...]");
+            eprintln!("usage: cargo xtask <demo|test|guests|dist|guide|fuzz> [args...]");
             eprintln!(
                 "  demo    build the shipped guests and run `wasm-device-plugin demo` on them"
             );
@@ -47,6 +53,9 @@ fn main() -> ExitCode {
                 "  test    install the wasm target and componentize-py, run every test (args go to `cargo test`)"
             );
             eprintln!("  guests  build the shipped guests into target/modules/");
+            eprintln!(
+                "  dist    OUT [--release] [--locked]: build the host and the shipped guests, laid out under OUT as in the image"
+            );
             eprintln!(
                 "  guide   run every `sh` block of docs/writing-a-guest.md, in order, as written"
             );
@@ -141,6 +150,11 @@ fn ensure_componentize_py() -> Result<(), String> {
 
 /// Builds the guests workspace and copies each component into `target/modules/`.
 fn guests() -> Result<PathBuf, String> {
+    build_guests(&[])
+}
+
+/// [`guests`], with `cargo_args` added to the guests' `cargo build`.
+fn build_guests(cargo_args: &[&str]) -> Result<PathBuf, String> {
     ensure_wasm_target()?;
     let root = root();
     let target_dir = root.join("target/guests");
@@ -154,7 +168,8 @@ fn guests() -> Result<PathBuf, String> {
         ])
         .arg(root.join("guests/Cargo.toml"))
         .arg("--target-dir")
-        .arg(&target_dir))?;
+        .arg(&target_dir)
+        .args(cargo_args))?;
     let built = target_dir.join(WASM_TARGET).join("release");
     let modules = root.join("target/modules");
     // Start empty: the test fixtures share target/guests and must never be shipped.
@@ -196,6 +211,203 @@ fn shipped_guests(dir: &Path) -> Result<Vec<String>, String> {
     Ok(names)
 }
 
+/// Where `dist` puts the host binary inside OUT: the image's path.
+const DIST_BIN: &str = "usr/local/bin/wasm-device-plugin";
+/// Where `dist` puts the modules inside OUT: the host's default `--modules-dir`,
+/// so the image serves them with no flag and no volume.
+const DIST_MODULES: &str = "etc/wasm-device-plugin/modules";
+/// The example modules directory: `<module>.toml` for each shipped guest, the
+/// manifests `dist` puts beside the guests.
+const EXAMPLE_MODULES: &str = "examples/modules";
+/// Where `cargo xtask test` stages a dist to check it.
+const TEST_DIST: &str = "target/dist";
+
+/// `cargo xtask dist OUT [--release] [--locked]`.
+fn dist_task(args: &[String]) -> Result<(), String> {
+    const USAGE: &str = "usage: cargo xtask dist OUT [--release] [--locked]";
+    let mut out = None;
+    let (mut release, mut locked) = (false, false);
+    for arg in args {
+        match arg.as_str() {
+            "--release" => release = true,
+            "--locked" => locked = true,
+            flag if flag.starts_with('-') => {
+                return Err(format!("unknown argument `{flag}` ({USAGE})"));
+            }
+            dir if out.is_none() => out = Some(PathBuf::from(dir)),
+            extra => return Err(format!("unexpected argument `{extra}` ({USAGE})")),
+        }
+    }
+    let out = out.ok_or(USAGE)?;
+    dist(&out, release, locked)?;
+    println!("staged into {}", out.display());
+    Ok(())
+}
+
+/// Builds the host (the release profile with `release`, else the dev profile)
+/// and the shipped guests, and lays them out under `out` as the container image
+/// holds them: [`DIST_BIN`], and in [`DIST_MODULES`] each guest's
+/// `<module>.wasm` with its `<module>.toml` from [`EXAMPLE_MODULES`]. `locked`
+/// passes `--locked` to both builds (the image build uses it: the lock files
+/// decide the dependencies, not whatever is newest that day).
+///
+/// The modules directory in `out` is emptied first, so a module left from an
+/// earlier run is never shipped. A shipped guest without a manifest in
+/// [`EXAMPLE_MODULES`] is an error: the image's settings for each guest are
+/// chosen, not defaulted by omission (an empty file gives the defaults).
+fn dist(out: &Path, release: bool, locked: bool) -> Result<(), String> {
+    let locked_arg: &[&str] = if locked { &["--locked"] } else { &[] };
+    run(cargo()
+        .args([
+            "build",
+            "--package",
+            "wasm-device-plugin",
+            "--bin",
+            "wasm-device-plugin",
+        ])
+        .args(if release { &["--release"][..] } else { &[] })
+        .args(locked_arg))?;
+    let binary = target_dir()?
+        .join(if release { "release" } else { "debug" })
+        .join("wasm-device-plugin");
+    let built = build_guests(locked_arg)?;
+
+    let bin_to = out.join(DIST_BIN);
+    let modules_to = out.join(DIST_MODULES);
+    if modules_to.exists() {
+        std::fs::remove_dir_all(&modules_to)
+            .map_err(|e| format!("cannot clear {}: {e}", modules_to.display()))?;
+    }
+    for dir in [bin_to.parent().unwrap_or(out), &modules_to] {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    // Replaced, not written over: the old file may be running (a write would
+    // fail with "text file busy").
+    if bin_to.exists() {
+        std::fs::remove_file(&bin_to)
+            .map_err(|e| format!("cannot replace {}: {e}", bin_to.display()))?;
+    }
+    copy(&binary, &bin_to)?;
+    let examples = root().join(EXAMPLE_MODULES);
+    for (name, wasm) in wasm_files(&built)? {
+        let manifest = examples.join(format!("{name}.toml"));
+        if !manifest.is_file() {
+            return Err(format!(
+                "the shipped guest `{name}` has no manifest {}: add one (an empty file gives the defaults)",
+                manifest.display()
+            ));
+        }
+        copy(&wasm, &modules_to.join(format!("{name}.wasm")))?;
+        copy(&manifest, &modules_to.join(format!("{name}.toml")))?;
+    }
+    Ok(())
+}
+
+/// Checks a dist staged by [`dist`] in `out`: the binary runs and is this
+/// version, and the host's own `validate` accepts every staged module with the
+/// manifest beside it (it loads the module as the host would and runs a first
+/// scan in the sandbox), so the image would serve each one.
+fn check_dist(out: &Path) -> Result<(), String> {
+    let binary = out.join(DIST_BIN);
+    let host = || {
+        let mut cmd = Command::new(&binary);
+        // Judge the staged files alone, not this shell's settings.
+        for var in ["WDP_DOMAIN", "WDP_KUBELET_DIR", "WDP_LOG", "RUST_LOG"] {
+            cmd.env_remove(var);
+        }
+        cmd
+    };
+    let version = output(host().arg("--version"))?;
+    let expected = format!("wasm-device-plugin {}", env!("CARGO_PKG_VERSION"));
+    if version.trim() != expected {
+        return Err(format!(
+            "{} --version printed {:?}, expected {expected:?}",
+            binary.display(),
+            version.trim()
+        ));
+    }
+    let modules = wasm_files(&out.join(DIST_MODULES))?;
+    let shipped = shipped_guests(&root().join("guests"))?;
+    if modules.len() != shipped.len() {
+        return Err(format!(
+            "{} holds {} module(s), expected one per shipped guest ({})",
+            out.join(DIST_MODULES).display(),
+            modules.len(),
+            shipped.join(", ")
+        ));
+    }
+    for (name, wasm) in &modules {
+        output(host().arg("validate").arg(wasm)).map_err(|e| {
+            format!("the staged module `{name}` would not be served by the staged host: {e}")
+        })?;
+        eprintln!("dist: {} validates", wasm.display());
+    }
+    Ok(())
+}
+
+/// The `*.wasm` files directly in `dir`, as (module name, path), sorted.
+fn wasm_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, String> {
+    let mut files = Vec::new();
+    for entry in
+        std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?
+    {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        if path.extension().is_some_and(|ext| ext == "wasm") {
+            let name = path
+                .file_stem()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            files.push((name, path));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn copy(from: &Path, to: &Path) -> Result<(), String> {
+    std::fs::copy(from, to)
+        .map(drop)
+        .map_err(|e| format!("cannot copy {} to {}: {e}", from.display(), to.display()))
+}
+
+/// Runs `cmd`, returning its stdout; on failure, an error with its stderr.
+fn output(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{cmd:?} failed with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// The workspace's target directory, as cargo resolves it (`CARGO_TARGET_DIR`,
+/// `build.target-dir` in a config file, else `target/`).
+fn target_dir() -> Result<PathBuf, String> {
+    let metadata = output(cargo().args(["metadata", "--format-version", "1", "--no-deps"]))?;
+    // xtask has no dependencies, so no JSON parser: the value is a plain string,
+    // and a path that JSON had to escape is refused rather than misread.
+    let key = "\"target_directory\":\"";
+    let value = metadata
+        .split_once(key)
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .map(|(value, _)| value)
+        .ok_or("`cargo metadata` names no target_directory")?;
+    if value.contains('\\') {
+        return Err(format!(
+            "cannot read the target directory {value:?} from `cargo metadata`"
+        ));
+    }
+    Ok(PathBuf::from(value))
+}
+
 fn demo(extra: &[String]) -> Result<(), String> {
     let modules = guests()?;
     run(cargo()
@@ -232,6 +444,11 @@ fn test(extra: &[String]) -> Result<(), String> {
         }
     }
     run(cargo().args(["test", "--workspace"]).args(extra))?;
+    // What the image ships, staged from the dev profile (a release build would
+    // double the time) and checked by the staged binary itself.
+    let staged = root().join(TEST_DIST);
+    dist(&staged, false, false)?;
+    check_dist(&staged)?;
     // The SDK's and the guests' own unit tests, natively (their code is plain Rust
     // around the bindings); the test crate has built and run them as components.
     run(cargo()
