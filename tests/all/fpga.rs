@@ -618,7 +618,7 @@ async fn an_unknown_mode_fails_to_load_naming_it() {
 async fn the_example_manifest_loads() {
     let dirs = Dirs::new();
     // As on a node: this reads the machine's own /sys/class/fpga_region, if any.
-    let fixture = start(dirs, include_str!("../../examples/fpga.toml"));
+    let fixture = start(dirs, include_str!("../../examples/modules/fpga.toml"));
     served(&fixture).await;
     fixture.stop().await;
 }
