@@ -591,6 +591,35 @@ fn dev_is_the_nodes_dev_read_only() {
     assert_eq!(volume["hostPath"]["path"].as_str(), Some("/dev"));
 }
 
+/// The runtime creates the termination-message file before the container
+/// starts; under a read-only /dev (the default path, /dev/termination-log) that
+/// fails and the container never starts (intel-device-plugins-for-kubernetes
+/// PR 261). It must lie in a writable volume.
+#[test]
+fn termination_message_file_lies_in_a_writable_volume() {
+    let ds = daemonset();
+    let c = container(&ds);
+    let path = c["terminationMessagePath"]
+        .as_str()
+        .unwrap_or("/dev/termination-log");
+    let (mount, volume) = mounts(c)
+        .into_iter()
+        .filter(|(at, _)| Path::new(path).starts_with(at))
+        .max_by_key(|(at, _)| at.components().count())
+        .map(|(at, mount)| {
+            let name = mount["name"].as_str().expect("mount name").to_string();
+            (at, volume(&ds, &name).clone())
+        })
+        .unwrap_or_else(|| panic!("{path} is in no volume, and the image is read-only"));
+    assert!(
+        !volume["emptyDir"].is_badvalue(),
+        "{path} is under {}, which is not an emptyDir",
+        mount.display()
+    );
+    let (m, _) = mount_at(&ds, c, &mount);
+    assert_ne!(m["readOnly"].as_bool(), Some(true), "{path} is read-only");
+}
+
 #[tokio::test]
 async fn probes_use_the_metrics_port_and_endpoints() {
     let flags = run_flags().await;
