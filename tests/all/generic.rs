@@ -469,7 +469,10 @@ fn dev_names(prefix: &str) -> Vec<String> {
 async fn the_example_manifest_serves_its_kinds_from_this_machines_dev() {
     let dirs = Dirs::new();
     dirs.add_module("generic", guests::GENERIC);
-    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/modules/generic.toml");
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/modules/generic.toml"
+    );
     dirs.write_manifest(
         "generic",
         &std::fs::read_to_string(example).expect("examples/modules/generic.toml"),
