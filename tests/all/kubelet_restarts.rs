@@ -1,12 +1,11 @@
 //! Kubelet coming and going under the host, the host's own sockets vanishing, and
 //! restarts of the host itself with a compiled-module cache.
 
-use tokio_util::sync::CancellationToken;
-use wasm_device_plugin::app::Host;
 use wasm_device_plugin::kubelet::simulator::Simulator;
 use wasm_device_plugin::registry::ModuleState;
 use wdp_tests::{
-    Dirs, Fixture, WAIT, guests, host_config, init_logging, plugin_sockets, test_settings,
+    Dirs, Fixture, WAIT, guests, host_config, plugin_sockets, start_host_without_kubelet,
+    test_settings,
 };
 
 const DEV1: &str = "example.com/dev-1";
@@ -54,14 +53,8 @@ async fn kubelet_restarted_ten_times_gets_every_resource_registered_again_each_t
 
 #[tokio::test]
 async fn kubelet_absent_at_start_is_waited_for_and_registered_with_when_it_appears() {
-    init_logging();
     let dirs = virtual_devices();
-    let shutdown = CancellationToken::new();
-    let host = Host::start(
-        host_config(&dirs, test_settings(&dirs.kubelet())),
-        &shutdown,
-    )
-    .expect("host starts without kubelet");
+    let (host, shutdown) = start_host_without_kubelet(&dirs);
     let states = host.settled(WAIT).await.expect("settles");
     assert!(matches!(
         states.get("virtual"),

@@ -2,14 +2,12 @@
 //! read over HTTP as Prometheus and kubelet's probes do, while the host is
 //! driven through the kubelet simulator.
 
-use tokio_util::sync::CancellationToken;
 use tonic::Code;
-use wasm_device_plugin::app::Host;
 use wasm_device_plugin::kubelet::simulator::Simulator;
 use wasm_device_plugin::registry::ModuleState;
 use wdp_tests::{
-    Dirs, Fixture, WAIT, guests, host_config, http_get, init_logging, sample, serve_endpoints,
-    status_of, test_settings,
+    Dirs, Fixture, WAIT, guests, http_get, sample, serve_endpoints, start_host_without_kubelet,
+    status_of,
 };
 
 const DEV1: &str = "example.com/dev-1";
@@ -126,14 +124,8 @@ async fn metrics_report_an_allocate_made_through_the_kubelet_simulator() {
 
 #[tokio::test]
 async fn readiness_flips_when_registration_completes_and_when_kubelet_goes() {
-    init_logging();
     let dirs = virtual_devices();
-    let shutdown = CancellationToken::new();
-    let host = Host::start(
-        host_config(&dirs, test_settings(&dirs.kubelet())),
-        &shutdown,
-    )
-    .expect("host starts without kubelet");
+    let (host, shutdown) = start_host_without_kubelet(&dirs);
     let addr = serve_endpoints(&host, &shutdown).await;
     let states = host.settled(WAIT).await.expect("settles");
     assert!(matches!(

@@ -152,6 +152,16 @@ pub fn host_config(dirs: &Dirs, settings: Settings) -> HostConfig {
     }
 }
 
+/// Starts the host alone on `dirs` with [`test_settings`]: no kubelet yet (the
+/// test starts one when it wants). Cancel the token and stop the host to end it.
+pub fn start_host_without_kubelet(dirs: &Dirs) -> (Host, CancellationToken) {
+    init_logging();
+    let shutdown = CancellationToken::new();
+    let host = Host::start(host_config(dirs, test_settings(&dirs.kubelet())), &shutdown)
+        .expect("host starts without kubelet");
+    (host, shutdown)
+}
+
 /// The host and a simulated kubelet, running on the directories in `dirs`.
 pub struct Fixture {
     /// The simulated kubelet.
