@@ -11,7 +11,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{Host, HostConfig};
 use crate::config::DemoArgs;
-use crate::kubelet::proto::ContainerAllocateResponse;
 use crate::kubelet::simulator::Simulator;
 use crate::registry::ModuleState;
 
@@ -155,7 +154,8 @@ async fn report(
         )?;
         let response = kubelet.allocate(resource, &[&chosen]).await?;
         for (n, container) in response.container_responses.iter().enumerate() {
-            print_container(out, n, container)?;
+            writeln!(out, "    container {n}:")?;
+            crate::inspect::print_container_response(container, "      ", out)?;
         }
     }
     if let Some(resource) = resources.first() {
@@ -284,42 +284,4 @@ fn generic_node(node: &Path, modules: &Path) -> anyhow::Result<String> {
         "generic: /dev/ttyUSB0, /dev/ttyUSB1 and /dev/snd/* under {}",
         node.display()
     ))
-}
-
-fn print_container(
-    out: &mut impl Write,
-    n: usize,
-    c: &ContainerAllocateResponse,
-) -> std::io::Result<()> {
-    writeln!(out, "    container {n}:")?;
-    let mut envs: Vec<_> = c.envs.iter().collect();
-    envs.sort();
-    for (k, v) in envs {
-        writeln!(out, "      env         {k}={v}")?;
-    }
-    let mut annotations: Vec<_> = c.annotations.iter().collect();
-    annotations.sort();
-    for (k, v) in annotations {
-        writeln!(out, "      annotation  {k}={v}")?;
-    }
-    for d in &c.devices {
-        writeln!(
-            out,
-            "      device      {} -> {} ({})",
-            d.host_path, d.container_path, d.permissions
-        )?;
-    }
-    for m in &c.mounts {
-        writeln!(
-            out,
-            "      mount       {} -> {}{}",
-            m.host_path,
-            m.container_path,
-            if m.read_only { " (ro)" } else { "" }
-        )?;
-    }
-    for cdi in &c.cdi_devices {
-        writeln!(out, "      cdi         {}", cdi.name)?;
-    }
-    Ok(())
 }

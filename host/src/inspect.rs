@@ -812,7 +812,7 @@ fn allocate_text<W: Write>(r: &AllocateReport, out: &mut W) -> io::Result<()> {
     file_text(&r.file, out)?;
     for (n, c) in r.containers.iter().flatten().enumerate() {
         writeln!(out, "\ncontainer {n}: {}", c.device_ids.join(", "))?;
-        allocation_text(&c.allocation, out)?;
+        allocation_text(&c.allocation, "  ", out)?;
     }
     Ok(())
 }
@@ -826,17 +826,30 @@ fn file_text<W: Write>(f: &FileReport, out: &mut W) -> io::Result<()> {
     writeln!(out, "  sha256    {}", f.sha256.as_deref().unwrap_or("-"))
 }
 
-fn allocation_text<W: Write>(a: &AllocationReport, out: &mut W) -> io::Result<()> {
+/// Prints what a container gets, one line per item, each line after `indent`
+/// (what `allocate` prints, and the demo for each container it allocates).
+///
+/// # Errors
+/// Writing failed.
+pub fn print_container_response<W: Write>(
+    response: &proto::ContainerAllocateResponse,
+    indent: &str,
+    out: &mut W,
+) -> io::Result<()> {
+    allocation_text(&AllocationReport::sent(response.clone()), indent, out)
+}
+
+fn allocation_text<W: Write>(a: &AllocationReport, indent: &str, out: &mut W) -> io::Result<()> {
     if a.is_empty() {
-        return writeln!(out, "  (nothing)");
+        return writeln!(out, "{indent}(nothing)");
     }
     for (k, v) in &a.envs {
-        writeln!(out, "  env         {k}={v}")?;
+        writeln!(out, "{indent}env         {k}={v}")?;
     }
     for d in &a.device_nodes {
         writeln!(
             out,
-            "  device      {} -> {} ({})",
+            "{indent}device      {} -> {} ({})",
             d.host_path, d.container_path, d.permissions
         )?;
     }
@@ -844,15 +857,15 @@ fn allocation_text<W: Write>(a: &AllocationReport, out: &mut W) -> io::Result<()
         let ro = if m.read_only { " (ro)" } else { "" };
         writeln!(
             out,
-            "  mount       {} -> {}{ro}",
+            "{indent}mount       {} -> {}{ro}",
             m.host_path, m.container_path
         )?;
     }
     for (k, v) in &a.annotations {
-        writeln!(out, "  annotation  {k}={v}")?;
+        writeln!(out, "{indent}annotation  {k}={v}")?;
     }
     for name in &a.cdi_devices {
-        writeln!(out, "  cdi         {name}")?;
+        writeln!(out, "{indent}cdi         {name}")?;
     }
     Ok(())
 }
