@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::gauge::Gauge;
+use crate::kubelet::dataplane::DataPlane;
 use crate::kubelet::dir::KubeletDir;
 use crate::kubelet::{PluginStatus, Plugins, Registrations};
 use crate::metrics::{self, Metrics, Probes};
@@ -94,6 +95,9 @@ impl Host {
             dir: KubeletDir::watch(&settings.kubelet_dir, metrics),
             streams: Gauge::default(),
             registrations: Registrations::default(),
+            data_plane: Arc::new(
+                DataPlane::start().context("cannot start the data plane's thread")?,
+            ),
         };
         let ctx = Arc::new(Context {
             runtime,

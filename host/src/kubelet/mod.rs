@@ -4,6 +4,7 @@
 //! keeps one resource served and registered across kubelet restarts ([`serve`]).
 //! Never names a wasmtime type.
 
+pub mod dataplane;
 pub mod dir;
 pub mod preferred;
 pub mod proto;
@@ -24,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::{DeviceSet, ResourceName};
 use crate::gauge::Gauge;
 use crate::metrics::ResourceMetrics;
+use dataplane::DataPlane;
 use dir::{FileIdentity, KubeletDir, file_identity};
 use registration::RegistrationError;
 use server::{DeviceBackend, PluginService};
@@ -85,6 +87,8 @@ pub struct Plugins {
     pub streams: Gauge,
     /// Where each resource stands with kubelet.
     pub registrations: Registrations,
+    /// The thread that every resource's gRPC server runs on.
+    pub data_plane: Arc<DataPlane>,
 }
 
 /// A resource being served: a task that keeps it served and registered across
@@ -130,6 +134,7 @@ pub fn serve<B: DeviceBackend>(
         devices,
         backend,
         streams: plugins.streams.clone(),
+        data_plane: plugins.data_plane.clone(),
         metrics,
         shutdown,
         registrations: plugins.registrations.clone(),
@@ -167,6 +172,7 @@ struct Plugin<B> {
     backend: Arc<B>,
     /// Counts the open ListAndWatch streams.
     streams: Gauge,
+    data_plane: Arc<DataPlane>,
     metrics: ResourceMetrics,
     shutdown: CancellationToken,
     registrations: Registrations,
@@ -208,17 +214,7 @@ impl<B: DeviceBackend> Plugin<B> {
             }
             return Next::Backoff(RETRY_MAX);
         }
-        let incarnation = match Incarnation::start(
-            &self.dir,
-            resource,
-            &self.devices,
-            &self.backend,
-            &self.streams,
-            &self.metrics,
-            &self.shutdown,
-        )
-        .await
-        {
+        let incarnation = match Incarnation::start(self).await {
             Ok(incarnation) => incarnation,
             Err(err) => {
                 log_retry(resource, &err, &mut self.last_error);
@@ -356,15 +352,20 @@ struct Incarnation {
 }
 
 impl Incarnation {
-    async fn start<B: DeviceBackend>(
-        dir: &KubeletDir,
-        resource: &ResourceName,
-        devices: &watch::Receiver<Arc<DeviceSet>>,
-        backend: &Arc<B>,
-        streams: &Gauge,
-        metrics: &ResourceMetrics,
-        shutdown: &CancellationToken,
-    ) -> Result<Self, PluginError> {
+    /// Binds a new socket for `plugin`'s resource, serves it on the data plane
+    /// and checks that it accepts.
+    async fn start<B: DeviceBackend>(plugin: &Plugin<B>) -> Result<Self, PluginError> {
+        let Plugin {
+            dir,
+            resource,
+            devices,
+            backend,
+            streams,
+            data_plane,
+            metrics,
+            shutdown,
+            ..
+        } = plugin;
         let endpoint = socket::plugin_socket_name(dir.path(), resource);
         let socket_path = dir.path().join(&endpoint).display().to_string();
         let socket_err = |cause| PluginError::Socket {
@@ -384,8 +385,15 @@ impl Incarnation {
         )
         .with_metrics(metrics.clone());
         let span_resource = resource.to_string();
-        let task = tokio::spawn(async move {
-            if let Err(err) = service.serve(listener).await {
+        // The server runs on the data plane; the listener moves there
+        // unregistered, so that its connections belong to that thread's reactor.
+        let listener = listener.into_std().map_err(socket_err)?;
+        let task = data_plane.spawn(async move {
+            let served = match tokio::net::UnixListener::from_std(listener) {
+                Ok(listener) => service.serve(listener).await.map_err(|e| e.to_string()),
+                Err(err) => Err(err.to_string()),
+            };
+            if let Err(err) = served {
                 tracing::error!(resource = %span_resource, cause = %err, "device plugin server failed");
             }
             // Dropped only after the server has stopped accepting.
