@@ -11,3 +11,4 @@ mod kubelet_restarts;
 mod live;
 mod observability;
 mod python;
+mod warm;

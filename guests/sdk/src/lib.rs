@@ -34,8 +34,10 @@
 //!   as found (a device no longer found is unhealthy);
 //! - [`DevicePlugin::post_allocate`] returns the response unchanged.
 //!
-//! Every call runs in a fresh instance: keep no state between calls, derive
-//! everything from [`config`] and the files the operator granted.
+//! Keep no state between calls, derive everything from [`config`] and the files
+//! the operator granted: `scan` and `health` run in a fresh instance, and an
+//! allocation may run in one that answered earlier allocations (see the WIT
+//! contract), so what a call leaves in memory may or may not be there later.
 //!
 //! [wasm-device-plugin]: https://example.invalid/wasm-device-plugin
 

@@ -1,10 +1,21 @@
 //! A loaded module: compiled once per module version into an `InstancePre`, then
-//! each call instantiates into a fresh store and runs one export (or, for an
-//! allocation, `allocate` then `post-allocate` on the same instance).
+//! each call runs one export (or, for an allocation, `allocate` then
+//! `post-allocate` on the same instance).
+//!
+//! `scan` and `health` always run in a fresh instance (they read the granted
+//! files, and run seldom). Allocations, which sit on kubelet's pod-admission
+//! path, reuse a *warm* instance when one is kept: instantiating costs several
+//! times the guest call itself (`BENCHMARKS.md`). An instance is kept only after
+//! an allocation in which both exports returned (a value or the module's own
+//! error), nothing was written to stdout or stderr and the memory cap was never
+//! hit; it serves at most [`WARM_CALLS`] allocations within [`WARM_AGE`], and
+//! only with the settings (limits, configuration, grants) it was made with. A
+//! trap, a missed deadline, a dropped call, a new module version or an edited
+//! manifest therefore always leads to a fresh instance.
 
 use std::future::Future;
-use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use wasmtime::component::Component;
 use wasmtime::component::types::ComponentItem;
@@ -17,7 +28,7 @@ use crate::runtime::bindings::{
     Health, ModuleError,
 };
 use crate::runtime::engine::Runtime;
-use crate::runtime::limits::{Call, CallSettings, HostState, new_store};
+use crate::runtime::limits::{Call, CallSettings, HostState, arm, new_store};
 use crate::runtime::{CallError, CallFailure, LoadError};
 
 /// The WASI 0.2 interfaces a module may import (sockets are not among them: a
@@ -90,12 +101,31 @@ fn check_world(engine: &wasmtime::Engine, component: &Component) -> Result<(), L
 /// The functions every module exports (their types are checked by the bindings).
 const EXPORTS: [&str; 4] = ["scan", "health", "allocate", "post-allocate"];
 
+/// Most allocations one warm instance answers before it is dropped.
+pub const WARM_CALLS: u32 = 1000;
+/// Longest a warm instance is used after it was made: a granted directory opened
+/// then is at most this stale.
+pub const WARM_AGE: Duration = Duration::from_secs(10);
+/// Most warm instances kept per module version (one per allocation that was
+/// running at once, up to this).
+const WARM_MAX: usize = 4;
+
+/// An instance kept for the next allocation, in its store.
+struct Warm {
+    store: Store<HostState>,
+    instance: DevicePlugin,
+    made: Instant,
+    calls: u32,
+}
+
 /// A compiled module, ready to be called.
 pub struct Guest {
     name: Arc<str>,
     engine: wasmtime::Engine,
     pre: DevicePluginPre<HostState>,
     settings: RwLock<Arc<CallSettings>>,
+    /// Instances that answered an allocation and may answer another.
+    warm: Mutex<Vec<Warm>>,
     calls: Gauge,
     metrics: ModuleMetrics,
 }
@@ -132,6 +162,7 @@ impl Guest {
             engine: runtime.engine().clone(),
             pre,
             settings: RwLock::new(Arc::new(settings)),
+            warm: Mutex::new(Vec::new()),
             calls: runtime.calls().clone(),
             metrics: runtime.metrics().module(name),
         })
@@ -264,7 +295,8 @@ impl Guest {
         .await
     }
 
-    /// Runs `allocate`, then `post-allocate` with its answer, on one instance; the
+    /// Runs `allocate`, then `post-allocate` with its answer, on one instance (a
+    /// warm one when one is kept for `settings`, see the module docs); the
     /// deadline covers both. `settings` is what [`Guest::settings`] returned, so
     /// that the caller judges the answer by the grants the call ran with.
     ///
@@ -277,27 +309,76 @@ impl Guest {
     ) -> Result<Vec<ContainerResponse>, CallError> {
         let call = Call::Allocate;
         self.bounded(call, settings, async {
-            let mut store = self.store(call, settings);
-            let instance = self.instantiate(&mut store, call).await?;
+            let mut warm = match self.take_warm(settings) {
+                Some(mut warm) => {
+                    arm(&mut warm.store, call);
+                    warm
+                }
+                None => {
+                    let mut store = self.store(call, settings);
+                    let instance = self.instantiate(&mut store, call).await?;
+                    Warm {
+                        store,
+                        instance,
+                        made: Instant::now(),
+                        calls: 0,
+                    }
+                }
+            };
+            // A failure returns early and drops the instance with its store.
+            let store = &mut warm.store;
             let response = self
                 .timed(
                     Function::Allocate,
-                    instance.call_allocate(&mut store, request),
+                    warm.instance.call_allocate(&mut *store, request),
                 )
                 .await
-                .map_err(|e| self.failure(call, &store, e))?
-                .map_err(|e| self.module_error(call, e))?;
-            let result = self
-                .timed(
-                    Function::PostAllocate,
-                    instance.call_post_allocate(&mut store, request, &response),
-                )
-                .await
-                .map_err(|e| self.failure(call, &store, e))?;
+                .map_err(|e| self.failure(call, store, e))?;
+            let result = match response {
+                Ok(response) => self
+                    .timed(
+                        Function::PostAllocate,
+                        warm.instance
+                            .call_post_allocate(&mut *store, request, &response),
+                    )
+                    .await
+                    .map_err(|e| self.failure(call, store, e))?,
+                Err(err) => Err(err),
+            };
             store.data().flush_stdio();
+            warm.calls += 1;
+            self.keep_warm(warm, settings);
             result.map_err(|e| self.module_error(call, e))
         })
         .await
+    }
+
+    /// A warm instance made with `settings`, if one is kept; warm instances made
+    /// with other settings are dropped.
+    fn take_warm(&self, settings: &Arc<CallSettings>) -> Option<Warm> {
+        let mut warm = self.warm.lock().unwrap_or_else(|e| e.into_inner());
+        warm.retain(|w| {
+            Arc::ptr_eq(w.store.data().settings_arc(), settings) && w.made.elapsed() < WARM_AGE
+        });
+        warm.pop()
+    }
+
+    /// Keeps `warm` for a later allocation with `settings`, unless it has served
+    /// its share, is too old, wrote to stdio or was refused memory.
+    fn keep_warm(&self, warm: Warm, settings: &Arc<CallSettings>) {
+        let state = warm.store.data();
+        if warm.calls >= WARM_CALLS
+            || warm.made.elapsed() >= WARM_AGE
+            || state.memory_exceeded()
+            || state.wrote_stdio()
+            || !Arc::ptr_eq(state.settings_arc(), settings)
+        {
+            return;
+        }
+        let mut kept = self.warm.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.len() < WARM_MAX {
+            kept.push(warm);
+        }
     }
 
     /// Runs one call under its deadline as measured by the host's clock too. The

@@ -2,11 +2,13 @@
 //! context (no files, environment, network or inherited stdio), a memory limiter,
 //! the module's configuration, and capped stdout/stderr that end up in the log.
 //!
-//! A fresh store per call means no trap, leak or state outlives the call.
+//! A store serves one call, or (an allocation's, see `guest`) a short run of
+//! calls that all returned: no trap, missed deadline or hit memory cap outlives
+//! the call it happened in.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, Store, UpdateDeadline};
@@ -132,6 +134,8 @@ pub struct HostState {
     settings: Arc<CallSettings>,
     module: Arc<str>,
     call: Call,
+    /// When the running call's deadline passes (see [`arm`]).
+    call_end: Instant,
     log_lines: u32,
     stdout: MemoryOutputPipe,
     stderr: MemoryOutputPipe,
@@ -143,9 +147,20 @@ impl HostState {
         &self.settings
     }
 
+    /// The settings this store was made with, shared.
+    pub(crate) fn settings_arc(&self) -> &Arc<CallSettings> {
+        &self.settings
+    }
+
     /// Whether the call was refused memory.
     pub fn memory_exceeded(&self) -> bool {
         self.limiter.exceeded
+    }
+
+    /// Whether the guest has written to stdout or stderr since the store was
+    /// made (the pipes cannot be emptied, so a store that has is not reused).
+    pub fn wrote_stdio(&self) -> bool {
+        !(self.stdout.contents().is_empty() && self.stderr.contents().is_empty())
     }
 
     /// Writes what the guest printed to the log, one event per stream.
@@ -167,7 +182,6 @@ pub fn new_store(
     call: Call,
     settings: &Arc<CallSettings>,
 ) -> Store<HostState> {
-    let limits = &settings.limits;
     let stdout = MemoryOutputPipe::new(STDIO_CAP);
     let stderr = MemoryOutputPipe::new(STDIO_CAP);
     // The builder starts empty: no args, env, preopened directories or inherited
@@ -189,33 +203,45 @@ pub fn new_store(
         wasi: wasi.build(),
         table: ResourceTable::new(),
         limiter: MemoryCap {
-            max_bytes: limits.memory_bytes,
+            max_bytes: settings.limits.memory_bytes,
             exceeded: false,
         },
         settings: settings.clone(),
         module,
         call,
+        call_end: Instant::now(),
         log_lines: 0,
         stdout,
         stderr,
     };
     let mut store = Store::new(engine, state);
     store.limiter(|state| &mut state.limiter);
-    let deadline = limits.deadline(call);
     // Every epoch tick a running guest yields to the executor, so a guest that
-    // never returns neither holds a worker thread nor blocks cancellation (the
-    // host drops the call's future at the yield); at the deadline it traps with
-    // `Trap::Interrupt`. A call that finishes within one tick never gets here.
-    let end = std::time::Instant::now() + deadline;
-    store.set_epoch_deadline(1);
-    store.epoch_deadline_callback(move |_| {
-        Ok(if std::time::Instant::now() >= end {
+    // never returns neither holds a thread nor blocks cancellation (the host
+    // drops the call's future at the yield); past the deadline that `arm` set,
+    // it traps with `Trap::Interrupt`. A call that finishes within one tick never
+    // gets here.
+    store.epoch_deadline_callback(|store| {
+        Ok(if Instant::now() >= store.data().call_end {
             UpdateDeadline::Interrupt
         } else {
             UpdateDeadline::Yield(1)
         })
     });
+    arm(&mut store, call);
     store
+}
+
+/// Readies `store` for one call of `call`: its deadline starts now, and its
+/// per-call log allowance is whole again. [`new_store`] arms the store it makes;
+/// a store kept for another call is armed again before that call.
+pub fn arm(store: &mut Store<HostState>, call: Call) {
+    let deadline = store.data().settings.limits.deadline(call);
+    let state = store.data_mut();
+    state.call = call;
+    state.call_end = Instant::now() + deadline;
+    state.log_lines = 0;
+    store.set_epoch_deadline(1);
 }
 
 impl WasiView for HostState {

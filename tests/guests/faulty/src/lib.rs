@@ -16,6 +16,13 @@
 //! [`bogus_health`] and [`bogus_allocation`]); `path=<p>` is the host path the
 //! path rules use.
 //!
+//! Per request, for the tests of warm instances: `allocate` adds
+//! `ALLOCATIONS=<n>`, the allocations this instance has answered, this one
+//! included (1 in a fresh instance), to the first container; and when a
+//! requested id is the value of `trap-on`, `spin-on`, `print-on` or `refuse-on`,
+//! it traps, computes forever, prints a line to stdout, or returns
+//! `invalid-request` (after counting the call).
+//!
 //! With `probe=sandbox`, `allocate` instead reports what the guest could reach, as
 //! env vars of the first container: `PROBE_ENV` (number of environment variables),
 //! `PROBE_ARGS` (number of arguments), `PROBE_READ` (reading `/etc/passwd`),
@@ -201,6 +208,7 @@ impl Guest for Faulty {
 
     fn allocate(request: AllocateRequest) -> Result<Vec<ContainerResponse>, ModuleError> {
         misbehave("allocate")?;
+        let answered = per_request(&request)?;
         let containers = request.containers.len();
         if let Some(answer) =
             host::get_config("bogus").and_then(|rule| bogus_allocation(&rule, containers))
@@ -210,7 +218,7 @@ impl Guest for Faulty {
         if host::get_config("probe").as_deref() == Some("sandbox") {
             return Ok(probe(containers));
         }
-        Ok(request
+        let mut responses: Vec<ContainerResponse> = request
             .containers
             .iter()
             .map(|c| ContainerResponse {
@@ -222,7 +230,11 @@ impl Guest for Faulty {
                     .collect(),
                 ..empty_response()
             })
-            .collect())
+            .collect();
+        if let Some(first) = responses.first_mut() {
+            first.envs.push(kv("ALLOCATIONS", &answered.to_string()));
+        }
+        Ok(responses)
     }
 
     fn post_allocate(
@@ -232,6 +244,42 @@ impl Guest for Faulty {
         misbehave("post-allocate")?;
         Ok(response)
     }
+}
+
+/// Allocations this instance has answered (state that only a reused instance
+/// keeps).
+static ALLOCATIONS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Counts the allocation, then misbehaves if a requested id asks for it (see the
+/// crate docs); the count so far.
+fn per_request(request: &AllocateRequest) -> Result<u32, ModuleError> {
+    let answered = ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    let requested = |key: &str| {
+        host::get_config(key).is_some_and(|id| {
+            request
+                .containers
+                .iter()
+                .any(|c| c.device_ids.contains(&id))
+        })
+    };
+    if requested("trap-on") {
+        panic!("faulty guest: trap on request");
+    }
+    if requested("spin-on") {
+        let mut n: u64 = 0;
+        loop {
+            n = std::hint::black_box(n.wrapping_add(1));
+        }
+    }
+    if requested("print-on") {
+        println!("faulty guest: printed on request");
+    }
+    if requested("refuse-on") {
+        return Err(ModuleError::InvalidRequest(
+            "faulty guest: refused on request".to_string(),
+        ));
+    }
+    Ok(answered)
 }
 
 fn outcome<T, E>(result: Result<T, E>) -> String {
