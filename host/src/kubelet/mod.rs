@@ -4,6 +4,7 @@
 //! keeps one resource served and registered across kubelet restarts ([`serve`]).
 //! Never names a wasmtime type.
 
+pub mod coalesce;
 pub mod dataplane;
 pub mod dir;
 pub mod preferred;

@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status};
 
 use crate::domain::{ContainerAllocation, DeviceSet, Health, ResourceName};
 use crate::gauge::Gauge;
+use crate::kubelet::coalesce::Coalesced;
 use crate::kubelet::preferred::preferred_allocation;
 use crate::kubelet::proto::{
     self, AllocateRequest, AllocateResponse, ContainerAllocateResponse,
@@ -114,12 +115,11 @@ impl<B: DeviceBackend> PluginService<B> {
     /// The transport failed.
     pub async fn serve(self, listener: UnixListener) -> Result<(), tonic::transport::Error> {
         let shutdown = self.shutdown.clone();
+        // Each connection's writes leave in one piece per answer (see `coalesce`).
+        let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(Coalesced::new));
         tonic::transport::Server::builder()
             .add_service(DevicePluginServer::new(self))
-            .serve_with_incoming_shutdown(
-                UnixListenerStream::new(listener),
-                shutdown.cancelled_owned(),
-            )
+            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
             .await
     }
 
