@@ -195,8 +195,13 @@ fn probes_and_metrics(host: &Host, out: &mut impl Write) -> anyhow::Result<()> {
 /// shipped guests that read hardware and come without a manifest (`fpga`,
 /// `generic`), builds a simulated node under `dir/node` and writes a manifest
 /// that grants it, so that the demo shows them serving. Returns the directory to
-/// serve and a line per simulated node.
-fn stage(modules: &Path, dir: &Path) -> anyhow::Result<(PathBuf, Vec<String>)> {
+/// serve and a line per simulated node. The benchmarks stage the shipped
+/// guests with it too (`host/benches/scale.rs`).
+///
+/// # Errors
+/// A directory or file cannot be read, created or written; `dir/modules`
+/// already exists.
+pub fn stage(modules: &Path, dir: &Path) -> anyhow::Result<(PathBuf, Vec<String>)> {
     let staged = dir.join("modules");
     std::fs::create_dir(&staged).context("cannot create the demo's modules directory")?;
     let entries =
