@@ -181,3 +181,25 @@ async fn a_cache_directory_others_may_write_is_not_used() {
     assert_eq!((stats.compiled, stats.cache_hits), (1, 0), "{stats:?}");
     second.stop().await;
 }
+
+#[tokio::test]
+async fn copies_of_one_module_loading_at_once_compile_once() {
+    let cache = tempfile::tempdir().expect("cache dir");
+    let dirs = Dirs::new();
+    for n in 0..4 {
+        let name = format!("copy{n}");
+        dirs.add_module(&name, guests::VIRTUAL_DEVICES);
+        dirs.write_manifest(&name, &format!("domain = \"copy{n}.example.com\"\n"));
+    }
+    let fixture = with_cache(dirs, &cache.path().join("modules"));
+    for n in 0..4 {
+        fixture.listed(&format!("copy{n}.example.com/dev-1")).await;
+    }
+    let stats = fixture.host.stats();
+    assert_eq!(
+        (stats.compiled, stats.cache_hits),
+        (1, 3),
+        "the first compiles, the others read what it cached: {stats:?}"
+    );
+    fixture.stop().await;
+}

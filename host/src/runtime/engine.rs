@@ -4,9 +4,10 @@
 //! One engine per process: compiled components are only valid with the engine
 //! (and its settings) that compiled them.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use wasmtime::component::{Component, HasSelf, Linker};
@@ -47,6 +48,11 @@ pub struct Runtime {
     engine: Engine,
     linker: Arc<Linker<HostState>>,
     cache: Option<Cache>,
+    /// One lock per content hash being loaded: modules with the same bytes (one
+    /// guest copied under several names, each with its own manifest) loading
+    /// at once take turns, so the first compiles and caches and the others read
+    /// the cache instead of compiling the same code again.
+    loading: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     metrics: Arc<Metrics>,
     calls: Gauge,
     stop_ticker: Arc<AtomicBool>,
@@ -99,6 +105,7 @@ impl Runtime {
             engine,
             linker: Arc::new(linker),
             cache,
+            loading: Mutex::default(),
             metrics,
             calls: Gauge::default(),
             stop_ticker,
@@ -123,7 +130,9 @@ impl Runtime {
 
     /// The component in `bytes`, from the cache when it holds a valid entry for
     /// them, else compiled (and cached). CPU-bound for tens of milliseconds when
-    /// it compiles: call it off the async executor.
+    /// it compiles, and with a cache it may wait for a load of the same bytes
+    /// that is compiling (then it reads what that one cached): call it off the
+    /// async executor.
     ///
     /// # Errors
     /// [`LoadError`] saying why the bytes are not a component.
@@ -139,6 +148,11 @@ impl Runtime {
             return refused(LoadError::CoreModule);
         }
         let hash = self.cache.as_ref().map(|_| cache::content_hash(bytes));
+        // Held until this load has compiled and cached (or found the entry).
+        let turn = hash.as_ref().map(|hash| self.turn_for(hash));
+        let _turn = turn
+            .as_ref()
+            .map(|lock| lock.lock().unwrap_or_else(|e| e.into_inner()));
         if let (Some(cache), Some(hash)) = (&self.cache, &hash) {
             match cache.load(&self.engine, hash) {
                 (Lookup::Hit, Some(component)) => {
@@ -164,6 +178,14 @@ impl Runtime {
             tracing::warn!(module, dir = %cache.dir().display(), cause = %err, "cannot write the compiled-module cache");
         }
         Ok(component)
+    }
+
+    /// The lock that loads of the content `hash` take turns on (see `loading`);
+    /// locks no load holds any more are dropped on the way.
+    fn turn_for(&self, hash: &str) -> Arc<Mutex<()>> {
+        let mut loading = self.loading.lock().unwrap_or_else(|e| e.into_inner());
+        loading.retain(|_, lock| Arc::strong_count(lock) > 1);
+        loading.entry(hash.to_string()).or_default().clone()
     }
 
     /// Guest calls running now, across every module.
