@@ -24,7 +24,7 @@ use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use common::{Samples, ms, us};
 use prost::Message as _;
@@ -732,24 +732,6 @@ fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
-/// Today's date (UTC), `YYYY-MM-DD`.
-fn today() -> String {
-    let secs = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    // Howard Hinnant's days-to-civil algorithm.
-    let z = (secs / 86_400) as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
-}
-
 /// `d` in milliseconds, or in seconds from 10 s on (the Python guest's compile).
 fn dur(d: Duration) -> String {
     if d >= Duration::from_secs(10) {
@@ -788,7 +770,12 @@ async fn main() {
     let mut md = String::new();
     let w = &mut md;
     let _ = writeln!(w, "## Module load and scale\n");
-    let _ = writeln!(w, "Measured {} on {}.\n", today(), common::machine());
+    let _ = writeln!(
+        w,
+        "Measured {} on {}.\n",
+        common::today(),
+        common::machine()
+    );
     let _ = writeln!(
         w,
         "```sh\ncargo xtask bench\n# or alone:\ncargo bench -p wasm-device-plugin --bench scale\n```\n"

@@ -13,6 +13,9 @@
 //!   guest's manifest from `examples/modules/`); `deploy/Dockerfile` runs it. `test`
 //!   stages into `target/dist` and checks the result;
 //! - `guide`: runs the walkthrough of `docs/writing-a-guest.md` as written;
+//! - `bench`: runs every benchmark (`host/benches/`) in the bench profile with the
+//!   Go peer of `../shared/peer` unpacked into `target/peer`, and writes their
+//!   figures into `BENCHMARKS.md`;
 //! - `fuzz [--seconds N]`: runs the property tests of `host/tests/fuzz.rs` for about
 //!   N seconds (default 180), shared evenly among the properties.
 //!
@@ -42,10 +45,11 @@ fn main() -> ExitCode {
         "test" => test(rest),
         "guests" => guests().map(|dir| println!("guests built into {}", dir.display())),
         "dist" => dist_task(rest),
+        "bench" => bench(rest),
         "fuzz" => fuzz(rest),
         "guide" => guide(),
         _ => {
-            eprintln!("usage: cargo xtask <demo|test|guests|dist|guide|fuzz> [args...]");
+            eprintln!("usage: cargo xtask <demo|test|guests|dist|bench|guide|fuzz> [args...]");
             eprintln!(
                 "  demo    build the shipped guests and run `wasm-device-plugin demo` on them"
             );
@@ -55,6 +59,9 @@ fn main() -> ExitCode {
             eprintln!("  guests  build the shipped guests into target/modules/");
             eprintln!(
                 "  dist    OUT [--release] [--locked]: build the host and the shipped guests, laid out under OUT as in the image"
+            );
+            eprintln!(
+                "  bench   run the benchmarks (with the Go peer of ../shared/peer) and write BENCHMARKS.md"
             );
             eprintln!(
                 "  guide   run every `sh` block of docs/writing-a-guest.md, in order, as written"
@@ -473,6 +480,81 @@ fn test(extra: &[String]) -> Result<(), String> {
         ]))?;
     }
     Ok(())
+}
+
+/// The benchmarks `cargo xtask bench` runs, in order; each writes its section
+/// of [`BENCHMARKS`].
+const BENCHES: [&str; 3] = ["allocate", "scale", "reregister"];
+/// The document the benchmarks write their figures into.
+const BENCHMARKS: &str = "BENCHMARKS.md";
+/// Where the Go peer's programs are, packed, relative to the repository root.
+const PEER_PACKED: &str = "../shared/peer";
+/// Where `bench` unpacks them.
+const PEER_DIR: &str = "target/peer";
+
+/// `cargo xtask bench [--no-write]`: runs [`BENCHES`] in the bench profile (an
+/// optimised build) and writes their figures into [`BENCHMARKS`] (not with
+/// `--no-write`). The Go peer is unpacked from [`PEER_PACKED`] (or taken from
+/// `WDP_PEER_DIR`); without it the comparison with it is left out, loudly.
+fn bench(args: &[String]) -> Result<(), String> {
+    let mut write = true;
+    for arg in args {
+        match arg.as_str() {
+            "--no-write" => write = false,
+            other => {
+                return Err(format!(
+                    "unknown argument `{other}` (usage: cargo xtask bench [--no-write])"
+                ));
+            }
+        }
+    }
+    ensure_wasm_target()?;
+    ensure_componentize_py()?;
+    let mut cmd = cargo();
+    cmd.args(["bench", "--package", "wasm-device-plugin"]);
+    for name in BENCHES {
+        cmd.args(["--bench", name]);
+    }
+    if write {
+        cmd.env("WDP_BENCH_WRITE", root().join(BENCHMARKS));
+    }
+    match peer()? {
+        Some(dir) => {
+            cmd.env("WDP_PEER_DIR", dir);
+        }
+        None => eprintln!(
+            "bench: the Go peer is not at {PEER_PACKED} (nor named by WDP_PEER_DIR); it is left out"
+        ),
+    }
+    run(&mut cmd)
+}
+
+/// The directory holding the Go peer's `goplugin` and `allocbench`: the one
+/// `WDP_PEER_DIR` names, else [`PEER_PACKED`]'s `.xz` files unpacked into
+/// [`PEER_DIR`]; `None` when neither is there.
+fn peer() -> Result<Option<PathBuf>, String> {
+    if let Some(dir) = std::env::var_os("WDP_PEER_DIR") {
+        return Ok(Some(PathBuf::from(dir)));
+    }
+    let packed = root().join(PEER_PACKED);
+    let out = root().join(PEER_DIR);
+    for name in ["goplugin", "allocbench"] {
+        let xz = packed.join(format!("{name}-linux-amd64.xz"));
+        if !xz.is_file() {
+            return Ok(None);
+        }
+        std::fs::create_dir_all(&out)
+            .map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+        let program = out.join(name);
+        let file = std::fs::File::create(&program)
+            .map_err(|e| format!("cannot create {}: {e}", program.display()))?;
+        run(Command::new("xz").arg("-dc").arg(&xz).stdout(file))
+            .map_err(|e| format!("cannot unpack {} (is xz installed?): {e}", xz.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| format!("cannot make {} executable: {e}", program.display()))?;
+    }
+    Ok(Some(out))
 }
 
 /// Runs `host/tests/fuzz.rs` with `WDP_FUZZ_SECONDS` set: each property keeps
