@@ -38,7 +38,7 @@ use wasm_device_plugin::kubelet::simulator::{KubeletView, Simulator};
 use wasm_device_plugin::metrics::Metrics;
 use wasm_device_plugin::registry::{ModuleState, ModuleStates, Settings};
 use wasm_device_plugin::runtime::Runtime;
-use wdp_tests::{Dirs, TEST_SETTLE, WAIT, guests, sample, test_settings};
+use wdp_tests::{Dirs, TEST_SETTLE, WAIT, guests, health_of, sample, test_settings};
 
 /// Cold loads of each Rust guest, each with an empty cache directory.
 const COLD_ROUNDS: usize = 5;
@@ -513,15 +513,6 @@ async fn many_modules() -> (Samples, Samples, usize) {
         resources = served;
     }
     (Samples::new(cold), Samples::new(warm), resources)
-}
-
-/// The health of device `id` of `resource` in `view`.
-fn health_of<'a>(view: &'a KubeletView, resource: &str, id: &str) -> Option<&'a str> {
-    view.plugin(resource)?
-        .devices
-        .iter()
-        .find(|d| d.id == id)
-        .map(|d| d.health.as_str())
 }
 
 /// The generic guest over a fake /dev with a 200 ms health interval: from

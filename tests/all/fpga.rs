@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use wasm_device_plugin::kubelet::proto::ContainerAllocateResponse;
 use wasm_device_plugin::kubelet::simulator::KubeletView;
 use wasm_device_plugin::registry::ModuleState;
-use wdp_tests::{Dirs, Fixture, guests, ids};
+use wdp_tests::{Dirs, Fixture, guests, health_of, ids};
 
 /// Interface and accelerator function ids from Intel's plugin tests, with the af
 /// resource names Intel's encoding gives them (`pkg/fpga/devtypes_test.go`).
@@ -185,14 +185,6 @@ async fn all_listed(fixture: &Fixture, resources: &[&str]) -> KubeletView {
             })
         })
         .await
-}
-
-fn health_of<'a>(view: &'a KubeletView, resource: &str, id: &str) -> Option<&'a str> {
-    view.plugin(resource)?
-        .devices
-        .iter()
-        .find(|d| d.id == id)
-        .map(|d| d.health.as_str())
 }
 
 /// A container's device nodes as (host path, container path, permissions).

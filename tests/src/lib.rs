@@ -20,6 +20,15 @@ pub fn ids(view: &KubeletView, resource: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The health kubelet was last told for device `id` of `resource` in `view`.
+pub fn health_of<'a>(view: &'a KubeletView, resource: &str, id: &str) -> Option<&'a str> {
+    view.plugin(resource)?
+        .devices
+        .iter()
+        .find(|d| d.id == id)
+        .map(|d| d.health.as_str())
+}
+
 /// The socket files (other than `kubelet.sock`) in `dir`.
 pub fn plugin_sockets(dir: &Path) -> Vec<PathBuf> {
     use std::os::unix::fs::FileTypeExt;

@@ -347,7 +347,7 @@ impl Guest {
             };
             store.data().flush_stdio();
             warm.calls += 1;
-            self.keep_warm(warm, settings);
+            self.keep_warm(warm);
             result.map_err(|e| self.module_error(call, e))
         })
         .await
@@ -363,15 +363,15 @@ impl Guest {
         warm.pop()
     }
 
-    /// Keeps `warm` for a later allocation with `settings`, unless it has served
-    /// its share, is too old, wrote to stdio or was refused memory.
-    fn keep_warm(&self, warm: Warm, settings: &Arc<CallSettings>) {
+    /// Keeps `warm` (made with the settings it ran with) for a later
+    /// allocation, unless it has served its share, is too old, wrote to stdio or
+    /// was refused memory.
+    fn keep_warm(&self, warm: Warm) {
         let state = warm.store.data();
         if warm.calls >= WARM_CALLS
             || warm.made.elapsed() >= WARM_AGE
             || state.memory_exceeded()
             || state.wrote_stdio()
-            || !Arc::ptr_eq(state.settings_arc(), settings)
         {
             return;
         }
