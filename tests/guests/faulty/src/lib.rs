@@ -42,16 +42,21 @@ use wasm_device_plugin::device::types::{Device, DeviceSpec, KeyValue, Mount};
 
 struct Faulty;
 
+/// Computes forever (until the host's deadline stops the call).
+fn spin_forever() -> ! {
+    let mut n: u64 = 0;
+    loop {
+        n = std::hint::black_box(n.wrapping_add(1));
+    }
+}
+
 fn misbehave(export: &str) -> Result<(), ModuleError> {
     let is = |key: &str| host::get_config(key).as_deref() == Some(export);
     if is("trap") {
         panic!("faulty guest: trap in {export}");
     }
     if is("spin") {
-        let mut n: u64 = 0;
-        loop {
-            n = std::hint::black_box(n.wrapping_add(1));
-        }
+        spin_forever();
     }
     if is("sleep") {
         std::thread::sleep(std::time::Duration::from_secs(3600));
@@ -266,10 +271,7 @@ fn per_request(request: &AllocateRequest) -> Result<u32, ModuleError> {
         panic!("faulty guest: trap on request");
     }
     if requested("spin-on") {
-        let mut n: u64 = 0;
-        loop {
-            n = std::hint::black_box(n.wrapping_add(1));
-        }
+        spin_forever();
     }
     if requested("print-on") {
         println!("faulty guest: printed on request");
