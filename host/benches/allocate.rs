@@ -36,20 +36,24 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use wasm_device_plugin::app::Host;
 use wasm_device_plugin::domain::{ContainerAllocation, Device, DeviceSet, Health, ResourceName};
+use wasm_device_plugin::frontend::{AllocateFuture, Backend, ServeRequest, Served};
 use wasm_device_plugin::gauge::Gauge;
 use wasm_device_plugin::kubelet::dataplane::DataPlane;
-use wasm_device_plugin::kubelet::dir::KubeletDir;
-use wasm_device_plugin::kubelet::proto::device_plugin_client::DevicePluginClient;
-use wasm_device_plugin::kubelet::proto::device_plugin_server::{DevicePlugin, DevicePluginServer};
-use wasm_device_plugin::kubelet::proto::{
+use wasm_device_plugin::kubelet::deviceplugin::proto::device_plugin_client::DevicePluginClient;
+use wasm_device_plugin::kubelet::deviceplugin::proto::device_plugin_server::{
+    DevicePlugin, DevicePluginServer,
+};
+use wasm_device_plugin::kubelet::deviceplugin::proto::{
     AllocateRequest, AllocateResponse, ContainerAllocateRequest, ContainerAllocateResponse,
     DevicePluginOptions, Empty, ListAndWatchResponse, PreStartContainerRequest,
     PreStartContainerResponse, PreferredAllocationRequest, PreferredAllocationResponse,
 };
-use wasm_device_plugin::kubelet::server::{AllocateError, DeviceBackend};
-use wasm_device_plugin::kubelet::simulator::Simulator;
-use wasm_device_plugin::kubelet::{self, Plugins, Registrations, socket};
+use wasm_device_plugin::kubelet::deviceplugin::simulator::Simulator;
+use wasm_device_plugin::kubelet::deviceplugin::{self, Plugins, Registrations};
+use wasm_device_plugin::kubelet::dir::KubeletDir;
+use wasm_device_plugin::kubelet::socket;
 use wasm_device_plugin::metrics::Metrics;
+use wasm_device_plugin::snapshot::{AllocationPlan, ResourceSnapshot, SnapshotParts};
 use wdp_tests::{Dirs, WAIT, guests, host_config, test_settings};
 
 /// Timed calls of the one-client run, per round.
@@ -319,13 +323,21 @@ async fn registered(kubelet: &Simulator, resource: &str) -> PathBuf {
 /// `DEV_<kind>_ID_<n>=<id>`, and the annotation listing its ids.
 struct NativeVirtual;
 
-impl DeviceBackend for NativeVirtual {
-    async fn allocate(
-        &self,
-        containers: Vec<Vec<String>>,
-    ) -> Result<Vec<ContainerAllocation>, AllocateError> {
-        Ok(containers
-            .into_iter()
+impl Backend for NativeVirtual {
+    fn allocate<'a>(
+        &'a self,
+        snapshot: &'a ResourceSnapshot,
+        plan: &'a AllocationPlan,
+    ) -> AllocateFuture<'a> {
+        let devices = snapshot.real().devices();
+        let answer = plan
+            .containers()
+            .iter()
+            .map(|real| {
+                real.iter()
+                    .map(|&at| devices[at].id.clone())
+                    .collect::<Vec<_>>()
+            })
             .map(|ids| ContainerAllocation {
                 envs: ids
                     .iter()
@@ -338,7 +350,8 @@ impl DeviceBackend for NativeVirtual {
                 )]),
                 ..ContainerAllocation::default()
             })
-            .collect())
+            .collect();
+        Box::pin(std::future::ready(Ok(answer)))
     }
 }
 
@@ -348,8 +361,8 @@ struct NativeServer {
     socket: PathBuf,
     kubelet: Simulator,
     token: CancellationToken,
-    served: kubelet::ServedResource,
-    _devices: watch::Sender<Arc<DeviceSet>>,
+    served: Served,
+    _snapshots: watch::Sender<Arc<ResourceSnapshot>>,
     _dirs: Dirs,
 }
 
@@ -376,15 +389,25 @@ impl NativeServer {
                 .collect(),
         )
         .expect("devices");
-        let (devices, rx) = watch::channel(Arc::new(set));
+        let snapshot = ResourceSnapshot::new(SnapshotParts {
+            name: ResourceName::parse(RESOURCE).expect("name"),
+            kind: "dev-1".into(),
+            generation: 1,
+            replicas: 1,
+            real: Arc::new(set),
+            allocations: Arc::default(),
+            backend: Arc::new(NativeVirtual),
+        })
+        .expect("snapshot");
+        let (snapshots, rx) = watch::channel(Arc::new(snapshot));
         let token = CancellationToken::new();
-        let served = kubelet::serve(
+        let served = deviceplugin::serve(
             &plugins,
-            ResourceName::parse(RESOURCE).expect("name"),
-            rx,
-            Arc::new(NativeVirtual),
-            metrics.resource(RESOURCE),
-            token.clone(),
+            ServeRequest {
+                snapshots: rx,
+                metrics: metrics.resource(RESOURCE),
+                shutdown: token.clone(),
+            },
         );
         let socket = runtime.block_on(registered(&kubelet, RESOURCE));
         Self {
@@ -392,7 +415,7 @@ impl NativeServer {
             kubelet,
             token,
             served,
-            _devices: devices,
+            _snapshots: snapshots,
             _dirs: dirs,
         }
     }

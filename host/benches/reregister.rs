@@ -21,7 +21,7 @@ use common::{Samples, ms};
 
 use tokio_util::sync::CancellationToken;
 use wasm_device_plugin::app::Host;
-use wasm_device_plugin::kubelet::simulator::Simulator;
+use wasm_device_plugin::kubelet::deviceplugin::simulator::Simulator;
 use wdp_tests::{Dirs, WAIT, guests, host_config, test_settings};
 
 const ROUNDS: usize = 200;

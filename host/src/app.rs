@@ -1,30 +1,30 @@
-//! Wires the subsystems together: the runtime, the watched kubelet and modules
-//! directories, and one lifecycle task per module file, started, fed and stopped
-//! as the modules directory changes. Owns the tree of cancellation tokens below
-//! the caller's and every task it spawns.
+//! Wires the subsystems together: the runtime, the device-plugin frontend on the
+//! watched kubelet directory, and the registry's supervisor following the
+//! modules directory. Owns the tree of cancellation tokens below the caller's
+//! and every task it spawns; answers the probes.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::{AbortHandle, JoinHandle};
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::gauge::Gauge;
 use crate::kubelet::dataplane::DataPlane;
+use crate::kubelet::deviceplugin::{PluginStatus, Plugins, Registrations};
 use crate::kubelet::dir::KubeletDir;
-use crate::kubelet::{PluginStatus, Plugins, Registrations};
 use crate::metrics::{self, Metrics, Probes};
 use crate::registry;
-use crate::registry::lifecycle::{self, Context, Control};
-use crate::registry::watch::{DirEvent, ModuleFiles};
-use crate::registry::{Claims, ModuleState, ModuleStates, Refusals, Settings};
-use crate::runtime::{ModuleConfig, Runtime, RuntimeStats};
+use crate::registry::supervisor::Supervisor;
+use crate::registry::{
+    Claims, Context, ModuleState, ModuleStates, ModuleVersions, Refusals, Settings,
+};
+use crate::runtime::{Runtime, RuntimeStats};
 
 /// How long a module file that is being written without being closed must stay
 /// unchanged before it is read.
@@ -43,23 +43,15 @@ pub struct HostConfig {
     pub settings: Settings,
 }
 
-type Controls = Arc<Mutex<HashMap<String, mpsc::Sender<Control>>>>;
-
 /// A running host: one lifecycle task per module file.
 pub struct Host {
     ctx: Arc<Context>,
     states: watch::Receiver<ModuleStates>,
-    controls: Controls,
+    /// The device-plugin frontend every resource is served through.
+    plugins: Arc<Plugins>,
     supervisor: AbortHandle,
     token: CancellationToken,
     tasks: TaskTracker,
-}
-
-/// A module's task, as the supervisor holds it.
-struct Running {
-    files: watch::Sender<ModuleFiles>,
-    token: CancellationToken,
-    task: JoinHandle<()>,
 }
 
 impl Host {
@@ -91,29 +83,24 @@ impl Host {
         let metrics = Arc::new(Metrics::new());
         let runtime = Arc::new(Runtime::new(config.cache_dir.as_deref(), metrics.clone())?);
         let (states_tx, states) = watch::channel(ModuleStates::new());
-        let plugins = Plugins {
+        let plugins = Arc::new(Plugins {
             dir: KubeletDir::watch(&settings.kubelet_dir, metrics),
             streams: Gauge::default(),
             registrations: Registrations::default(),
             data_plane: Arc::new(
                 DataPlane::start().context("cannot start the data plane's thread")?,
             ),
-        };
+        });
         let ctx = Arc::new(Context {
             runtime,
             settings,
             claims: Claims::default(),
-            plugins,
+            frontend: plugins.clone(),
             states: states_tx,
             refusals: watch::channel(Refusals::new()).0,
+            versions: watch::channel(ModuleVersions::new()).0,
         });
-        let controls = Controls::default();
-        let mut supervisor = Supervisor {
-            ctx: ctx.clone(),
-            controls: controls.clone(),
-            running: HashMap::new(),
-            token: token.clone(),
-        };
+        let mut supervisor = Supervisor::new(ctx.clone(), token.clone());
         for event in initial {
             supervisor.handle_now(event);
         }
@@ -121,14 +108,14 @@ impl Host {
         let supervisor = tasks.spawn(supervisor.run(events)).abort_handle();
         tasks.spawn(log_readiness(
             states.clone(),
-            ctx.plugins.registrations.watch(),
+            plugins.registrations.watch(),
             token.clone(),
         ));
         tasks.close();
         Ok(Self {
             ctx,
             states,
-            controls,
+            plugins,
             supervisor,
             token,
             tasks,
@@ -148,6 +135,12 @@ impl Host {
         self.ctx.refusals.subscribe()
     }
 
+    /// The files each loaded module runs from, updated as the host applies new
+    /// ones (a test that edits a manifest waits here for it to be in use).
+    pub fn versions(&self) -> watch::Receiver<ModuleVersions> {
+        self.ctx.versions.subscribe()
+    }
+
     /// What loading modules has cost: compilations, cache hits, refusals.
     pub fn stats(&self) -> RuntimeStats {
         self.ctx.runtime.stats()
@@ -161,7 +154,7 @@ impl Host {
 
     /// ListAndWatch streams open now, across every resource.
     pub fn open_streams(&self) -> watch::Receiver<u64> {
-        self.ctx.plugins.streams.watch()
+        self.plugins.streams.watch()
     }
 
     /// The host's metrics.
@@ -173,9 +166,9 @@ impl Host {
     pub fn probes(&self) -> Arc<dyn Probes> {
         Arc::new(HostProbes {
             states: self.states.clone(),
-            registrations: self.ctx.plugins.registrations.watch(),
+            registrations: self.plugins.registrations.watch(),
             supervisor: self.supervisor.clone(),
-            streams: self.ctx.plugins.streams.clone(),
+            streams: self.plugins.streams.clone(),
             calls: self.ctx.runtime.calls().clone(),
         })
     }
@@ -188,7 +181,7 @@ impl Host {
     pub fn ready(&self) -> Result<(), String> {
         readiness(
             &self.states.borrow(),
-            &self.ctx.plugins.registrations.watch().borrow(),
+            &self.plugins.registrations.watch().borrow(),
         )
     }
 
@@ -199,7 +192,7 @@ impl Host {
     /// The timeout passed first; says what was missing then.
     pub async fn wait_ready(&self, want: bool, timeout: Duration) -> anyhow::Result<()> {
         let mut states = self.states.clone();
-        let mut registrations = self.ctx.plugins.registrations.watch();
+        let mut registrations = self.plugins.registrations.watch();
         let waited = tokio::time::timeout(timeout, async {
             loop {
                 let now = readiness(
@@ -243,122 +236,10 @@ impl Host {
         Ok(states.clone())
     }
 
-    /// Gives module `name` a new configuration for its later calls, until its
-    /// manifest next changes; with `rescan` it re-scans at once, otherwise the
-    /// next health check or scheduled scan sees it. Returns once the module uses
-    /// it (and has re-scanned), or false when there is no such module.
-    pub async fn set_module_config(&self, name: &str, config: ModuleConfig, rescan: bool) -> bool {
-        let tx = self
-            .controls
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .cloned();
-        let Some(tx) = tx else {
-            return false;
-        };
-        let (applied, done) = oneshot::channel();
-        tx.send(Control::SetConfig {
-            config,
-            rescan,
-            applied,
-        })
-        .await
-        .is_ok()
-            && done.await.is_ok()
-    }
-
     /// Stops every module: streams end, servers stop, sockets are removed.
     pub async fn stop(self) {
         self.token.cancel();
         self.tasks.wait().await;
-    }
-}
-
-/// Starts, feeds and stops lifecycle tasks as the modules directory changes.
-struct Supervisor {
-    ctx: Arc<Context>,
-    controls: Controls,
-    running: HashMap<String, Running>,
-    token: CancellationToken,
-}
-
-impl Supervisor {
-    async fn run(mut self, mut events: mpsc::Receiver<DirEvent>) {
-        loop {
-            let event = tokio::select! {
-                () = self.token.cancelled() => break,
-                event = events.recv() => event,
-            };
-            let Some(event) = event else { break };
-            match event {
-                DirEvent::Removed(name) => self.remove(&name).await,
-                DirEvent::Module(files) => match self.running.get(&files.name) {
-                    // Never waits: a module still busy with older files gets
-                    // only the newest when it is done.
-                    Some(running) => {
-                        running.files.send_replace(files);
-                    }
-                    None => self.spawn(files),
-                },
-                DirEvent::Settling(name) => self.settling(&name),
-            }
-        }
-        // Every module's token is a child of ours: they are all stopping.
-        let tasks: Vec<_> = self.running.drain().map(|(_, r)| r.task).collect();
-        futures::future::join_all(tasks).await;
-    }
-
-    /// Handles an event of the initial listing, before the supervisor runs.
-    fn handle_now(&mut self, event: DirEvent) {
-        match event {
-            DirEvent::Module(files) => self.spawn(files),
-            DirEvent::Settling(name) => self.settling(&name),
-            DirEvent::Removed(_) => {}
-        }
-    }
-
-    fn settling(&self, name: &str) {
-        if !self.running.contains_key(name) {
-            self.ctx.set_state(name, ModuleState::Settling);
-        }
-    }
-
-    fn spawn(&mut self, files: ModuleFiles) {
-        let name = files.name.clone();
-        tracing::info!(module = %name, file = %files.wasm_path.display(), "module found");
-        let (tx, rx) = mpsc::channel(8);
-        self.controls
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.clone(), tx);
-        // Loading from now, so a `settled` wait that starts next waits for it.
-        self.ctx.set_state(&name, ModuleState::Loading);
-        let token = self.token.child_token();
-        let (files, files_rx) = watch::channel(files);
-        let task = tokio::spawn(lifecycle::run(
-            self.ctx.clone(),
-            files_rx,
-            rx,
-            token.clone(),
-        ));
-        self.running.insert(name, Running { files, token, task });
-    }
-
-    /// Stops a removed module and waits until its sockets are gone, so that a
-    /// module added again under the same name finds its resource names free.
-    async fn remove(&mut self, name: &str) {
-        self.controls
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
-        if let Some(running) = self.running.remove(name) {
-            tracing::info!(module = %name, "module file removed; stopping it");
-            running.token.cancel();
-            let _ = running.task.await;
-            tracing::info!(module = %name, "module stopped; its sockets are removed");
-        }
-        self.ctx.remove_state(name);
     }
 }
 

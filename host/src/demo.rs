@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{Host, HostConfig};
 use crate::config::DemoArgs;
-use crate::kubelet::simulator::Simulator;
+use crate::kubelet::deviceplugin::server::allocation_from_wire;
+use crate::kubelet::deviceplugin::simulator::Simulator;
 use crate::registry::ModuleState;
 
 /// How long modules may take to load and register in the demo.
@@ -155,7 +156,7 @@ async fn report(
         let response = kubelet.allocate(resource, &[&chosen]).await?;
         for (n, container) in response.container_responses.iter().enumerate() {
             writeln!(out, "    container {n}:")?;
-            crate::inspect::print_container_response(container, "      ", out)?;
+            crate::inspect::print_allocation(&allocation_from_wire(container), "      ", out)?;
         }
     }
     if let Some(resource) = resources.first() {

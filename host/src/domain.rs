@@ -219,6 +219,11 @@ impl DeviceSet {
         &self.devices
     }
 
+    /// Where the device with this id is in the list.
+    pub fn position(&self, id: &str) -> Option<usize> {
+        self.index.get(id).copied()
+    }
+
     /// The device with this id.
     pub fn get(&self, id: &str) -> Option<&Device> {
         self.index.get(id).map(|&i| &self.devices[i])

@@ -4,12 +4,14 @@
 //!
 //! Every step is the host's own code, not a copy of its rules: the manifest is
 //! parsed by [`manifest::parse`] over the same flags, the file is compiled and
-//! checked against our world by [`Guest::compile`], `scan` runs in the same
-//! sandbox with the manifest's limits, configuration and grants and its answer
-//! goes through [`policy::scan`]; an allocation goes through the host's own
-//! resource service ([`PluginService`], called in-process, no socket) and
-//! [`GuestBackend`], so the requested ids are checked as kubelet's Allocate
-//! checks them and the answer is judged by [`policy::allocation`].
+//! loaded by the registry's own load path ([`load`]: compiled and checked
+//! against our world, `scan` run in the same sandbox with the manifest's
+//! limits, configuration and grants, its answer judged by the output policy);
+//! an allocation is checked against the resource's snapshot as the serving host
+//! builds it and answered through the same [`GuestBackend`], so the requested
+//! ids are checked as kubelet's Allocate checks them and the answer is judged
+//! by the output policy. Reports print domain values; only the gRPC code
+//! kubelet would get is asked of the device-plugin frontend.
 //!
 //! Reports go to any [`Write`], as text or as one JSON document; the caller
 //! (`main`) turns an [`InspectError`] into the exit code. Reads only the module
@@ -22,23 +24,22 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Serialize;
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 use wasmtime::component::types::ComponentItem;
 
 use crate::config::{AllocateArgs, DeviceIds, ModuleFileArgs, ValidateArgs};
-use crate::domain::{DeviceSet, ResourceName};
-use crate::gauge::Gauge;
-use crate::kubelet::proto::{self, device_plugin_server::DevicePlugin};
-use crate::kubelet::server::PluginService;
+use crate::domain::{ContainerAllocation, ResourceName};
+use crate::kubelet::deviceplugin::server;
 use crate::metrics::Metrics;
-use crate::policy::{self, PolicyError, ScannedResource};
-use crate::registry::lifecycle::{GuestBackend, advertise};
+use crate::policy::{PolicyError, ScannedResource};
+use crate::registry::RegistryError;
+use crate::registry::backend::GuestBackend;
+use crate::registry::load::{self, ScanError};
 use crate::registry::manifest::{self, ManifestError, ModuleSettings};
+use crate::registry::resource::build_snapshot;
 use crate::registry::watch::{MAX_MANIFEST_BYTES, MAX_MODULE_BYTES};
-use crate::runtime::bindings::{ContainerResponse, KeyValue};
 use crate::runtime::cache::content_hash;
 use crate::runtime::{CallError, CallFailure, Guest, LoadError, Runtime, RuntimeError};
+use crate::snapshot::SnapshotParts;
 
 /// Why the host would not serve a module, or not answer an allocation, or why
 /// the check could not run. One line, naming the file, the call or the rule.
@@ -176,12 +177,12 @@ pub async fn validate(args: &ValidateArgs, out: &mut impl Write) -> Result<(), I
         error: None,
     };
     let result = async {
-        let loaded = load(target, &mut report.file)?;
+        let loaded = load(target, &mut report.file).await?;
         let engine = loaded.runtime.engine();
         let ty = loaded.guest.component().component_type();
         report.imports = Some(ty.imports(engine).map(Item::new).collect());
         report.exports = Some(ty.exports(engine).map(Item::new).collect());
-        let scanned = scan(&loaded).await?;
+        let scanned = first_scan(&loaded).await?;
         report.resources = Some(
             scanned
                 .iter()
@@ -216,24 +217,17 @@ pub async fn allocate(args: &AllocateArgs, out: &mut impl Write) -> Result<(), I
         error: None,
     };
     let result = async {
-        let loaded = load(target, &mut report.file)?;
-        let scanned = scan(&loaded).await?;
+        let loaded = load(target, &mut report.file).await?;
+        let scanned = first_scan(&loaded).await?;
         let found = resource(&loaded, scanned, &args.resource)?;
         report.resource = Some(found.name.to_string());
         report.kind = Some(found.kind.clone());
-        // As the serving host advertises it.
-        let (advertised, replicas) = advertise(
-            &found.name,
-            &found.devices,
-            loaded.settings.resource(&found.kind).replicas,
-        );
-        let containers =
-            allocate_through_host(loaded, found, advertised, replicas, &args.containers).await?;
+        let containers = allocate_through_host(loaded, found, &args.containers).await?;
         report.containers = Some(
             args.containers
                 .iter()
                 .zip(containers)
-                .map(|(ids, c)| ContainerReport::new(ids, c))
+                .map(|(ids, c)| ContainerReport::new(ids, &c))
                 .collect(),
         );
         Ok(())
@@ -249,14 +243,14 @@ pub async fn allocate(args: &AllocateArgs, out: &mut impl Write) -> Result<(), I
 /// A module compiled and checked, with the settings it runs with.
 struct Loaded {
     /// Keeps the epoch ticker (call deadlines) running while the guest is used.
-    runtime: Runtime,
+    runtime: Arc<Runtime>,
     guest: Guest,
     settings: ModuleSettings,
 }
 
 /// Reads the module and its manifest, and compiles the module as the host
 /// does, recording in `file` what it read.
-fn load(target: &ModuleFileArgs, file: &mut FileReport) -> Result<Loaded, InspectError> {
+async fn load(target: &ModuleFileArgs, file: &mut FileReport) -> Result<Loaded, InspectError> {
     let bytes = read_bounded(&target.file, MAX_MODULE_BYTES).map_err(|e| match e {
         ReadFailure::Io(e) => InspectError::Read {
             path: target.file.clone(),
@@ -297,17 +291,22 @@ fn load(target: &ModuleFileArgs, file: &mut FileReport) -> Result<Loaded, Inspec
             manifest::parse(path, &text, &base).map_err(InspectError::Manifest)?
         }
     };
-    let runtime = Runtime::new(None, Arc::new(Metrics::new())).map_err(InspectError::Runtime)?;
-    // CPU-bound (compilation); nothing else runs on this executor meanwhile.
-    let guest = Guest::compile(
+    let runtime =
+        Arc::new(Runtime::new(None, Arc::new(Metrics::new())).map_err(InspectError::Runtime)?);
+    let guest = load::compile(
         &runtime,
         &module_name(&target.file),
-        &bytes,
-        settings.call.clone(),
+        &target.file,
+        bytes.into(),
+        &settings,
     )
-    .map_err(|error| InspectError::Load {
-        path: target.file.clone(),
-        error,
+    .await
+    .map_err(|err| match err {
+        RegistryError::Load { path, error } => InspectError::Load { path, error },
+        other => InspectError::Read {
+            path: target.file.clone(),
+            message: other.to_string(),
+        },
     })?;
     Ok(Loaded {
         runtime,
@@ -317,15 +316,13 @@ fn load(target: &ModuleFileArgs, file: &mut FileReport) -> Result<Loaded, Inspec
 }
 
 /// Runs `scan` and judges its answer, as the host's first scan does.
-async fn scan(loaded: &Loaded) -> Result<Vec<ScannedResource>, InspectError> {
-    let kinds = loaded.guest.scan().await.map_err(InspectError::Scan)?;
-    policy::scan(
-        loaded.guest.name(),
-        |kind| loaded.settings.resource_name(kind),
-        &loaded.guest.settings().grants,
-        kinds,
-    )
-    .map_err(InspectError::ScanPolicy)
+async fn first_scan(loaded: &Loaded) -> Result<Vec<ScannedResource>, InspectError> {
+    load::scan(&loaded.guest, &loaded.settings)
+        .await
+        .map_err(|err| match err {
+            ScanError::Call(err) => InspectError::Scan(err),
+            ScanError::Policy(err) => InspectError::ScanPolicy(err),
+        })
 }
 
 /// The resource `wanted` names: its full name, else the module's kind name, else
@@ -359,46 +356,47 @@ fn resource(
     }
 }
 
-/// Sends the request through the host's own resource service, in process: the
-/// ids are checked against `advertised` as kubelet's Allocate checks them, then
-/// the module allocates through the backend the host builds for the resource.
+/// Allocates as the serving host would: the resource's snapshot as it would be
+/// published, the request checked against it as kubelet's Allocate is, then
+/// the module's allocation through the same backend, judged by the output
+/// policy.
 async fn allocate_through_host(
     loaded: Loaded,
     found: ScannedResource,
-    advertised: DeviceSet,
-    replicas: u32,
     containers: &[DeviceIds],
-) -> Result<Vec<proto::ContainerAllocateResponse>, InspectError> {
+) -> Result<Vec<ContainerAllocation>, InspectError> {
     // The runtime stays until the call is over: its ticker enforces deadlines.
     let Loaded {
         runtime: _runtime,
         guest,
-        ..
+        settings,
     } = loaded;
-    let backend = GuestBackend::new(Arc::new(guest), found.kind, replicas, found.allocations);
-    let (_devices_tx, devices) = watch::channel(Arc::new(advertised));
-    let service = PluginService::new(
-        found.name,
-        devices,
-        Arc::new(backend),
-        Gauge::default(),
-        CancellationToken::new(),
-    );
-    let request = proto::AllocateRequest {
-        container_requests: containers
-            .iter()
-            .map(|ids| proto::ContainerAllocateRequest {
-                devices_ids: ids.0.clone(),
-            })
-            .collect(),
-    };
-    let response = DevicePlugin::allocate(&service, tonic::Request::new(request))
+    let snapshot = build_snapshot(SnapshotParts {
+        replicas: settings.resource(&found.kind).replicas,
+        name: found.name,
+        kind: found.kind,
+        generation: 1,
+        real: Arc::new(found.devices),
+        allocations: Arc::new(found.allocations),
+        backend: Arc::new(GuestBackend::new(Arc::new(guest))),
+    });
+    let ids: Vec<&[String]> = containers.iter().map(|c| c.0.as_slice()).collect();
+    let ids: Vec<Vec<&str>> = ids
+        .iter()
+        .map(|c| c.iter().map(String::as_str).collect())
+        .collect();
+    let plan = snapshot.plan(&ids).map_err(|err| InspectError::Allocate {
+        code: server::request_code(&err),
+        message: format!("resource {}: {err}", snapshot.name()),
+    })?;
+    snapshot
+        .backend()
+        .allocate(&snapshot, &plan)
         .await
-        .map_err(|status| InspectError::Allocate {
-            code: status.code(),
-            message: status.message().to_string(),
-        })?;
-    Ok(response.into_inner().container_responses)
+        .map_err(|err| InspectError::Allocate {
+            code: server::allocate_code(&err),
+            message: err.to_string(),
+        })
 }
 
 /// The module's name, as the host names it: the file name without `.wasm`.
@@ -574,7 +572,7 @@ impl ResourceReport {
                     allocation: r
                         .allocations
                         .get(&d.id)
-                        .map(AllocationReport::reported)
+                        .map(AllocationReport::new)
                         .unwrap_or_default(),
                 })
                 .collect(),
@@ -616,16 +614,11 @@ struct MountReport {
 }
 
 impl AllocationReport {
-    /// A device's allocation as the module reported it in `scan`.
-    fn reported(r: &ContainerResponse) -> Self {
-        let map = |kvs: &[KeyValue]| {
-            kvs.iter()
-                .map(|kv| (kv.key.clone(), kv.value.clone()))
-                .collect()
-        };
+    /// What a container gets, or what a scanned device needs.
+    fn new(a: &ContainerAllocation) -> Self {
         Self {
-            envs: map(&r.envs),
-            device_nodes: r
+            envs: a.envs.clone(),
+            device_nodes: a
                 .devices
                 .iter()
                 .map(|d| DeviceNodeReport {
@@ -634,7 +627,7 @@ impl AllocationReport {
                     permissions: d.permissions.clone(),
                 })
                 .collect(),
-            mounts: r
+            mounts: a
                 .mounts
                 .iter()
                 .map(|m| MountReport {
@@ -643,35 +636,8 @@ impl AllocationReport {
                     read_only: m.read_only,
                 })
                 .collect(),
-            annotations: map(&r.annotations),
-            cdi_devices: r.cdi_devices.clone(),
-        }
-    }
-
-    /// What kubelet would be sent for a container.
-    fn sent(r: proto::ContainerAllocateResponse) -> Self {
-        Self {
-            envs: r.envs.into_iter().collect(),
-            device_nodes: r
-                .devices
-                .into_iter()
-                .map(|d| DeviceNodeReport {
-                    host_path: d.host_path,
-                    container_path: d.container_path,
-                    permissions: d.permissions,
-                })
-                .collect(),
-            mounts: r
-                .mounts
-                .into_iter()
-                .map(|m| MountReport {
-                    host_path: m.host_path,
-                    container_path: m.container_path,
-                    read_only: m.read_only,
-                })
-                .collect(),
-            annotations: r.annotations.into_iter().collect(),
-            cdi_devices: r.cdi_devices.into_iter().map(|c| c.name).collect(),
+            annotations: a.annotations.clone(),
+            cdi_devices: a.cdi_devices.clone(),
         }
     }
 
@@ -693,10 +659,10 @@ struct ContainerReport {
 }
 
 impl ContainerReport {
-    fn new(ids: &DeviceIds, response: proto::ContainerAllocateResponse) -> Self {
+    fn new(ids: &DeviceIds, allocation: &ContainerAllocation) -> Self {
         Self {
             device_ids: ids.0.clone(),
-            allocation: AllocationReport::sent(response),
+            allocation: AllocationReport::new(allocation),
         }
     }
 }
@@ -831,12 +797,12 @@ fn file_text<W: Write>(f: &FileReport, out: &mut W) -> io::Result<()> {
 ///
 /// # Errors
 /// Writing failed.
-pub fn print_container_response<W: Write>(
-    response: &proto::ContainerAllocateResponse,
+pub fn print_allocation<W: Write>(
+    allocation: &ContainerAllocation,
     indent: &str,
     out: &mut W,
 ) -> io::Result<()> {
-    allocation_text(&AllocationReport::sent(response.clone()), indent, out)
+    allocation_text(&AllocationReport::new(allocation), indent, out)
 }
 
 fn allocation_text<W: Write>(a: &AllocationReport, indent: &str, out: &mut W) -> io::Result<()> {

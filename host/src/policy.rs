@@ -13,7 +13,7 @@
 //! runtime's CDI parser accepts them; no list in a response holds more than
 //! [`MAX_ENTRIES`] entries and the whole response stays under [`MAX_RESPONSE_BYTES`].
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 
 use crate::domain::{
@@ -22,6 +22,7 @@ use crate::domain::{
 };
 use crate::grants::{Grants, PathUse};
 use crate::runtime::bindings::{self, ContainerResponse, DeviceKind};
+use crate::snapshot::DeviceAllocations;
 
 /// Most kinds (resources) one module may report.
 pub const MAX_KINDS: usize = 256;
@@ -71,14 +72,59 @@ pub struct ScannedResource {
     pub kind: String,
     /// The devices.
     pub devices: DeviceSet,
-    /// Each device's `allocation` as the module reported it (checked), for
-    /// devices whose allocation is not empty; handed back to `allocate`.
+    /// Each device's `allocation` as the module reported it, checked (host
+    /// paths resolved), for devices whose allocation is not empty; handed back to
+    /// `allocate` (see [`guest_allocation`]).
     pub allocations: DeviceAllocations,
 }
 
-/// Per device id, what a container given the device needs, as `scan` reported it
-/// (only devices whose report is not empty).
-pub type DeviceAllocations = HashMap<String, ContainerResponse>;
+/// The allocation of a device whose scan reported none, in the module's terms.
+pub fn no_allocation() -> ContainerResponse {
+    ContainerResponse {
+        envs: Vec::new(),
+        devices: Vec::new(),
+        mounts: Vec::new(),
+        annotations: Vec::new(),
+        cdi_devices: Vec::new(),
+    }
+}
+
+/// An allocation the host accepted, in the module's terms again: what the
+/// module's `allocate` is handed back for a device (`container-request.allocations`).
+/// Host paths are the resolved ones kubelet would be given; maps are in key order.
+pub fn guest_allocation(a: &ContainerAllocation) -> ContainerResponse {
+    let pairs = |map: &BTreeMap<String, String>| {
+        map.iter()
+            .map(|(key, value)| bindings::KeyValue {
+                key: key.clone(),
+                value: value.clone(),
+            })
+            .collect()
+    };
+    ContainerResponse {
+        envs: pairs(&a.envs),
+        devices: a
+            .devices
+            .iter()
+            .map(|d| bindings::DeviceSpec {
+                host_path: d.host_path.clone(),
+                container_path: d.container_path.clone(),
+                permissions: d.permissions.clone(),
+            })
+            .collect(),
+        mounts: a
+            .mounts
+            .iter()
+            .map(|m| bindings::Mount {
+                host_path: m.host_path.clone(),
+                container_path: m.container_path.clone(),
+                read_only: m.read_only,
+            })
+            .collect(),
+        annotations: pairs(&a.annotations),
+        cdi_devices: a.cdi_devices.clone(),
+    }
+}
 
 /// Whether a reported allocation holds nothing.
 pub fn is_empty_allocation(r: &ContainerResponse) -> bool {
@@ -134,12 +180,12 @@ pub fn scan(
                             ),
                         ));
                     }
-                    container(&Ctx { module }, grants, 0, d.allocation.clone())
+                    let checked = container(&Ctx { module }, grants, 0, d.allocation)
                         .map_err(|e| {
                             let within = e.field.trim_start_matches("containers[0].");
                             ctx.err(format!("{at}.{within}"), e.rule)
                         })?;
-                    allocations.insert(d.id.clone(), d.allocation);
+                    allocations.insert(d.id.clone(), checked);
                 }
                 devices.push(Device {
                     id: d.id,

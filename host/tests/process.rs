@@ -5,7 +5,7 @@
 use std::process::{ExitStatus, Stdio};
 
 use tokio::process::{Child, Command};
-use wasm_device_plugin::kubelet::simulator::Simulator;
+use wasm_device_plugin::kubelet::deviceplugin::simulator::Simulator;
 use wdp_tests::{Dirs, WAIT, guests, http_get, plugin_sockets, sample};
 
 /// `wasm-device-plugin run` on `dirs`, no cache, no health checks during a test,

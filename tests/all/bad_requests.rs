@@ -2,14 +2,13 @@
 //! requests get errors, and calls or streams abandoned halfway leave nothing
 //! behind. A raw gRPC client dials the plugin's socket directly.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tonic::Code;
 use tonic::transport::Channel;
-use wasm_device_plugin::kubelet::proto::device_plugin_client::DevicePluginClient;
-use wasm_device_plugin::kubelet::proto::{
+use wasm_device_plugin::kubelet::deviceplugin::proto::device_plugin_client::DevicePluginClient;
+use wasm_device_plugin::kubelet::deviceplugin::proto::{
     AllocateRequest, ContainerAllocateRequest, ContainerPreferredAllocationRequest, Empty,
     PreferredAllocationRequest,
 };
@@ -151,13 +150,7 @@ async fn list_and_watch_streams_dropped_mid_stream_are_released() {
 #[tokio::test]
 async fn an_allocate_abandoned_by_its_client_stops_the_guest_call() {
     let fixture = fixture().await;
-    let config = BTreeMap::from([("sleep".to_string(), "allocate".to_string())]);
-    assert!(
-        fixture
-            .host
-            .set_module_config("faulty", config, false)
-            .await
-    );
+    fixture.set_config("faulty", &[("sleep", "allocate")]).await;
     let calls = fixture.host.calls_in_flight();
     let mut client = rogue(&fixture, FAULTY);
     let call = tokio::spawn(async move {

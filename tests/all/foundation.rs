@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use clap::Parser;
 use tonic::Code;
 use wasm_device_plugin::config::{Cli, Command};
-use wasm_device_plugin::kubelet::simulator::KubeletView;
+use wasm_device_plugin::kubelet::deviceplugin::simulator::KubeletView;
 use wasm_device_plugin::registry::ModuleState;
 use wdp_tests::{Dirs, Fixture, WAIT, guests, ids, status_of};
 
@@ -212,9 +212,11 @@ async fn allocate_without_devices_or_with_a_repeated_id_is_invalid_argument() {
 async fn device_unhealthy_then_recovered_reaches_the_same_stream_both_times() {
     let fixture = Fixture::start(virtual_devices());
     both_listed(&fixture).await;
-    let sick = BTreeMap::from([("unhealthy".to_string(), "/node1/dev1/2".to_string())]);
-    // No re-scan: the periodic health check has to notice.
-    assert!(fixture.host.set_module_config("virtual", sick, false).await);
+    // The operator's edit re-scans; the scan's health and the periodic health
+    // check agree.
+    fixture
+        .set_config("virtual", &[("unhealthy", "/node1/dev1/2")])
+        .await;
     let view = fixture
         .kubelet
         .wait_for(WAIT, "dev1/2 unhealthy", |v| {
@@ -237,12 +239,7 @@ async fn device_unhealthy_then_recovered_reaches_the_same_stream_both_times() {
     assert_eq!(code, Code::FailedPrecondition);
     assert!(message.contains("/node1/dev1/2"));
 
-    assert!(
-        fixture
-            .host
-            .set_module_config("virtual", BTreeMap::new(), false)
-            .await
-    );
+    fixture.set_config("virtual", &[]).await;
     let view = fixture
         .kubelet
         .wait_for(WAIT, "dev1/2 healthy again", |v| {
@@ -279,13 +276,9 @@ async fn device_unhealthy_then_recovered_reaches_the_same_stream_both_times() {
 async fn rescan_sends_a_changed_device_list_on_the_same_stream() {
     let fixture = Fixture::start(virtual_devices());
     both_listed(&fixture).await;
-    let config = BTreeMap::from([("kinds".to_string(), "dev-1=6,dev-2=2".to_string())]);
-    assert!(
-        fixture
-            .host
-            .set_module_config("virtual", config, true)
-            .await
-    );
+    fixture
+        .set_config("virtual", &[("kinds", "dev-1=6,dev-2=2")])
+        .await;
     let view = fixture
         .kubelet
         .wait_for(WAIT, "six dev-1 devices", |v| {
@@ -485,8 +478,7 @@ async fn modules_serve_side_by_side_and_a_resource_is_served_by_one_module_only(
     } else {
         ("second", first)
     };
-    let config = BTreeMap::from([("kinds".to_string(), "dev-3=1".to_string())]);
-    assert!(fixture.host.set_module_config(moved, config, true).await);
+    fixture.set_config(moved, &[("kinds", "dev-3=1")]).await;
     fixture
         .kubelet
         .wait_for(WAIT, "dev-3 listed", |v| {

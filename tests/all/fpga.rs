@@ -6,8 +6,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use wasm_device_plugin::kubelet::proto::ContainerAllocateResponse;
-use wasm_device_plugin::kubelet::simulator::KubeletView;
+use wasm_device_plugin::kubelet::deviceplugin::proto::ContainerAllocateResponse;
+use wasm_device_plugin::kubelet::deviceplugin::simulator::KubeletView;
 use wasm_device_plugin::registry::ModuleState;
 use wdp_tests::{Dirs, Fixture, guests, health_of, ids};
 

@@ -6,8 +6,8 @@
 use std::path::PathBuf;
 
 use tonic::Code;
-use wasm_device_plugin::kubelet::proto::AllocateResponse;
-use wasm_device_plugin::kubelet::simulator::KubeletView;
+use wasm_device_plugin::kubelet::deviceplugin::proto::AllocateResponse;
+use wasm_device_plugin::kubelet::deviceplugin::simulator::KubeletView;
 use wasm_device_plugin::registry::ModuleState;
 use wdp_tests::{Dirs, Fixture, guests, ids, status_of};
 

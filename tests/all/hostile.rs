@@ -61,17 +61,9 @@ async fn fails_to_load(config: &str, expected: &str) {
     fixture.stop().await;
 }
 
-async fn configure(fixture: &Fixture, pairs: &[(&str, &str)], rescan: bool) {
-    let config = pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect::<BTreeMap<_, _>>();
-    assert!(
-        fixture
-            .host
-            .set_module_config("faulty", config, rescan)
-            .await
-    );
+/// Sets the faulty module's configuration through its manifest.
+async fn configure(fixture: &Fixture, pairs: &[(&str, &str)]) {
+    fixture.set_config("faulty", pairs).await;
 }
 
 /// Allocates `f0` from the faulty module and returns the gRPC code and message.
@@ -103,7 +95,7 @@ async fn neighbour_still_answers(fixture: &Fixture) {
 /// After a failure, a well-behaved call on the faulty module succeeds too, and
 /// so does one on its neighbour.
 async fn both_still_answer(fixture: &Fixture) {
-    configure(fixture, &[], false).await;
+    configure(fixture, &[]).await;
     let response = fixture
         .kubelet
         .allocate(FAULTY, &[&["f1"]])
@@ -123,7 +115,7 @@ async fn both_still_answer(fixture: &Fixture) {
 /// module; both modules answer afterwards.
 async fn allocate_refused(pairs: &[(&str, &str)], code: Code, expected: &str) {
     let fixture = faulty().await;
-    configure(&fixture, pairs, false).await;
+    configure(&fixture, pairs).await;
     let (got, message) = allocate_error(&fixture).await;
     assert_eq!(got, code, "{pairs:?}: {message}");
     assert!(
@@ -144,7 +136,7 @@ async fn typed_module_errors_map_to_grpc_codes() {
         ("allocate=internal", Code::Internal),
         ("post-allocate=invalid-request", Code::InvalidArgument),
     ] {
-        configure(&fixture, &[("fail", spec)], false).await;
+        configure(&fixture, &[("fail", spec)]).await;
         let (got, message) = allocate_error(&fixture).await;
         assert_eq!(got, code, "{spec}: {message}");
         assert!(
@@ -170,7 +162,7 @@ async fn a_trap_in_scan_at_load_fails_the_module() {
 #[tokio::test]
 async fn a_trap_in_a_rescan_keeps_the_last_good_list_and_is_retried_with_backoff() {
     let fixture = faulty().await;
-    configure(&fixture, &[("trap", "scan"), ("devices", "5")], true).await;
+    configure(&fixture, &[("trap", "scan"), ("devices", "5")]).await;
     let reason = fixture.refused("faulty", 1).await;
     assert!(reason.contains("scan failed"), "{reason}");
     assert!(reason.contains("trapped"), "{reason}");
@@ -182,7 +174,7 @@ async fn a_trap_in_a_rescan_keeps_the_last_good_list_and_is_retried_with_backoff
     neighbour_still_answers(&fixture).await;
     // Fixed without asking for a re-scan, and the scheduled one is an hour away:
     // only the retry can bring the five devices.
-    configure(&fixture, &[("devices", "5")], false).await;
+    configure(&fixture, &[("devices", "5")]).await;
     fixture
         .wait_for("the retried scan's list", |v| ids(v, FAULTY).len() == 5)
         .await;
@@ -203,11 +195,13 @@ async fn a_failed_rescan_keeps_the_last_good_device_list() {
         .await
         .expect("listed");
     // The guest refuses this configuration: its scan returns an error.
-    let bad = BTreeMap::from([("kinds".to_string(), "dev-1=many".to_string())]);
-    assert!(fixture.host.set_module_config("virtual", bad, true).await);
+    fixture
+        .set_config("virtual", &[("kinds", "dev-1=many")])
+        .await;
     // A good configuration afterwards: its list is the next update on the stream.
-    let good = BTreeMap::from([("kinds".to_string(), "dev-1=5,dev-2=2".to_string())]);
-    assert!(fixture.host.set_module_config("virtual", good, true).await);
+    fixture
+        .set_config("virtual", &[("kinds", "dev-1=5,dev-2=2")])
+        .await;
     let view = fixture
         .kubelet
         .wait_for(WAIT, "five devices", |v| {
@@ -230,7 +224,7 @@ async fn a_failed_rescan_keeps_the_last_good_device_list() {
 async fn a_trap_in_health_keeps_the_last_known_health() {
     let fixture = faulty().await;
     let updates = fixture.kubelet.view().plugins[FAULTY].updates.len();
-    configure(&fixture, &[("trap", "health")], false).await;
+    configure(&fixture, &[("trap", "health")]).await;
     let reason = fixture.refused("faulty", 1).await;
     assert!(reason.contains("health failed"), "{reason}");
     assert!(reason.contains("trapped"), "{reason}");
@@ -299,7 +293,7 @@ async fn a_scan_that_hoards_memory_fails_the_module_at_its_cap() {
 #[tokio::test]
 async fn a_guest_sees_no_environment_arguments_or_files() {
     let fixture = faulty().await;
-    configure(&fixture, &[("probe", "sandbox")], false).await;
+    configure(&fixture, &[("probe", "sandbox")]).await;
     let response = fixture
         .kubelet
         .allocate(FAULTY, &[&["f0"]])
@@ -361,7 +355,6 @@ async fn a_granted_directory_is_readable_and_nothing_beside_or_through_it() {
             ("probe", "sandbox"),
             ("probe-read", &granted.join("passwd").display().to_string()),
         ],
-        false,
     )
     .await;
     let response = fixture
@@ -470,7 +463,7 @@ async fn scan_reporting_a_protected_device_node_for_a_device_is_refused() {
 #[tokio::test]
 async fn a_health_answer_of_the_wrong_length_is_refused() {
     let fixture = faulty().await;
-    configure(&fixture, &[("bogus", "health-count")], false).await;
+    configure(&fixture, &[("bogus", "health-count")]).await;
     let reason = fixture.refused("faulty", 1).await;
     assert!(
         reason.contains("health failed") && reason.contains("answered 4 entries for 3 devices"),
@@ -494,7 +487,7 @@ async fn allocation_refused(pairs: &[(&str, &str)], field: &str, rule: &str) {
 }
 
 async fn refused_on(fixture: &Fixture, pairs: &[(&str, &str)], field: &str, rule: &str) {
-    configure(fixture, pairs, false).await;
+    configure(fixture, pairs).await;
     let (code, message) = allocate_error(fixture).await;
     assert_eq!(code, Code::Internal, "{pairs:?}: {message}");
     assert!(message.contains("module faulty"), "{pairs:?}: {message}");
@@ -640,12 +633,7 @@ async fn device_node_symlinked_out_of_its_granted_prefix_is_refused() {
     let node = dev.join("fpga0").display().to_string();
     for path in [dev.join("fpga0"), dev.join("alias")] {
         let path = path.display().to_string();
-        configure(
-            &fixture,
-            &[("bogus", "device-path"), ("path", &path)],
-            false,
-        )
-        .await;
+        configure(&fixture, &[("bogus", "device-path"), ("path", &path)]).await;
         let response = fixture
             .kubelet
             .allocate(FAULTY, &[&["f0"]])
@@ -684,7 +672,6 @@ async fn mount_of_kubelet_state_is_refused_even_when_its_parent_is_granted() {
     configure(
         &fixture,
         &[("bogus", "mount-path"), ("path", "/var/lib/data")],
-        false,
     )
     .await;
     let response = fixture

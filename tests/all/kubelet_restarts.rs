@@ -1,7 +1,7 @@
 //! Kubelet coming and going under the host, the host's own sockets vanishing, and
 //! restarts of the host itself with a compiled-module cache.
 
-use wasm_device_plugin::kubelet::simulator::Simulator;
+use wasm_device_plugin::kubelet::deviceplugin::simulator::Simulator;
 use wasm_device_plugin::registry::ModuleState;
 use wdp_tests::{
     Dirs, Fixture, WAIT, guests, host_config, plugin_sockets, start_host_without_kubelet,

@@ -25,7 +25,7 @@ fn virtual_devices() -> Dirs {
 }
 
 fn env<'a>(
-    response: &'a wasm_device_plugin::kubelet::proto::AllocateResponse,
+    response: &'a wasm_device_plugin::kubelet::deviceplugin::proto::AllocateResponse,
     key: &str,
 ) -> Option<&'a str> {
     response.container_responses[0]

@@ -11,4 +11,5 @@ mod kubelet_restarts;
 mod live;
 mod observability;
 mod python;
+mod snapshot;
 mod warm;

@@ -3,7 +3,7 @@
 //! driven through the kubelet simulator.
 
 use tonic::Code;
-use wasm_device_plugin::kubelet::simulator::Simulator;
+use wasm_device_plugin::kubelet::deviceplugin::simulator::Simulator;
 use wasm_device_plugin::registry::ModuleState;
 use wdp_tests::{
     Dirs, Fixture, WAIT, guests, http_get, sample, serve_endpoints, start_host_without_kubelet,

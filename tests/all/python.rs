@@ -13,7 +13,7 @@ use std::time::UNIX_EPOCH;
 
 use tokio::sync::{Mutex, MutexGuard};
 use tonic::Code;
-use wasm_device_plugin::kubelet::proto::ContainerAllocateResponse;
+use wasm_device_plugin::kubelet::deviceplugin::proto::ContainerAllocateResponse;
 use wasm_device_plugin::registry::ModuleState;
 use wdp_tests::{Dirs, Fixture, guests, host_config, ids, status_of, test_settings};
 
@@ -201,9 +201,11 @@ async fn python_guest_takes_its_config_from_the_manifest_and_allocates() {
 #[tokio::test]
 async fn python_guest_health_check_reports_configured_unhealthy_devices() {
     let fixture = serving(python_guest(None), PY_DEV).await;
-    let sick = BTreeMap::from([("unhealthy".to_string(), "/node1/pydev/2".to_string())]);
-    // No re-scan: the guest's `health` export has to report it.
-    assert!(fixture.host.set_module_config("py", sick, false).await);
+    // The operator's edit re-scans; the guest's scan and its `health` export
+    // both report it.
+    fixture
+        .set_config("py", &[("unhealthy", "/node1/pydev/2")])
+        .await;
     let view = fixture
         .wait_for("pydev/2 unhealthy", |v| {
             v.plugin(PY_DEV).is_some_and(|p| {

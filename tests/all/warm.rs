@@ -117,16 +117,12 @@ async fn an_edited_configuration_gets_a_fresh_instance() {
     let fixture = faulty().await;
     assert_eq!(allocations(&fixture, "f0").await, 1);
     assert_eq!(allocations(&fixture, "f0").await, 2);
-    let config = [("devices", "5"), ("trap-on", "f1"), ("note", "edited")]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    assert!(
-        fixture
-            .host
-            .set_module_config("faulty", config, false)
-            .await
-    );
+    fixture
+        .set_config(
+            "faulty",
+            &[("devices", "5"), ("trap-on", "f1"), ("note", "edited")],
+        )
+        .await;
     assert_eq!(
         allocations(&fixture, "f0").await,
         1,

@@ -9,7 +9,9 @@ use std::time::Duration;
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
 use wasm_device_plugin::app::{Host, HostConfig};
-use wasm_device_plugin::kubelet::simulator::{KubeletView, Simulator, SimulatorError};
+use wasm_device_plugin::kubelet::deviceplugin::simulator::{
+    KubeletView, Simulator, SimulatorError,
+};
 use wasm_device_plugin::registry::{ModuleState, ModuleStates, Settings};
 use wasm_device_plugin::runtime::Limits;
 
@@ -135,6 +137,35 @@ impl Default for Dirs {
     }
 }
 
+/// A manifest with `extra` (TOML, may be empty) and a `[config]` table of
+/// `pairs` (written last, as TOML requires of a table after top-level keys).
+pub fn manifest_with_config(extra: &str, pairs: &[(&str, &str)]) -> String {
+    let mut text = extra.trim_end().to_string();
+    if !text.is_empty() {
+        text.push('\n');
+    }
+    text.push_str("[config]\n");
+    for (key, value) in pairs {
+        text.push_str(&format!("{} = {}\n", toml_string(key), toml_string(value)));
+    }
+    text
+}
+
+/// `s` as a TOML basic string.
+fn toml_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 /// Settings for tests: health checked every 50 ms, no scheduled re-scan during a
 /// test, default limits.
 pub fn test_settings(kubelet_dir: &Path) -> Settings {
@@ -207,6 +238,43 @@ impl Fixture {
     pub fn start(dirs: Dirs) -> Self {
         let settings = test_settings(&dirs.kubelet());
         Self::start_with(dirs, settings)
+    }
+
+    /// Writes the manifest `<module>.toml` as an operator does, and waits until
+    /// the host runs the module with it (reconfigured and re-scanned).
+    pub async fn apply_manifest(&self, module: &str, text: &str) {
+        self.dirs.write_manifest(module, text);
+        let hash = wasm_device_plugin::runtime::cache::content_hash(text.as_bytes());
+        let mut versions = self.host.versions();
+        let applied = tokio::time::timeout(
+            WAIT,
+            versions.wait_for(|v| {
+                v.get(module)
+                    .is_some_and(|m| m.manifest_sha256.as_deref() == Some(hash.as_str()))
+            }),
+        )
+        .await;
+        if !matches!(applied, Ok(Ok(_))) {
+            panic!(
+                "module {module} never ran with the new manifest; versions: {:?}, refusals: {:?}",
+                *self.host.versions().borrow(),
+                *self.host.refusals().borrow()
+            );
+        }
+    }
+
+    /// Sets module `module`'s `[config]` to `pairs` as an operator does: by
+    /// rewriting its manifest, keeping what the manifest says before its
+    /// `[config]` table (the tests write that table last); waits until the host
+    /// runs with it.
+    pub async fn set_config(&self, module: &str, pairs: &[(&str, &str)]) {
+        let path = self.dirs.modules().join(format!("{module}.toml"));
+        let current = std::fs::read_to_string(&path).unwrap_or_default();
+        let base = current
+            .find("[config]")
+            .map_or(current.as_str(), |at| &current[..at]);
+        let text = manifest_with_config(base, pairs);
+        self.apply_manifest(module, &text).await;
     }
 
     /// Waits until every module has finished loading.

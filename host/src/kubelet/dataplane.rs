@@ -7,16 +7,16 @@
 //! Why a thread of its own: Allocate sits on kubelet's pod-admission path. On a
 //! work-stealing runtime each request's socket readiness, the handler and the
 //! reply may be picked up by different worker threads, and those cross-thread
-//! wake-ups cost more than the whole guest call (TOOLCHAIN.md measured a bare
-//! tonic call over a unix socket at p50 143 µs multi-threaded against 66 µs on a
-//! current-thread runtime; `BENCHMARKS.md` has this host's figures, before and
-//! after). On one thread, a request is
+//! wake-ups cost more than the whole guest call (a bare tonic call over a unix
+//! socket measured p50 143 µs multi-threaded against 66 µs on a current-thread
+//! runtime on a 2-core machine; `BENCHMARKS.md` has this host's figures, before
+//! and after). On one thread, a request is
 //! read, answered and written without leaving it, and a compile or a scan of
 //! thousands of devices on the control plane never delays it. Kubelet sends its
 //! Allocates one pod at a time, so one thread is ample; a guest that computes
 //! long yields it at every epoch tick (`runtime::engine::EPOCH_TICK`).
 //!
-//! Owns only the thread and its runtime; what runs there is `server`'s.
+//! Owns only the thread and its runtime; what runs there is the frontends'.
 
 use std::future::Future;
 

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::watch;
 
-use crate::kubelet::proto;
+use crate::kubelet::deviceplugin::proto;
 use crate::metrics::Metrics;
 
 /// A file's identity: device and inode. A recreated file has a new one.

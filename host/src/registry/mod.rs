@@ -1,10 +1,19 @@
-//! The modules this host serves: following the modules directory (`watch`),
-//! reading each module's manifest (`manifest`), and running each module through
-//! its lifecycle (`lifecycle`: load, first scan, serve every resource, health
-//! checks and re-scans, replacement and reconfiguration, stop).
+//! The modules this host serves: following the modules directory (`watch`) and
+//! starting, feeding and stopping a task per module (`supervisor`), reading each
+//! module's manifest (`manifest`), loading it (`load`, shared with `validate`
+//! and `allocate`), running it through its lifecycle (`module`: first scan,
+//! health checks and re-scans, replacement and reconfiguration, stop), and
+//! publishing each of its resources to a frontend as one snapshot per change
+//! (`resource`), allocating through the module version that scanned it
+//! (`backend`). Names no protocol type: resources are served through
+//! [`crate::frontend::Frontend`].
 
-pub mod lifecycle;
+pub mod backend;
+pub mod load;
 pub mod manifest;
+pub mod module;
+pub mod resource;
+pub mod supervisor;
 pub mod watch;
 
 use std::collections::{BTreeMap, HashMap};
@@ -13,7 +22,121 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::domain::ResourceName;
-use crate::runtime::Limits;
+use crate::frontend::Frontend;
+use crate::metrics::{MODULE_STATES, Metrics};
+use crate::registry::load::ScanError;
+use crate::registry::manifest::ManifestError;
+use crate::runtime::{Limits, LoadError, Runtime};
+
+/// Why the registry did not take a module's files.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// A file could not be read.
+    #[error("{}: {cause}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        cause: String,
+    },
+    /// The manifest is not valid.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// The module is not a component this host can run.
+    #[error("{}: {error}", path.display())]
+    Load {
+        /// The module file.
+        path: PathBuf,
+        /// Why.
+        error: LoadError,
+    },
+    /// The first scan failed or its answer breaks the output policy.
+    #[error("{}: first scan failed: {error}", path.display())]
+    FirstScan {
+        /// The module file.
+        path: PathBuf,
+        /// Why.
+        error: ScanError,
+    },
+}
+
+/// What every module's task shares.
+pub struct Context {
+    /// The engine and the compiled-module cache.
+    pub runtime: Arc<Runtime>,
+    /// The host's settings (defaults under each module's manifest).
+    pub settings: Arc<Settings>,
+    /// Which module serves which resource name.
+    pub claims: Claims,
+    /// The kubelet API every resource is served through.
+    pub frontend: Arc<dyn Frontend>,
+    /// Every module's state.
+    pub states: tokio::sync::watch::Sender<ModuleStates>,
+    /// Refused files and failing checks, newest last (see [`Refusal`]).
+    pub refusals: tokio::sync::watch::Sender<Refusals>,
+    /// The files each loaded module runs from.
+    pub versions: tokio::sync::watch::Sender<ModuleVersions>,
+}
+
+impl Context {
+    /// Publishes `name`'s state; watchers (readiness, tests) wake only on changes.
+    pub fn set_state(&self, name: &str, state: ModuleState) {
+        self.states.send_if_modified(|s| {
+            let changed = s.insert(name.to_string(), state.clone()).as_ref() != Some(&state);
+            if changed {
+                count_states(s, self.metrics());
+            }
+            changed
+        });
+    }
+
+    /// Forgets a removed module's state.
+    pub fn remove_state(&self, name: &str) {
+        self.states.send_if_modified(|s| {
+            let removed = s.remove(name).is_some();
+            if removed {
+                count_states(s, self.metrics());
+            }
+            removed
+        });
+    }
+
+    /// The host's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        self.runtime.metrics()
+    }
+}
+
+/// The files a module runs from, once the host has applied them (a refused file
+/// leaves the version as it was).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleVersion {
+    /// SHA-256 (hex) of the module file.
+    pub wasm_sha256: String,
+    /// SHA-256 (hex) of the manifest text; `None` without a manifest.
+    pub manifest_sha256: Option<String>,
+}
+
+/// Every loaded module's [`ModuleVersion`], by name.
+pub type ModuleVersions = BTreeMap<String, ModuleVersion>;
+
+/// Sets the `modules` gauges from `states`.
+fn count_states(states: &ModuleStates, metrics: &Metrics) {
+    let mut counts = MODULE_STATES.map(|state| (state, 0i64));
+    for state in states.values() {
+        let name = match state {
+            ModuleState::Settling => "settling",
+            ModuleState::Loading => "loading",
+            ModuleState::Serving(_) => "serving",
+            ModuleState::Failed(_) => "failed",
+            ModuleState::Stopped => continue,
+        };
+        if let Some(count) = counts.iter_mut().find(|(s, _)| *s == name) {
+            count.1 += 1;
+        }
+    }
+    metrics.set_module_states(&counts);
+}
 
 /// What the registry needs to know to serve modules.
 #[derive(Debug, Clone)]

@@ -11,4 +11,4 @@ wasmtime::component::bindgen!({
 // The world's `use` already puts `AllocateRequest`, `ContainerResponse`, `DeviceKind`,
 // `DeviceRef`, `Health` and `ModuleError` here.
 pub use self::wasm_device_plugin::device::host::LogLevel;
-pub use self::wasm_device_plugin::device::types::{ContainerRequest, KeyValue};
+pub use self::wasm_device_plugin::device::types::{ContainerRequest, DeviceSpec, KeyValue, Mount};

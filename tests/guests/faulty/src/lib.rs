@@ -23,6 +23,14 @@
 //! it traps, computes forever, prints a line to stdout, or returns
 //! `invalid-request` (after counting the call).
 //!
+//! For the tests of snapshots: with `scan-env=<v>`, `scan` reports for each device
+//! an allocation setting `SCANNED_BY=<v>` and `DEVICE=<id>`, and `allocate` always
+//! adds to each container the environment of the allocations it is handed
+//! (`container-request.allocations`), so an answer shows which scan it came
+//! from; with `gate=<path>`, `allocate` (after counting the call) waits until
+//! `<path>` exists (a file in a directory the manifest grants), so a test can
+//! hold an allocation in the guest while it changes the resource.
+//!
 //! With `probe=sandbox`, `allocate` instead reports what the guest could reach, as
 //! env vars of the first container: `PROBE_ENV` (number of environment variables),
 //! `PROBE_ARGS` (number of arguments), `PROBE_READ` (reading `/etc/passwd`),
@@ -198,7 +206,14 @@ impl Guest for Faulty {
         let count: usize = host::get_config("devices")
             .and_then(|n| n.parse().ok())
             .unwrap_or(3);
-        Ok(vec![kind("faulty", (0..count).map(|n| format!("f{n}")))])
+        let mut found = kind("faulty", (0..count).map(|n| format!("f{n}")));
+        if let Some(scanned_by) = host::get_config("scan-env") {
+            for device in &mut found.devices {
+                device.allocation.envs =
+                    vec![kv("SCANNED_BY", &scanned_by), kv("DEVICE", &device.id)];
+            }
+        }
+        Ok(vec![found])
     }
 
     fn health(devices: Vec<DeviceRef>) -> Result<Vec<Health>, ModuleError> {
@@ -214,6 +229,12 @@ impl Guest for Faulty {
     fn allocate(request: AllocateRequest) -> Result<Vec<ContainerResponse>, ModuleError> {
         misbehave("allocate")?;
         let answered = per_request(&request)?;
+        if let Some(gate) = host::get_config("gate") {
+            // Bounded by the host's deadline for the call.
+            while std::fs::metadata(&gate).is_err() {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
         let containers = request.containers.len();
         if let Some(answer) =
             host::get_config("bogus").and_then(|rule| bogus_allocation(&rule, containers))
@@ -232,6 +253,7 @@ impl Guest for Faulty {
                     .iter()
                     .enumerate()
                     .map(|(n, id)| kv(&format!("FAULTY_{n}"), id))
+                    .chain(c.allocations.iter().flat_map(|a| a.envs.iter().cloned()))
                     .collect(),
                 ..empty_response()
             })

@@ -21,7 +21,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::domain::ResourceName;
-use crate::kubelet::proto::{
+use crate::kubelet::deviceplugin::proto::{
     self, AllocateRequest, AllocateResponse, ContainerAllocateRequest,
     ContainerPreferredAllocationRequest, DevicePluginOptions, Empty, PreStartContainerRequest,
     PreferredAllocationRequest, PreferredAllocationResponse, RegisterRequest,
@@ -194,7 +194,13 @@ impl Simulator {
         }
     }
 
-    fn client(&self, resource: &str) -> Result<DevicePluginClient<Channel>, SimulatorError> {
+    /// A client on the connection kubelet keeps to `resource`'s endpoint (for
+    /// calls a test sends on its own, e.g. one held while it changes the
+    /// resource).
+    ///
+    /// # Errors
+    /// The resource is not registered.
+    pub fn client(&self, resource: &str) -> Result<DevicePluginClient<Channel>, SimulatorError> {
         let clients = self
             .shared
             .clients

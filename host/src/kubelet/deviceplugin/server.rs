@@ -5,96 +5,89 @@
 //! allocations through the [`DeviceBackend`] trait, so this file runs the same
 //! against a guest module or any other backend.
 
-use std::collections::HashSet;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
 use tokio::net::UnixListener;
-use tokio::sync::watch;
 use tokio_stream::wrappers::{UnixListenerStream, WatchStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::domain::{ContainerAllocation, DeviceSet, Health, ResourceName};
+use crate::domain::{ContainerAllocation, DeviceNode, DeviceSet, Mount, ResourceName};
+use crate::frontend::{AllocateError, RequestError, Snapshots};
 use crate::gauge::Gauge;
 use crate::kubelet::coalesce::Coalesced;
-use crate::kubelet::preferred::preferred_allocation;
-use crate::kubelet::proto::{
+use crate::kubelet::deviceplugin::preferred::preferred_allocation;
+use crate::kubelet::deviceplugin::proto::{
     self, AllocateRequest, AllocateResponse, ContainerAllocateResponse,
     ContainerPreferredAllocationResponse, DevicePluginOptions, Empty, ListAndWatchResponse,
     PreStartContainerRequest, PreStartContainerResponse, PreferredAllocationRequest,
     PreferredAllocationResponse,
     device_plugin_server::{DevicePlugin, DevicePluginServer},
 };
-use crate::kubelet::registration::plugin_options;
+use crate::kubelet::deviceplugin::registration::plugin_options;
 use crate::metrics::ResourceMetrics;
+use crate::snapshot::ResourceSnapshot;
 
-/// Why a backend could not allocate. Each variant maps to one gRPC code.
-#[derive(Debug, thiserror::Error)]
-pub enum AllocateError {
-    /// The request cannot be satisfied as asked: `InvalidArgument`.
-    #[error("{0}")]
-    Rejected(String),
-    /// A device or something it needs is unavailable now: `FailedPrecondition`.
-    #[error("{0}")]
-    Unavailable(String),
-    /// The call did not finish in time: `DeadlineExceeded`.
-    #[error("{0}")]
-    TimedOut(String),
-    /// Anything else: `Internal`.
-    #[error("{0}")]
-    Failed(String),
+/// Each way a backend fails maps to one gRPC code.
+/// The gRPC code kubelet gets for a failed allocation.
+pub fn allocate_code(err: &AllocateError) -> tonic::Code {
+    match err {
+        AllocateError::Rejected(_) => tonic::Code::InvalidArgument,
+        AllocateError::Unavailable(_) => tonic::Code::FailedPrecondition,
+        AllocateError::TimedOut(_) => tonic::Code::DeadlineExceeded,
+        AllocateError::Failed(_) => tonic::Code::Internal,
+    }
 }
 
 impl From<AllocateError> for Status {
     fn from(err: AllocateError) -> Self {
-        match err {
-            AllocateError::Rejected(m) => Status::invalid_argument(m),
-            AllocateError::Unavailable(m) => Status::failed_precondition(m),
-            AllocateError::TimedOut(m) => Status::deadline_exceeded(m),
-            AllocateError::Failed(m) => Status::internal(m),
-        }
+        Status::new(allocate_code(&err), err.to_string())
     }
 }
 
-/// What a resource's server needs from whatever provides the devices.
-pub trait DeviceBackend: Send + Sync + 'static {
-    /// Builds one allocation per container, in order. Every id has been checked
-    /// to be advertised, healthy and requested once.
-    fn allocate(
-        &self,
-        containers: Vec<Vec<String>>,
-    ) -> impl Future<Output = Result<Vec<ContainerAllocation>, AllocateError>> + Send;
+/// A request kubelet must not have sent (or sent for a list that has changed
+/// since): `FailedPrecondition` for an unhealthy device, as kubelet's device
+/// manager expects for a device that went bad, `InvalidArgument` otherwise.
+pub fn request_code(err: &RequestError) -> tonic::Code {
+    match err {
+        RequestError::Unhealthy { .. } => tonic::Code::FailedPrecondition,
+        RequestError::NoContainers
+        | RequestError::NoDevices { .. }
+        | RequestError::UnknownDevice { .. }
+        | RequestError::Duplicate { .. } => tonic::Code::InvalidArgument,
+    }
+}
+
+fn request_status(resource: &ResourceName, err: RequestError) -> Status {
+    Status::new(request_code(&err), format!("resource {resource}: {err}"))
 }
 
 /// The `DevicePlugin` service of one resource.
-pub struct PluginService<B> {
+pub struct PluginService {
     resource: ResourceName,
-    devices: watch::Receiver<Arc<DeviceSet>>,
-    backend: Arc<B>,
+    snapshots: Snapshots,
     streams: Gauge,
     shutdown: CancellationToken,
     metrics: Option<ResourceMetrics>,
 }
 
-impl<B: DeviceBackend> PluginService<B> {
-    /// A service advertising `devices` and allocating through `backend`; its
-    /// ListAndWatch streams are counted in `streams` while open, and end when
-    /// `shutdown` is cancelled or the sender of `devices` drops.
+impl PluginService {
+    /// A service advertising each snapshot's devices and allocating through
+    /// its backend; its ListAndWatch streams are counted in `streams` while
+    /// open, and end when `shutdown` is cancelled or the sender of `snapshots`
+    /// drops.
     pub fn new(
         resource: ResourceName,
-        devices: watch::Receiver<Arc<DeviceSet>>,
-        backend: Arc<B>,
+        snapshots: Snapshots,
         streams: Gauge,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             resource,
-            devices,
-            backend,
+            snapshots,
             streams,
             shutdown,
             metrics: None,
@@ -121,50 +114,6 @@ impl<B: DeviceBackend> PluginService<B> {
             .add_service(DevicePluginServer::new(self))
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
             .await
-    }
-
-    /// Checks every requested id: advertised, healthy, and requested once.
-    fn check_request(&self, request: &AllocateRequest) -> Result<(), Status> {
-        if request.container_requests.is_empty() {
-            return Err(Status::invalid_argument(format!(
-                "resource {}: Allocate names no containers",
-                self.resource
-            )));
-        }
-        let set = self.devices.borrow();
-        let mut seen: HashSet<&str> = HashSet::new();
-        for (n, container) in request.container_requests.iter().enumerate() {
-            if container.devices_ids.is_empty() {
-                return Err(Status::invalid_argument(format!(
-                    "resource {}: container request {n} names no devices",
-                    self.resource
-                )));
-            }
-            for id in &container.devices_ids {
-                match set.get(id) {
-                    None => {
-                        return Err(Status::invalid_argument(format!(
-                            "resource {}: unknown device id `{id}` (container request {n})",
-                            self.resource
-                        )));
-                    }
-                    Some(device) if device.health == Health::Unhealthy => {
-                        return Err(Status::failed_precondition(format!(
-                            "resource {}: device `{id}` is unhealthy (container request {n})",
-                            self.resource
-                        )));
-                    }
-                    Some(_) => {}
-                }
-                if !seen.insert(id.as_str()) {
-                    return Err(Status::invalid_argument(format!(
-                        "resource {}: device id `{id}` is requested more than once",
-                        self.resource
-                    )));
-                }
-            }
-        }
-        Ok(())
     }
 }
 
@@ -219,10 +168,42 @@ fn container_response(allocation: ContainerAllocation) -> ContainerAllocateRespo
     }
 }
 
+/// What kubelet was sent for a container, as a domain value again (the demo
+/// prints what the simulated kubelet received).
+pub fn allocation_from_wire(response: &ContainerAllocateResponse) -> ContainerAllocation {
+    ContainerAllocation {
+        envs: response.envs.clone().into_iter().collect(),
+        devices: response
+            .devices
+            .iter()
+            .map(|d| DeviceNode {
+                host_path: d.host_path.clone(),
+                container_path: d.container_path.clone(),
+                permissions: d.permissions.clone(),
+            })
+            .collect(),
+        mounts: response
+            .mounts
+            .iter()
+            .map(|m| Mount {
+                host_path: m.host_path.clone(),
+                container_path: m.container_path.clone(),
+                read_only: m.read_only,
+            })
+            .collect(),
+        annotations: response.annotations.clone().into_iter().collect(),
+        cdi_devices: response
+            .cdi_devices
+            .iter()
+            .map(|c| c.name.clone())
+            .collect(),
+    }
+}
+
 type ListAndWatchStream = Pin<Box<dyn Stream<Item = Result<ListAndWatchResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl<B: DeviceBackend> DevicePlugin for PluginService<B> {
+impl DevicePlugin for PluginService {
     async fn get_device_plugin_options(
         &self,
         _: Request<Empty>,
@@ -242,10 +223,16 @@ impl<B: DeviceBackend> DevicePlugin for PluginService<B> {
         // ends it on shutdown, so graceful shutdown never waits on an open stream.
         // The guard lives in the stream: kubelet hanging up drops it.
         let open = self.streams.enter();
-        let stream = WatchStream::new(self.devices.clone())
-            .map(move |set| {
+        // A snapshot that keeps the list (a new allocation or module version)
+        // is not sent: kubelet hears only of real changes.
+        let mut last: Option<Arc<ResourceSnapshot>> = None;
+        let stream = WatchStream::new(self.snapshots.clone())
+            .filter_map(move |snapshot| {
                 let _ = &open;
-                Ok(list_response(&set))
+                let changed = last.as_ref().is_none_or(|l| !snapshot.same_list(l));
+                let response = changed.then(|| Ok(list_response(snapshot.advertised())));
+                last = Some(snapshot);
+                std::future::ready(response)
             })
             .take_until(self.shutdown.clone().cancelled_owned());
         Ok(Response::new(Box::pin(stream)))
@@ -256,7 +243,8 @@ impl<B: DeviceBackend> DevicePlugin for PluginService<B> {
         request: Request<PreferredAllocationRequest>,
     ) -> Result<Response<PreferredAllocationResponse>, Status> {
         let request = request.into_inner();
-        let set = self.devices.borrow().clone();
+        let snapshot = self.snapshots.borrow().clone();
+        let set = snapshot.advertised();
         let container_responses = request
             .container_requests
             .iter()
@@ -279,7 +267,7 @@ impl<B: DeviceBackend> DevicePlugin for PluginService<B> {
                 }
                 Ok(ContainerPreferredAllocationResponse {
                     device_i_ds: preferred_allocation(
-                        &set,
+                        set,
                         &c.available_device_i_ds,
                         &c.must_include_device_i_ds,
                         size,
@@ -317,20 +305,29 @@ impl<B: DeviceBackend> DevicePlugin for PluginService<B> {
     }
 }
 
-impl<B: DeviceBackend> PluginService<B> {
-    /// Checks the request, allocates through the backend, and builds the answer.
+impl PluginService {
+    /// Checks the request against the current snapshot, allocates through that
+    /// snapshot's backend, and builds the answer: one snapshot throughout, so
+    /// every device that passed the check is allocated as that snapshot has it.
     async fn answer_allocate(&self, request: AllocateRequest) -> Result<AllocateResponse, Status> {
-        self.check_request(&request)?;
+        let snapshot = self.snapshots.borrow().clone();
         let containers: Vec<Vec<String>> = request
             .container_requests
             .into_iter()
             .map(|c| c.devices_ids)
             .collect();
+        let plan = snapshot
+            .plan(&containers)
+            .map_err(|err| request_status(&self.resource, err))?;
         let count = containers.len();
-        let allocations = self.backend.allocate(containers).await.map_err(|err| {
-            tracing::warn!(resource = %self.resource, cause = %err, "Allocate failed");
-            Status::from(err)
-        })?;
+        let allocations = snapshot
+            .backend()
+            .allocate(&snapshot, &plan)
+            .await
+            .map_err(|err| {
+                tracing::warn!(resource = %self.resource, cause = %err, "Allocate failed");
+                Status::from(err)
+            })?;
         if allocations.len() != count {
             return Err(Status::internal(format!(
                 "resource {}: backend answered {} containers for {count} requested",

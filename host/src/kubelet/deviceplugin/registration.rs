@@ -5,10 +5,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::domain::ResourceName;
-use crate::kubelet::proto::{
+use crate::kubelet::deviceplugin::proto;
+use crate::kubelet::deviceplugin::proto::{
     DevicePluginOptions, RegisterRequest, registration_client::RegistrationClient,
 };
-use crate::kubelet::{proto, socket};
+use crate::kubelet::socket;
 
 /// How long one Register call may take before it counts as failed.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);

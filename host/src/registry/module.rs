@@ -1,0 +1,564 @@
+//! One module's life, from its files appearing to their removal:
+//!
+//! ```text
+//!            files (wasm + manifest)
+//!                    │
+//!                    ▼
+//!   ┌──────────── Loading ── manifest bad / not a component / first scan failed ──▶ Failed
+//!   │                │ compiled (or from cache) + first scan ok                       │
+//!   │                ▼                                                                │
+//!   │   ┌──────▶ Serving ◀─── new files: replaced / reconfigured in place ◀───────────┘
+//!   │   │            │            (a bad new version is refused; the old one keeps serving)
+//!   │   └─ ticks ────┤  health tick: health with hysteresis → a new snapshot
+//!   │                │  scan tick:   re-scan → a new snapshot per changed resource;
+//!   │                │               resources appear (served through the frontend)
+//!   │                │               or go (the frontend stops serving them)
+//!   │                ▼
+//!   └─ cancelled ─▶ Stopped  (every resource withdrawn from its frontend)
+//! ```
+//!
+//! Each resource ([`super::resource`]) publishes one immutable snapshot per
+//! accepted change; the snapshot carries the backend of the module version that
+//! scanned it, so a replaced module serves calls that already hold a snapshot in
+//! the old version and later ones in the new, with no lock between them.
+//!
+//! A failed health check or re-scan (an error, a trap, a missed deadline, the
+//! memory cap, an answer the output policy refuses) keeps the last good state:
+//! a broken module never withdraws devices that pods may be using, nor flips
+//! their health. The failure is logged, recorded as a refusal when a run of
+//! failures starts, and the check is retried after 1 s, doubling up to its
+//! regular interval, until it succeeds. `scan` and `health` always run in a
+//! fresh instance, so nothing a trapped check left behind is seen by the next.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::{Instant, Interval, MissedTickBehavior, interval_at};
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::ResourceName;
+use crate::frontend::Backend;
+use crate::policy::{self, ScannedResource};
+use crate::registry::backend::GuestBackend;
+use crate::registry::load;
+use crate::registry::manifest::{self, ManifestError, ModuleSettings};
+use crate::registry::resource::Resource;
+use crate::registry::watch::ModuleFiles;
+use crate::registry::{Context, MAX_REFUSALS, ModuleState, ModuleVersion, Refusal, RegistryError};
+use crate::runtime::Guest;
+use crate::runtime::bindings::DeviceRef;
+
+/// Runs one module from its current `files` until `token` is cancelled (the
+/// file was removed, or the host stops), publishing its state in `ctx.states`.
+/// Newer files replace older ones not yet applied: a busy module applies only
+/// the newest.
+pub async fn run(
+    ctx: Arc<Context>,
+    mut files: watch::Receiver<ModuleFiles>,
+    token: CancellationToken,
+) {
+    let first = files.borrow_and_update().clone();
+    let name = first.name.clone();
+    ctx.set_state(&name, ModuleState::Loading);
+    let mut module: Option<Module> = None;
+    let mut next_files = Some(first);
+    let mut ticks: Option<Ticks> = None;
+    loop {
+        if let Some(files) = next_files.take() {
+            let applied = token
+                .run_until_cancelled(apply_files(&ctx, &mut module, files, &token))
+                .await;
+            if applied.is_none() {
+                break;
+            }
+            if let Some(m) = &module {
+                let version = ModuleVersion {
+                    wasm_sha256: m.wasm_hash.clone(),
+                    manifest_sha256: m.manifest_hash.clone(),
+                };
+                ctx.versions.send_if_modified(|all| {
+                    all.insert(name.clone(), version.clone()).as_ref() != Some(&version)
+                });
+            }
+            if let Some(m) = &module
+                && ticks.as_ref().is_none_or(|t| !t.matches(&m.settings))
+            {
+                ticks = Some(Ticks::new(&m.settings));
+            }
+        } else {
+            let (health_due, scan_due) = match ticks.as_mut() {
+                Some(t) => (Some(&mut t.health), Some(&mut t.scan)),
+                None => (None, None),
+            };
+            let scan_retry = module.as_ref().and_then(|m| m.scan_retry.at);
+            let health_retry = module.as_ref().and_then(|m| m.health_retry.at);
+            tokio::select! {
+                () = token.cancelled() => break,
+                () = retry_due(scan_retry) => {
+                    if let Some(m) = module.as_mut() {
+                        // Due once: a failure schedules the next retry, and a
+                        // check with nothing to do must not leave this ready.
+                        m.scan_retry.at = None;
+                        if token.run_until_cancelled(m.rescan()).await.is_none() {
+                            break;
+                        }
+                    }
+                }
+                () = retry_due(health_retry) => {
+                    if let Some(m) = module.as_mut() {
+                        m.health_retry.at = None;
+                        if token.run_until_cancelled(m.check_health()).await.is_none() {
+                            break;
+                        }
+                    }
+                }
+                Some(_) = tick(health_due) => {
+                    if let Some(m) = module.as_mut()
+                        && token.run_until_cancelled(m.check_health()).await.is_none()
+                    {
+                        break;
+                    }
+                }
+                Some(_) = tick(scan_due) => {
+                    if let Some(m) = module.as_mut()
+                        && token.run_until_cancelled(m.rescan()).await.is_none()
+                    {
+                        break;
+                    }
+                }
+                changed = files.changed() => {
+                    if changed.is_err() {
+                        // The supervisor let go of this module: it is being removed.
+                        break;
+                    }
+                    next_files = Some(files.borrow_and_update().clone());
+                }
+            }
+        }
+        if let Some(m) = &module {
+            ctx.set_state(&name, ModuleState::Serving(m.resource_names()));
+        }
+    }
+    if let Some(m) = module {
+        m.stop().await;
+    }
+    ctx.metrics().forget_module(&name);
+    ctx.versions
+        .send_if_modified(|all| all.remove(&name).is_some());
+    ctx.set_state(&name, ModuleState::Stopped);
+}
+
+/// The health and scan timers of a serving module.
+struct Ticks {
+    health: Interval,
+    scan: Interval,
+    periods: (Duration, Duration),
+}
+
+impl Ticks {
+    fn new(settings: &ModuleSettings) -> Self {
+        let every = |period: Duration| {
+            let mut t = interval_at(Instant::now() + period, period);
+            t.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            t
+        };
+        Self {
+            health: every(settings.health_interval),
+            scan: every(settings.scan_interval),
+            periods: (settings.health_interval, settings.scan_interval),
+        }
+    }
+
+    fn matches(&self, settings: &ModuleSettings) -> bool {
+        self.periods == (settings.health_interval, settings.scan_interval)
+    }
+}
+
+/// The next tick of `interval`, or never when there is none.
+async fn tick(interval: Option<&mut Interval>) -> Option<Instant> {
+    match interval {
+        Some(i) => Some(i.tick().await),
+        None => std::future::pending().await,
+    }
+}
+
+/// Keeps `reason` in the refusals (the newest [`MAX_REFUSALS`]).
+fn record_refusal(ctx: &Context, name: &str, reason: &str) {
+    ctx.metrics().module_refused(name);
+    ctx.refusals.send_modify(|r| {
+        if r.len() == MAX_REFUSALS {
+            r.remove(0);
+        }
+        r.push(Refusal {
+            module: name.to_string(),
+            reason: reason.to_string(),
+        });
+    });
+}
+
+/// Why a module's files are not used; logged, and the module's state when it
+/// has nothing serving.
+fn refuse(ctx: &Context, module: &Option<Module>, name: &str, reason: String) {
+    record_refusal(ctx, name, &reason);
+    if module.is_some() {
+        tracing::error!(module = %name, %reason, "new module files refused; the running version keeps serving");
+    } else {
+        tracing::error!(module = %name, %reason, "module not loaded");
+        ctx.set_state(name, ModuleState::Failed(reason));
+    }
+}
+
+/// Applies new files: a new manifest reconfigures in place, new module bytes
+/// replace the running version once they compile and scan.
+async fn apply_files(
+    ctx: &Arc<Context>,
+    module: &mut Option<Module>,
+    files: ModuleFiles,
+    token: &CancellationToken,
+) {
+    let name = files.name.clone();
+    let manifest_hash = files.manifest_hash.clone();
+    let manifest_changed = module
+        .as_ref()
+        .is_none_or(|m| m.manifest_hash != manifest_hash);
+    let new_settings = if manifest_changed {
+        let parsed = match &files.manifest {
+            None => Ok(ModuleSettings::defaults(&ctx.settings)),
+            Some(Ok(text)) => manifest::parse(&files.manifest_path, text, &ctx.settings),
+            Some(Err(reason)) => Err(ManifestError {
+                file: files.manifest_path.clone(),
+                field: "file".into(),
+                message: reason.clone(),
+            }),
+        };
+        match parsed {
+            Ok(settings) => Some(settings),
+            Err(err) => {
+                refuse(ctx, module, &name, err.to_string());
+                if module.is_none() {
+                    return;
+                }
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    let wasm_changed = module
+        .as_ref()
+        .is_none_or(|m| m.wasm_hash != files.wasm_hash);
+    if wasm_changed {
+        let settings = new_settings
+            .clone()
+            .or_else(|| module.as_ref().map(|m| m.settings.clone()))
+            .unwrap_or_else(|| ModuleSettings::defaults(&ctx.settings));
+        let loaded = async {
+            let bytes = files.wasm.clone().map_err(|cause| RegistryError::Read {
+                path: files.wasm_path.clone(),
+                cause,
+            })?;
+            load::load(&ctx.runtime, &name, &files.wasm_path, bytes, &settings).await
+        };
+        match loaded.await {
+            Ok((guest, scanned)) => {
+                let guest = Arc::new(guest);
+                let backend: Arc<dyn Backend> = Arc::new(GuestBackend::new(guest.clone()));
+                match module.as_mut() {
+                    Some(m) => {
+                        tracing::info!(module = %name, "module replaced; new calls use the new version");
+                        m.guest = guest;
+                        m.backend = backend;
+                        m.wasm_hash = files.wasm_hash.clone();
+                        m.settings = settings;
+                        if new_settings.is_some() {
+                            m.manifest_hash = manifest_hash;
+                        }
+                        // The new version's first scan succeeded: a run of
+                        // failures of the old one is over.
+                        m.check_succeeded(Check::Scan);
+                        m.apply_scan(scanned).await;
+                    }
+                    None => {
+                        let mut m = Module {
+                            name: name.clone(),
+                            ctx: ctx.clone(),
+                            guest,
+                            backend,
+                            wasm_hash: files.wasm_hash.clone(),
+                            manifest_hash,
+                            settings,
+                            resources: BTreeMap::new(),
+                            token: token.clone(),
+                            scan_retry: Retry::default(),
+                            health_retry: Retry::default(),
+                        };
+                        m.apply_scan(scanned).await;
+                        *module = Some(m);
+                    }
+                }
+                return;
+            }
+            Err(err) => {
+                refuse(ctx, module, &name, err.to_string());
+                if module.is_none() {
+                    return;
+                }
+            }
+        }
+    }
+    if let (Some(m), Some(settings)) = (module.as_mut(), new_settings) {
+        tracing::info!(module = %name, manifest = %files.manifest_path.display(), "manifest changed; reconfiguring in place");
+        m.guest.set_settings(settings.call.clone());
+        m.settings = settings;
+        m.manifest_hash = manifest_hash;
+        m.rescan().await;
+    }
+}
+
+struct Module {
+    name: String,
+    ctx: Arc<Context>,
+    /// The version that calls run in now.
+    guest: Arc<Guest>,
+    /// Allocates through `guest`; every snapshot published since it was loaded
+    /// carries it.
+    backend: Arc<dyn Backend>,
+    wasm_hash: String,
+    manifest_hash: Option<String>,
+    settings: ModuleSettings,
+    resources: BTreeMap<ResourceName, Resource>,
+    token: CancellationToken,
+    scan_retry: Retry,
+    health_retry: Retry,
+}
+
+/// The first retry of a failed check comes this soon; each further one twice as
+/// late, up to the check's regular interval.
+pub const FIRST_RETRY: Duration = Duration::from_secs(1);
+
+/// A periodic check of a serving module.
+#[derive(Debug, Clone, Copy)]
+enum Check {
+    Scan,
+    Health,
+}
+
+impl Check {
+    fn as_str(self) -> &'static str {
+        match self {
+            Check::Scan => "scan",
+            Check::Health => "health",
+        }
+    }
+}
+
+/// A run of failures of one periodic check, and when to try it again.
+#[derive(Debug, Default)]
+struct Retry {
+    failures: u32,
+    at: Option<Instant>,
+}
+
+impl Retry {
+    /// Counts a failure; returns the delay until the retry.
+    fn failed(&mut self, interval: Duration) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let delay = FIRST_RETRY
+            .saturating_mul(1 << (self.failures - 1).min(16))
+            .min(interval);
+        self.at = Some(Instant::now() + delay);
+        delay
+    }
+
+    /// Ends the run of failures; returns how long it was.
+    fn succeeded(&mut self) -> u32 {
+        self.at = None;
+        std::mem::take(&mut self.failures)
+    }
+}
+
+/// Waits until `at`, or forever when there is no retry due.
+async fn retry_due(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Module {
+    fn resource_names(&self) -> Vec<String> {
+        self.resources.keys().map(ToString::to_string).collect()
+    }
+
+    /// Publishes a scan: each resource gets a new snapshot (only changed ones
+    /// are sent on), new resources are served through the frontend, vanished
+    /// ones withdrawn.
+    async fn apply_scan(&mut self, scanned: Vec<ScannedResource>) {
+        let mut seen = Vec::with_capacity(scanned.len());
+        for found in scanned {
+            seen.push(found.name.clone());
+            let policy = self.settings.resource(&found.kind).clone();
+            if let Some(resource) = self.resources.get_mut(&found.name) {
+                if resource.kind() == found.kind {
+                    resource.update(found, policy, &self.backend);
+                    continue;
+                }
+                // Another kind renamed onto this name: serve it afresh.
+                if let Some(old) = self.resources.remove(&found.name) {
+                    old.stop().await;
+                }
+            }
+            let claim = match self.ctx.claims.claim(&found.name, &self.name) {
+                Ok(claim) => claim,
+                Err(owner) => {
+                    tracing::error!(
+                        module = %self.name,
+                        resource = %found.name,
+                        served_by = %owner,
+                        "resource is already served by another module; not serving it from this one"
+                    );
+                    continue;
+                }
+            };
+            let token = self.token.child_token();
+            let metrics = self.ctx.metrics().resource(found.name.as_str());
+            let (name, devices) = (found.name.clone(), found.devices.len());
+            tracing::info!(module = %self.name, resource = %name, devices, replicas = policy.replicas, "serving resource");
+            let resource = Resource::start(
+                &*self.ctx.frontend,
+                found,
+                policy,
+                self.backend.clone(),
+                metrics,
+                token,
+                claim,
+            );
+            self.resources.insert(name, resource);
+        }
+        let gone: Vec<ResourceName> = self
+            .resources
+            .keys()
+            .filter(|n| !seen.contains(n))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(resource) = self.resources.remove(&name) {
+                tracing::info!(module = %self.name, resource = %name, "resource no longer reported; unregistering");
+                resource.stop().await;
+            }
+        }
+    }
+
+    async fn rescan(&mut self) {
+        let guest = self.guest.clone();
+        match load::scan(&guest, &self.settings).await {
+            Ok(scanned) => {
+                self.check_succeeded(Check::Scan);
+                self.apply_scan(scanned).await;
+            }
+            Err(err) => self.check_failed(Check::Scan, &err.to_string()),
+        }
+    }
+
+    fn retry(&mut self, check: Check) -> (&mut Retry, Duration) {
+        match check {
+            Check::Scan => (&mut self.scan_retry, self.settings.scan_interval),
+            Check::Health => (&mut self.health_retry, self.settings.health_interval),
+        }
+    }
+
+    fn check_succeeded(&mut self, check: Check) {
+        let failures = self.retry(check).0.succeeded();
+        if failures > 0 {
+            tracing::info!(module = %self.name, check = check.as_str(), failures, "check succeeds again");
+        }
+    }
+
+    /// Logs a failed check, records the first of a run as a refusal, and
+    /// schedules the retry. What kubelet sees stays as it was.
+    fn check_failed(&mut self, check: Check, reason: &str) {
+        let (retry, interval) = self.retry(check);
+        let delay = retry.failed(interval);
+        let failures = retry.failures;
+        let keeping = match check {
+            Check::Scan => "the last good device list",
+            Check::Health => "the last known health",
+        };
+        let check = check.as_str();
+        tracing::warn!(
+            module = %self.name,
+            check,
+            failures,
+            retry_in_ms = delay.as_millis() as u64,
+            %reason,
+            "{check} failed; keeping {keeping}"
+        );
+        if failures == 1 {
+            record_refusal(
+                &self.ctx,
+                &self.name,
+                &format!("{check} failed, keeping {keeping}: {reason}"),
+            );
+        }
+    }
+
+    async fn check_health(&mut self) {
+        let mut refs = Vec::new();
+        for resource in self.resources.values() {
+            refs.extend(resource.real().devices().iter().map(|d| DeviceRef {
+                kind: resource.kind().to_string(),
+                id: d.id.clone(),
+            }));
+        }
+        if refs.is_empty() {
+            return;
+        }
+        let guest = self.guest.clone();
+        let answer = match guest.health(&refs).await {
+            Ok(answer) => answer,
+            Err(err) => return self.check_failed(Check::Health, &err.to_string()),
+        };
+        if let Err(err) = policy::health_answer(&self.name, refs.len(), &answer) {
+            return self.check_failed(Check::Health, &err.to_string());
+        }
+        self.check_succeeded(Check::Health);
+        let mut answers = answer.into_iter().map(policy::health);
+        for resource in self.resources.values_mut() {
+            resource.observe_health(&mut answers);
+        }
+    }
+
+    async fn stop(self) {
+        futures::future::join_all(self.resources.into_values().map(Resource::stop)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_double_from_one_second_up_to_the_interval_and_reset_on_success() {
+        let interval = Duration::from_secs(10);
+        let mut retry = Retry::default();
+        let delays: Vec<u64> = (0..6).map(|_| retry.failed(interval).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 10, 10]);
+        assert!(retry.at.is_some());
+        assert_eq!(retry.succeeded(), 6);
+        assert!(retry.at.is_none());
+        assert_eq!(retry.failed(interval), FIRST_RETRY);
+        // Many failures never overflow.
+        for _ in 0..100 {
+            retry.failed(interval);
+        }
+        assert_eq!(retry.failed(interval), interval);
+        // An interval shorter than the first retry caps it too.
+        assert_eq!(
+            Retry::default().failed(Duration::from_millis(50)),
+            Duration::from_millis(50)
+        );
+    }
+}
