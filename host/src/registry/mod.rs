@@ -58,6 +58,17 @@ pub enum RegistryError {
         /// Why.
         error: ScanError,
     },
+    /// A periodic check of a serving module started failing (recorded once per
+    /// run of failures); the module keeps its last good state.
+    #[error("{check} failed, keeping {keeping}: {reason}")]
+    Check {
+        /// `scan` or `health`.
+        check: &'static str,
+        /// What the host keeps meanwhile.
+        keeping: &'static str,
+        /// Why it failed.
+        reason: String,
+    },
 }
 
 /// What every module's task shares.
@@ -180,13 +191,15 @@ pub const MAX_REFUSALS: usize = 64;
 /// manifest), or a periodic check that started failing (a scan or health call
 /// that trapped, timed out or broke the output policy; recorded once per run of
 /// failures).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Refusal {
     /// The module.
     pub module: String,
-    /// Why: names the file and, for a manifest, the field; for a check, the
-    /// call and the rule or failure.
+    /// Why, as logged: names the file and, for a manifest, the field; for a
+    /// check, the call and the rule or failure.
     pub reason: String,
+    /// Why, as a value to branch on.
+    pub error: Arc<RegistryError>,
 }
 
 /// The state of every module, by name.

@@ -184,24 +184,28 @@ async fn tick(interval: Option<&mut Interval>) -> Option<Instant> {
     }
 }
 
-/// Keeps `reason` in the refusals (the newest [`MAX_REFUSALS`]).
-fn record_refusal(ctx: &Context, name: &str, reason: &str) {
+/// Keeps `error` in the refusals (the newest [`MAX_REFUSALS`]); returns its
+/// message.
+fn record_refusal(ctx: &Context, name: &str, error: RegistryError) -> String {
     ctx.metrics().module_refused(name);
+    let reason = error.to_string();
     ctx.refusals.send_modify(|r| {
         if r.len() == MAX_REFUSALS {
             r.remove(0);
         }
         r.push(Refusal {
             module: name.to_string(),
-            reason: reason.to_string(),
+            reason: reason.clone(),
+            error: Arc::new(error),
         });
     });
+    reason
 }
 
 /// Why a module's files are not used; logged, and the module's state when it
 /// has nothing serving.
-fn refuse(ctx: &Context, module: &Option<Module>, name: &str, reason: String) {
-    record_refusal(ctx, name, &reason);
+fn refuse(ctx: &Context, module: &Option<Module>, name: &str, error: RegistryError) {
+    let reason = record_refusal(ctx, name, error);
     if module.is_some() {
         tracing::error!(module = %name, %reason, "new module files refused; the running version keeps serving");
     } else {
@@ -236,7 +240,7 @@ async fn apply_files(
         match parsed {
             Ok(settings) => Some(settings),
             Err(err) => {
-                refuse(ctx, module, &name, err.to_string());
+                refuse(ctx, module, &name, RegistryError::Manifest(err));
                 if module.is_none() {
                     return;
                 }
@@ -302,7 +306,7 @@ async fn apply_files(
                 return;
             }
             Err(err) => {
-                refuse(ctx, module, &name, err.to_string());
+                refuse(ctx, module, &name, err);
                 if module.is_none() {
                     return;
                 }
@@ -500,7 +504,11 @@ impl Module {
             record_refusal(
                 &self.ctx,
                 &self.name,
-                &format!("{check} failed, keeping {keeping}: {reason}"),
+                RegistryError::Check {
+                    check,
+                    keeping,
+                    reason: reason.to_string(),
+                },
             );
         }
     }
