@@ -7,6 +7,7 @@ mod foundation;
 mod fpga;
 mod generic;
 mod hostile;
+mod interop;
 mod kubelet_restarts;
 mod live;
 mod observability;

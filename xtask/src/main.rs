@@ -1,8 +1,9 @@
 //! Project tasks, run as `cargo xtask <task>` (an alias in `.cargo/config.toml`):
 //!
 //! - `demo`: builds the shipped guests and runs `wasm-device-plugin demo` on them;
-//! - `test`: installs what the tests need (the `wasm32-wasip2` target, and
-//!   componentize-py in a venv at `target/py` for the Python guest) and runs every
+//! - `test`: installs what the tests need (the `wasm32-wasip2` target, and in a
+//!   venv at `target/py` componentize-py for the Python guest and grpcio with
+//!   grpcio-tools for the Python gRPC client) and runs every
 //!   test: the test crate (which builds the guests itself), the guests' own unit
 //!   tests, and the walkthrough of `docs/writing-a-guest.md` (`guide`). With `CI`
 //!   set it also checks formatting and denies clippy warnings;
@@ -20,7 +21,8 @@
 //!   N seconds (default 180), shared evenly among the properties.
 //!
 //! Needs rustup and cargo; `test` and `fuzz` also need `python3` with its `venv`
-//! module (the test crate builds the Python guest).
+//! module (the test crate builds the Python guest, and `test` runs a Python gRPC
+//! client).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -29,8 +31,14 @@ const WASM_TARGET: &str = "wasm32-wasip2";
 /// The componentize-py that builds the Python guest, pinned: its output embeds a
 /// CPython and a WASI version that the tests were written against.
 const COMPONENTIZE_PY_VERSION: &str = "0.25.1";
-/// The venv `ensure_componentize_py` installs it into; `tests/build.rs` looks there.
+/// The venv `ensure_componentize_py` and `ensure_grpcio` install into;
+/// `tests/build.rs` and `tests/all/interop.rs` look there.
 const PY_VENV: &str = "target/py";
+/// The Python gRPC client that `tests/all/interop.rs` runs against the host,
+/// pinned: C-core's default `:authority` over unix sockets (what that test is
+/// about) has changed between releases. grpcio-tools generates its stubs from
+/// `proto/` with its bundled protoc, and is released in step with grpcio.
+const GRPCIO_VERSION: &str = "1.85.1";
 /// How long `cargo xtask fuzz` runs without `--seconds`.
 const FUZZ_SECONDS: u64 = 180;
 
@@ -54,7 +62,7 @@ fn main() -> ExitCode {
                 "  demo    build the shipped guests and run `wasm-device-plugin demo` on them"
             );
             eprintln!(
-                "  test    install the wasm target and componentize-py, run every test (args go to `cargo test`)"
+                "  test    install the wasm target, componentize-py and grpcio, run every test (args go to `cargo test`)"
             );
             eprintln!("  guests  build the shipped guests into target/modules/");
             eprintln!(
@@ -142,17 +150,45 @@ fn ensure_componentize_py() -> Result<(), String> {
     if version == format!("componentize-py {COMPONENTIZE_PY_VERSION}") {
         return Ok(());
     }
+    pip_install(&[&format!("componentize-py=={COMPONENTIZE_PY_VERSION}")])
+}
+
+/// Installs grpcio and grpcio-tools (pinned) into the venv at `target/py` unless
+/// those versions are there already. `WDP_GRPC_PYTHON` names another Python
+/// instead, and then nothing is installed.
+fn ensure_grpcio() -> Result<(), String> {
+    if std::env::var_os("WDP_GRPC_PYTHON").is_some() {
+        return Ok(());
+    }
+    let python = root().join(PY_VENV).join("bin/python");
+    let versions = Command::new(&python)
+        .args([
+            "-c",
+            "from importlib.metadata import version as v; print(v('grpcio'), v('grpcio-tools'))",
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    if versions == format!("{GRPCIO_VERSION} {GRPCIO_VERSION}") {
+        return Ok(());
+    }
+    pip_install(&[
+        &format!("grpcio=={GRPCIO_VERSION}"),
+        &format!("grpcio-tools=={GRPCIO_VERSION}"),
+    ])
+}
+
+/// Installs `packages` into the venv at `target/py`, creating it if needed.
+fn pip_install(packages: &[&str]) -> Result<(), String> {
+    let venv = root().join(PY_VENV);
     if !venv.join("bin/pip").is_file() {
         run(Command::new("python3").arg("-m").arg("venv").arg(&venv)).map_err(|e| {
-            format!("{e}\n(the Python guest needs python3 with its venv module, e.g. the python3-venv package)")
+            format!("{e}\n(the tests' Python guest and client need python3 with its venv module, e.g. the python3-venv package)")
         })?;
     }
-    run(Command::new(venv.join("bin/pip")).args([
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        &format!("componentize-py=={COMPONENTIZE_PY_VERSION}"),
-    ]))
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(packages))
 }
 
 /// Builds the guests workspace and copies each component into `target/modules/`.
@@ -434,6 +470,7 @@ fn demo(extra: &[String]) -> Result<(), String> {
 fn test(extra: &[String]) -> Result<(), String> {
     ensure_wasm_target()?;
     ensure_componentize_py()?;
+    ensure_grpcio()?;
     let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false");
     if ci {
         // Present in rustup's default profile; added here for minimal installs.
