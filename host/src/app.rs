@@ -364,6 +364,8 @@ pub async fn run(
         })?),
         None => None,
     };
+    // Before any module binds, so only an earlier run's dead sockets are there.
+    crate::kubelet::socket::remove_stale_plugin_sockets(&config.settings.kubelet_dir).await;
     let host = Host::start(config, &shutdown)?;
     let endpoints = listener.map(|listener| {
         let addr = listener

@@ -2,6 +2,7 @@
 //! signals, the kubelet simulator on real sockets. Here (not in the `tests`
 //! crate) because only this package's tests know where cargo put the binary.
 
+use std::collections::BTreeSet;
 use std::process::{ExitStatus, Stdio};
 
 use tokio::process::{Child, Command};
@@ -86,6 +87,69 @@ async fn sigterm_removes_the_sockets_ends_the_streams_and_exits_zero() {
 #[tokio::test]
 async fn sigint_stops_the_same_way() {
     stops_cleanly_on(libc::SIGINT).await;
+}
+
+/// File names in `dir`.
+fn file_names(dir: &std::path::Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .expect("kubelet dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Waits until the simulator sees every resource of the virtual-devices guest
+/// registered on an endpoint not in `old`, and streaming; returns the endpoints.
+async fn registered_anew(kubelet: &Simulator, old: &BTreeSet<String>) -> BTreeSet<String> {
+    let resources = ["example.com/dev-1", "example.com/dev-2"];
+    let view = kubelet
+        .wait_for(WAIT, "both resources registered on new sockets", |v| {
+            resources.iter().all(|r| {
+                v.plugin(r)
+                    .is_some_and(|p| p.streaming && !old.contains(&p.registration.endpoint))
+            })
+        })
+        .await
+        .expect("registered");
+    resources
+        .iter()
+        .filter_map(|r| view.plugin(r).map(|p| p.registration.endpoint.clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_restart_after_sigkill_removes_only_the_dead_sockets_the_killed_host_left() {
+    use std::os::unix::process::ExitStatusExt;
+
+    let dirs = Dirs::new();
+    dirs.add_module("virtual", guests::VIRTUAL_DEVICES);
+    // Started once and kept: it clears the directory when it starts, as kubelet does.
+    let kubelet = Simulator::start(&dirs.kubelet()).expect("kubelet");
+    // Another vendor's plugin that died: not ours to remove. std's listener
+    // leaves its file behind when dropped.
+    let foreign = "vendor-gpu.sock";
+    drop(std::os::unix::net::UnixListener::bind(dirs.kubelet().join(foreign)).expect("bind"));
+    let mut host = start_host(&dirs);
+    let mut endpoints = registered_anew(&kubelet, &BTreeSet::new()).await;
+    for _ in 0..3 {
+        signal(&host, libc::SIGKILL);
+        assert_eq!(exit_status(host).await.signal(), Some(libc::SIGKILL));
+        let left = file_names(&dirs.kubelet());
+        for endpoint in &endpoints {
+            assert!(left.contains(endpoint), "{endpoint} left behind: {left:?}");
+            let refused = std::os::unix::net::UnixStream::connect(dirs.kubelet().join(endpoint))
+                .expect_err("nobody listens");
+            assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+        }
+        host = start_host(&dirs);
+        endpoints = registered_anew(&kubelet, &endpoints).await;
+        // The old sockets went before anything was served: no wait needed.
+        let mut expected: BTreeSet<String> = ["kubelet.sock", foreign].map(String::from).into();
+        expected.extend(endpoints.iter().cloned());
+        assert_eq!(file_names(&dirs.kubelet()), expected);
+    }
+    signal(&host, libc::SIGTERM);
+    assert!(exit_status(host).await.success());
+    kubelet.stop().await;
 }
 
 #[tokio::test]
