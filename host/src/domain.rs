@@ -177,6 +177,10 @@ pub struct Device {
 pub struct DeviceSet {
     devices: Vec<Device>,
     index: HashMap<String, usize>,
+    /// How many times each real device is advertised (1, or 0 for the empty
+    /// default, when ids are the devices' own): kept with the ids so that a
+    /// reader of this one value knows which advertised ids share a device.
+    replicas: u32,
 }
 
 /// Why a list of devices cannot be advertised.
@@ -211,7 +215,11 @@ impl DeviceSet {
                 return Err(DeviceSetError::DuplicateId(device.id.clone()));
             }
         }
-        Ok(Self { devices, index })
+        Ok(Self {
+            devices,
+            index,
+            replicas: 1,
+        })
     }
 
     /// The devices in advertised order.
@@ -278,7 +286,17 @@ impl DeviceSet {
                 });
             }
         }
-        Self::new(devices)
+        Ok(Self {
+            replicas,
+            ..Self::new(devices)?
+        })
+    }
+
+    /// The real device behind an advertised id of this set: `a` for `a::1` when
+    /// the set was built by [`DeviceSet::replicated`] with more than one replica,
+    /// else the id itself.
+    pub fn device_of<'a>(&self, advertised: &'a str) -> &'a str {
+        replica_device(advertised, self.replicas)
     }
 }
 
@@ -344,7 +362,9 @@ impl HealthTracker {
 
 impl PartialEq for DeviceSet {
     fn eq(&self, other: &Self) -> bool {
-        self.devices == other.devices
+        // The replicas too: the same ids can mean different devices (`a::0` and
+        // `a::1` are two devices in a set shared once, one in a set shared twice).
+        self.devices == other.devices && self.replicas.max(1) == other.replicas.max(1)
     }
 }
 
@@ -528,6 +548,35 @@ mod tests {
             many.replicated(10_001),
             Err(DeviceSetError::TooMany(_))
         ));
+    }
+
+    #[test]
+    fn device_of_names_the_real_device_only_in_a_replicated_set() {
+        let set = DeviceSet::new(vec![Device {
+            id: "x::y".into(),
+            health: Health::Healthy,
+            numa_nodes: vec![],
+        }])
+        .expect("valid");
+        assert_eq!(set.device_of("x::y"), "x::y");
+        let shared = set.replicated(2).expect("replicated");
+        assert_eq!(shared.device_of("x::y::1"), "x::y");
+    }
+
+    #[test]
+    fn sets_with_the_same_ids_but_other_replicas_differ() {
+        let device = |id: &str| Device {
+            id: id.into(),
+            health: Health::Healthy,
+            numa_nodes: vec![],
+        };
+        let two_devices = DeviceSet::new(vec![device("a::0"), device("a::1")]).expect("valid");
+        let one_shared = DeviceSet::new(vec![device("a")])
+            .expect("valid")
+            .replicated(2)
+            .expect("replicated");
+        assert_eq!(two_devices.devices(), one_shared.devices());
+        assert_ne!(two_devices, one_shared);
     }
 
     #[test]

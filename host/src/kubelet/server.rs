@@ -280,6 +280,7 @@ impl<B: DeviceBackend> DevicePlugin for PluginService<B> {
                 Ok(ContainerPreferredAllocationResponse {
                     device_i_ds: preferred_allocation(
                         &set,
+                        |id| set.device_of(id),
                         &c.available_device_i_ds,
                         &c.must_include_device_i_ds,
                         size,
