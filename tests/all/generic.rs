@@ -266,14 +266,61 @@ async fn replicas_let_two_containers_share_one_device() {
     tree.stop().await;
 }
 
-#[tokio::test]
-async fn a_shared_device_whose_node_vanishes_is_unhealthy_in_every_replica() {
-    let tree = Tree::start(
+/// Two serial ports, each advertised twice.
+fn two_shared_ports() -> Tree {
+    Tree::start(
         &["ttyUSB0", "ttyUSB1"],
         "kinds = \"serial\"\n\"serial.paths\" = \"/dev/ttyUSB*\"\n",
         "[resources.serial]\nreplicas = 2\n",
         "1h",
+    )
+}
+
+#[tokio::test]
+async fn preferred_allocation_of_two_replicas_spreads_over_two_devices() {
+    let tree = two_shared_ports();
+    let view = tree.fixture.listed(SERIAL).await;
+    let listed = ids(&view, SERIAL);
+    assert_eq!(
+        listed,
+        ["ttyUSB0::0", "ttyUSB0::1", "ttyUSB1::0", "ttyUSB1::1"]
     );
+    let available: Vec<&str> = listed.iter().map(String::as_str).collect();
+    let response = tree
+        .fixture
+        .kubelet
+        .preferred_allocation(SERIAL, &available, &[], 2)
+        .await
+        .expect("preferred");
+    assert_eq!(
+        response.container_responses[0].device_i_ds,
+        ["ttyUSB0::0", "ttyUSB1::0"]
+    );
+    tree.stop().await;
+}
+
+#[tokio::test]
+async fn allocate_of_two_replicas_of_one_device_gives_it_once() {
+    // Kubelet may ignore the preference; two replicas of one device in one
+    // container are that device, once.
+    let tree = two_shared_ports();
+    tree.fixture.listed(SERIAL).await;
+    let response = tree
+        .fixture
+        .kubelet
+        .allocate(SERIAL, &[&["ttyUSB0::0", "ttyUSB0::1"]])
+        .await
+        .expect("allocated");
+    assert_eq!(
+        nodes_of(&response),
+        [vec![node(&tree.host_path("ttyUSB0"), "/dev/ttyUSB0", "rw")]]
+    );
+    tree.stop().await;
+}
+
+#[tokio::test]
+async fn a_shared_device_whose_node_vanishes_is_unhealthy_in_every_replica() {
+    let tree = two_shared_ports();
     tree.fixture.listed(SERIAL).await;
     std::fs::remove_file(tree.host_path("ttyUSB0")).expect("remove node");
     let view = tree

@@ -268,6 +268,9 @@ impl DevicePlugin for PluginService {
                 Ok(ContainerPreferredAllocationResponse {
                     device_i_ds: preferred_allocation(
                         set,
+                        // Which real device an advertised id is, as the
+                        // snapshot maps it (an id it does not know is its own).
+                        |id| snapshot.device_of(id).map_or(id, |d| d.id.as_str()),
                         &c.available_device_i_ds,
                         &c.must_include_device_i_ds,
                         size,
