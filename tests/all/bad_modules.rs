@@ -2,6 +2,7 @@
 //! reason naming the file and what is wrong, and a good module beside it serves.
 
 use wasm_device_plugin::registry::ModuleState;
+use wasm_device_plugin::runtime::PACKAGE_VERSION;
 use wdp_tests::{Dirs, Fixture, guests};
 
 const DEV1: &str = "example.com/dev-1";
@@ -69,7 +70,9 @@ async fn a_component_of_another_version_of_our_package_is_refused() {
     let reason = refused(guest(guests::WRONG_VERSION)).await;
     assert!(
         reason.contains("wasm-device-plugin:device/host@0.1.0")
-            && reason.contains("this host implements wasm-device-plugin:device@0.2.x"),
+            && reason.contains(&format!(
+                "this host implements wasm-device-plugin:device@{PACKAGE_VERSION}"
+            )),
         "{reason}"
     );
 }
@@ -84,12 +87,12 @@ async fn a_component_of_another_package_is_refused_naming_its_import() {
 }
 
 #[tokio::test]
-async fn a_component_missing_exports_is_refused() {
+async fn a_component_missing_scan_is_refused() {
     let reason = refused(guest(guests::MISSING_EXPORT)).await;
     assert!(
-        reason
-            .contains("does not implement the wasm-device-plugin:device@0.2.0 device-plugin world")
-            && reason.contains("it does not export `health`, `allocate`, `post-allocate`"),
+        reason.contains(&format!(
+            "does not fit wasm-device-plugin:device@{PACKAGE_VERSION}"
+        )) && reason.contains("it does not export `scan`"),
         "{reason}"
     );
 }

@@ -1,5 +1,7 @@
 //! Host bindings for the `device-plugin` world in `wit/`, generated at compile
-//! time. Nothing hand-written lives here.
+//! time: the types and the `host` import. Nothing hand-written lives here.
+//! Exports are optional, so they are found and called through
+//! `runtime::exports`, not the generated `DevicePluginPre` (which requires all).
 #![allow(missing_docs, clippy::all, clippy::pedantic)]
 
 wasmtime::component::bindgen!({
@@ -11,4 +13,4 @@ wasmtime::component::bindgen!({
 // The world's `use` already puts `AllocateRequest`, `ContainerResponse`, `DeviceKind`,
 // `DeviceRef`, `Health` and `ModuleError` here.
 pub use self::wasm_device_plugin::device::host::LogLevel;
-pub use self::wasm_device_plugin::device::types::{ContainerRequest, KeyValue};
+pub use self::wasm_device_plugin::device::types::{ContainerRequest, DeviceSpec, KeyValue, Mount};
