@@ -50,8 +50,8 @@ pub struct MergeConflict {
 ///
 /// # Errors
 /// [`MergeConflict`] for the first container path two devices of one container
-/// fill differently.
-pub fn allocate(request: &AllocateRequest) -> Result<Vec<ContainerResponse>, MergeConflict> {
+/// fill differently (boxed: it is large, and rare).
+pub fn allocate(request: &AllocateRequest) -> Result<Vec<ContainerResponse>, Box<MergeConflict>> {
     request
         .containers
         .iter()
@@ -63,7 +63,7 @@ pub fn allocate(request: &AllocateRequest) -> Result<Vec<ContainerResponse>, Mer
 fn merge_container(
     container: usize,
     request: &ContainerRequest,
-) -> Result<ContainerResponse, MergeConflict> {
+) -> Result<ContainerResponse, Box<MergeConflict>> {
     let mut merged = ContainerResponse {
         envs: Vec::new(),
         devices: Vec::new(),
@@ -83,7 +83,7 @@ fn merge_container(
             {
                 Some(at) if same_node(&merged.devices[at], spec) => {}
                 Some(at) => {
-                    return Err(MergeConflict {
+                    return Err(Box::new(MergeConflict {
                         container,
                         what: "device node",
                         path: spec.container_path.clone(),
@@ -91,7 +91,7 @@ fn merge_container(
                         first_host: describe_node(&merged.devices[at]),
                         second: id.clone(),
                         second_host: describe_node(spec),
-                    });
+                    }));
                 }
                 None => {
                     merged.devices.push(spec.clone());
@@ -107,7 +107,7 @@ fn merge_container(
             {
                 Some(at) if same_mount(&merged.mounts[at], mount) => {}
                 Some(at) => {
-                    return Err(MergeConflict {
+                    return Err(Box::new(MergeConflict {
                         container,
                         what: "mount",
                         path: mount.container_path.clone(),
@@ -115,7 +115,7 @@ fn merge_container(
                         first_host: describe_mount(&merged.mounts[at]),
                         second: id.clone(),
                         second_host: describe_mount(mount),
-                    });
+                    }));
                 }
                 None => {
                     merged.mounts.push(mount.clone());
