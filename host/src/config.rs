@@ -65,8 +65,10 @@ pub enum Command {
     /// a temporary directory, and print what kubelet sees and what a pod gets.
     Demo(DemoArgs),
     /// Check a module file as the host would load it: a component of this host's
-    /// world, its imports and exports, a first scan in the sandbox with its
-    /// manifest's settings, and the output policy. Prints the devices it reports.
+    /// package, its imports and exports, a first scan in the sandbox with its
+    /// manifest's settings, and the output policy. Prints the devices it reports,
+    /// and (`hooks`) which functions it exports and what the host supplies for
+    /// the optional ones it leaves out (`health`, `allocate`, `post-allocate`).
     ///
     /// Exit code 0 when the host would serve the module; 1, with one line on
     /// stderr saying why, when it would refuse it; 2 for a command-line error.
@@ -74,8 +76,9 @@ pub enum Command {
     Validate(ValidateArgs),
     /// Dry-run an Allocate through a module as the host would answer kubelet: scan,
     /// check the requested ids (known, healthy, each once), `allocate` and
-    /// `post-allocate` in the sandbox, the output policy. Prints what the
-    /// containers would get.
+    /// `post-allocate` in the sandbox (or the host's merge of scan's device
+    /// allocations for a module without `allocate`), the output policy. Prints
+    /// what the containers would get.
     ///
     /// Exit code 0 when the host would answer the request; 1, with one line on
     /// stderr saying why, when it would refuse it; 2 for a command-line error.

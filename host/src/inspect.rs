@@ -308,6 +308,7 @@ async fn load(target: &ModuleFileArgs, file: &mut FileReport) -> Result<Loaded, 
             message: other.to_string(),
         },
     })?;
+    file.hooks = Some(guest.exports().describe());
     Ok(Loaded {
         runtime,
         guest,
@@ -467,6 +468,9 @@ struct FileReport {
     manifest: Option<String>,
     /// SHA-256 of the module file (the host's cache key and change detection).
     sha256: Option<String>,
+    /// The functions the module exports and what the host supplies for the
+    /// optional ones it does not ([`crate::runtime::Exports::describe`]).
+    hooks: Option<String>,
 }
 
 impl FileReport {
@@ -476,6 +480,7 @@ impl FileReport {
             file: display(&target.file),
             manifest: None,
             sha256: None,
+            hooks: None,
         }
     }
 }
@@ -789,7 +794,11 @@ fn file_text<W: Write>(f: &FileReport, out: &mut W) -> io::Result<()> {
         "  manifest  {}",
         f.manifest.as_deref().unwrap_or("none (the flags alone)")
     )?;
-    writeln!(out, "  sha256    {}", f.sha256.as_deref().unwrap_or("-"))
+    writeln!(out, "  sha256    {}", f.sha256.as_deref().unwrap_or("-"))?;
+    match &f.hooks {
+        Some(hooks) => writeln!(out, "  hooks     {hooks}"),
+        None => Ok(()),
+    }
 }
 
 /// Prints what a container gets, one line per item, each line after `indent`

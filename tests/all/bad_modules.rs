@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use wasm_device_plugin::registry::{ModuleState, RegistryError};
-use wasm_device_plugin::runtime::LoadError;
+use wasm_device_plugin::runtime::{LoadError, PACKAGE_VERSION};
 use wdp_tests::{Dirs, Fixture, guests};
 
 const DEV1: &str = "example.com/dev-1";
@@ -84,7 +84,9 @@ async fn a_component_of_another_version_of_our_package_is_refused() {
     assert!(matches!(load_error(&error), LoadError::Incompatible(_)));
     assert!(
         reason.contains("wasm-device-plugin:device/host@0.1.0")
-            && reason.contains("this host implements wasm-device-plugin:device@0.2.x"),
+            && reason.contains(&format!(
+                "this host implements wasm-device-plugin:device@{PACKAGE_VERSION}"
+            )),
         "{reason}"
     );
 }
@@ -103,13 +105,13 @@ async fn a_component_of_another_package_is_refused_naming_its_import() {
 }
 
 #[tokio::test]
-async fn a_component_missing_exports_is_refused() {
+async fn a_component_missing_scan_is_refused() {
     let (reason, error) = refused(guest(guests::MISSING_EXPORT)).await;
     assert!(matches!(load_error(&error), LoadError::Incompatible(_)));
     assert!(
-        reason
-            .contains("does not implement the wasm-device-plugin:device@0.2.0 device-plugin world")
-            && reason.contains("it does not export `health`, `allocate`, `post-allocate`"),
+        reason.contains(&format!(
+            "does not fit wasm-device-plugin:device@{PACKAGE_VERSION}"
+        )) && reason.contains("it does not export `scan`"),
         "{reason}"
     );
 }

@@ -127,7 +127,7 @@ async fn allocate_two_devices_returns_the_guests_env_and_annotations() {
             ("DEV_dev_1_ID_1", "/node1/dev1/4")
         ])
     );
-    // Added by the guest's post-allocate.
+    // Added by the guest's allocate (by its post-allocate up to 0.2.0).
     assert_eq!(
         c.annotations
             .get("virtual.example.com/devices")

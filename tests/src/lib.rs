@@ -49,6 +49,16 @@ pub mod guests {
     include!(concat!(env!("OUT_DIR"), "/guests.rs"));
 }
 
+/// Modules committed as built by an earlier version of this project, to show
+/// that the host still runs them (see `tests/fixtures/README.md`).
+pub mod fixtures {
+    /// `guests/virtual-devices` as built against `wasm-device-plugin:device@0.2.0`.
+    pub const VIRTUAL_DEVICES_0_2_0: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/wdp-0.2.0/virtual_devices.wasm"
+    );
+}
+
 /// The outer bound of every wait in the tests. Waits end as soon as their
 /// condition holds; this only stops a broken test from hanging.
 pub const WAIT: Duration = Duration::from_secs(30);

@@ -53,8 +53,12 @@
 //! A device is unhealthy when the driver reports its id as all `f`s (the device's
 //! firmware crashed: the interface id for regions, the function id for ports), or
 //! when one of its device nodes is missing (in region mode the FME's too: Intel's
-//! CRI hook programs the card through it). `health` scans again: a device whose
-//! sysfs entry is gone is unhealthy until the next scan withdraws it.
+//! CRI hook programs the card through it). `health` (exported, so health is checked
+//! every health interval) scans again: a device whose sysfs entry is gone is
+//! unhealthy until the next scan withdraws it.
+//!
+//! The module exports `scan`, `health` and `post-allocate`; `allocate` is the
+//! host's, the merge of the nodes scan reported for each device.
 //!
 //! Nodes are checked only when the guest can see `dev-root`: granting `/dev`
 //! read-only would let the module read every device the host can, so the example
@@ -80,7 +84,7 @@ use std::path::{Path, PathBuf};
 
 use wdp_sdk::{
     AllocateRequest, ContainerResponse, Device, DeviceKind, DevicePlugin, DeviceRef, Health,
-    ModuleError, config, debug, health_from_scan, warn,
+    HealthCheck, ModuleError, PostAllocate, config, debug, health_from_scan, warn,
 };
 
 /// Intel's resource domain.
@@ -492,16 +496,22 @@ impl DevicePlugin for Fpga {
     fn scan() -> Result<Vec<DeviceKind>, ModuleError> {
         Ok(Scan::new(true)?.kinds())
     }
+}
 
+// Health at the health interval, not only at each scan: a crashed function must
+// stop being allocated soon.
+impl HealthCheck for Fpga {
     fn health(devices: Vec<DeviceRef>) -> Result<Vec<Health>, ModuleError> {
-        // The SDK's default (scan again; a device no longer found is unhealthy),
-        // without repeating scan's log lines every health interval.
+        // Scan again (a device no longer found is unhealthy), without repeating
+        // scan's log lines every health interval.
         Ok(health_from_scan(&Scan::new(false)?.kinds(), &devices))
     }
+}
 
-    // `allocate` is the SDK's: each container gets the nodes scan reported for its
-    // devices, merged.
+// No `allocate`: the host gives each container the nodes scan reported for its
+// devices, merged.
 
+impl PostAllocate for Fpga {
     fn post_allocate(
         request: AllocateRequest,
         response: Vec<ContainerResponse>,
@@ -517,7 +527,7 @@ impl DevicePlugin for Fpga {
     }
 }
 
-wdp_sdk::export_device_plugin!(Fpga);
+wdp_sdk::export_device_plugin!(Fpga with health, post_allocate);
 
 #[cfg(test)]
 mod tests {

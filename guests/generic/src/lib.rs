@@ -55,8 +55,8 @@
 //!   without spaces is skipped, with a warning.
 //! - **What a container gets**: each node at the path it has on the host
 //!   (`root` left out in the container), with the kind's permissions, reported
-//!   at scan time so that the SDK's default `allocate` gives each container the
-//!   nodes of the devices kubelet chose. A symlink is handed out at its own path
+//!   at scan time; the module exports no `allocate`, so the host gives each
+//!   container the nodes of the devices kubelet chose, merged. A symlink is handed out at its own path
 //!   in the container (`/dev/serial/by-id/usb-...`) while the host gives kubelet
 //!   the node it resolves to.
 //! - **Health**: a device is healthy while its node still exists and still
@@ -80,7 +80,9 @@ mod config;
 mod pattern;
 
 use config::{Config, Group, KindSpec};
-use wdp_sdk::{Device, DeviceKind, DevicePlugin, DeviceRef, Health, ModuleError, debug, warn};
+use wdp_sdk::{
+    Device, DeviceKind, DevicePlugin, DeviceRef, Health, HealthCheck, ModuleError, debug, warn,
+};
 
 /// Longest device id kubelet accepts from the host.
 const MAX_ID_LEN: usize = 253;
@@ -175,8 +177,10 @@ impl DevicePlugin for Generic {
             })
             .collect())
     }
+}
 
-    /// Cheaper than the default's full scan: a `stat` per device.
+/// Health every health interval, cheaper than a scan: a `stat` per device.
+impl HealthCheck for Generic {
     fn health(devices: Vec<DeviceRef>) -> Result<Vec<Health>, ModuleError> {
         let config = Config::load()?;
         Ok(devices
@@ -195,7 +199,7 @@ impl DevicePlugin for Generic {
     }
 }
 
-wdp_sdk::export_device_plugin!(Generic);
+wdp_sdk::export_device_plugin!(Generic with health);
 
 #[cfg(test)]
 mod tests {

@@ -1,8 +1,8 @@
 //! Write a [wasm-device-plugin] device module in Rust.
 //!
-//! The host serves kubelet; a module only answers four questions about its
-//! devices (see `wit/device-plugin.wit`). With this crate a module implements
-//! [`DevicePlugin`], usually just [`DevicePlugin::scan`], and exports it with
+//! The host serves kubelet; a module answers up to four questions about its
+//! devices (see `wit/device-plugin.wit`), and only the first is required. With
+//! this crate a module implements [`DevicePlugin::scan`] and exports it with
 //! [`export_device_plugin!`]:
 //!
 //! ```no_run
@@ -24,15 +24,33 @@
 //! wdp_sdk::export_device_plugin!(Serial);
 //! ```
 //!
-//! What the defaults do:
-//! - [`DevicePlugin::allocate`] gives each container what `scan` reported for
-//!   its devices ([`Device::allocation`], handed back by the host in
-//!   `ContainerRequest::allocations`), merged with
-//!   [`ContainerResponse::merge`], as Intel's device-plugin framework builds a
-//!   response from its device tree;
-//! - [`DevicePlugin::health`] runs `scan` again and reports each device's health
-//!   as found (a device no longer found is unhealthy);
-//! - [`DevicePlugin::post_allocate`] returns the response unchanged.
+//! That module exports `scan` alone (the WIT `scanner` world), and the host
+//! supplies the rest:
+//! - **health** comes from each scan (a device's [`Device::health`]), at the
+//!   scan interval;
+//! - **allocate** gives each container the merge of what `scan` reported for
+//!   its devices ([`Device::allocation`]): nodes, mounts and CDI names once each,
+//!   an environment variable or annotation set by several devices with its
+//!   distinct values joined by `,` (`IDS=a,b`), and an error when two devices
+//!   need different mounts or nodes at one container path. The host does this
+//!   without running the module;
+//! - **post-allocate**: none; the response is final.
+//!
+//! A module that needs more implements the hook's trait ([`HealthCheck`],
+//! [`Allocate`], [`PostAllocate`]) and names the hook in the macro, in this
+//! order:
+//!
+//! ```ignore
+//! wdp_sdk::export_device_plugin!(Serial with health);
+//! wdp_sdk::export_device_plugin!(Serial with allocate, post_allocate);
+//! wdp_sdk::export_device_plugin!(Serial with health, allocate, post_allocate);
+//! ```
+//!
+//! Only the named hooks are exported, so the host knows which it must call
+//! (each exported hook costs a call into the module; an Allocate of a module
+//! with neither `allocate` nor `post_allocate` never instantiates it). A trait
+//! implemented but not named is not exported; a hook named but not implemented
+//! does not compile.
 //!
 //! Keep no state between calls, derive everything from [`config`] and the files
 //! the operator granted: `scan` and `health` run in a fresh instance, and an
@@ -43,8 +61,9 @@
 
 #![warn(missing_docs)]
 
-/// The bindings generated from the host's WIT world. Everything a module needs
-/// is re-exported at the crate root; this is here for the rare lower-level need.
+/// The bindings generated from the host's WIT `device-plugin` world (every
+/// export). Everything a module needs is re-exported at the crate root; this is
+/// here for the rare lower-level need.
 #[allow(missing_docs, clippy::all)]
 pub mod bindings {
     wit_bindgen::generate!({
@@ -56,61 +75,223 @@ pub mod bindings {
     });
 }
 
+/// One world per choice of hooks, for [`export_device_plugin!`]: `scanner`
+/// from the WIT package, the others restating the package's signatures (a WIT
+/// world cannot `include` one that `use`s the same types). All share the types
+/// and the `host` import of [`bindings`].
+#[doc(hidden)]
+pub mod worlds {
+    /// Generates the bindings of world `$world` of the SDK's worlds into
+    /// module `$module`.
+    macro_rules! sdk_world {
+        ($module:ident, $world:literal, $bindings:literal) => {
+            #[allow(missing_docs, clippy::all)]
+            pub mod $module {
+                wit_bindgen::generate!({
+                    inline: "
+                        package wdp:sdk;
+
+                        world scan-health {
+                            use wasm-device-plugin:device/types@0.2.1.{device-kind, device-ref, health, module-error};
+                            import wasm-device-plugin:device/host@0.2.1;
+                            export scan: func() -> result<list<device-kind>, module-error>;
+                            export health: func(devices: list<device-ref>) -> result<list<health>, module-error>;
+                        }
+
+                        world scan-allocate {
+                            use wasm-device-plugin:device/types@0.2.1.{device-kind, allocate-request, container-response, module-error};
+                            import wasm-device-plugin:device/host@0.2.1;
+                            export scan: func() -> result<list<device-kind>, module-error>;
+                            export allocate: func(request: allocate-request) -> result<list<container-response>, module-error>;
+                        }
+
+                        world scan-post-allocate {
+                            use wasm-device-plugin:device/types@0.2.1.{device-kind, allocate-request, container-response, module-error};
+                            import wasm-device-plugin:device/host@0.2.1;
+                            export scan: func() -> result<list<device-kind>, module-error>;
+                            export post-allocate: func(request: allocate-request, response: list<container-response>) -> result<list<container-response>, module-error>;
+                        }
+
+                        world scan-health-allocate {
+                            use wasm-device-plugin:device/types@0.2.1.{device-kind, device-ref, health, allocate-request, container-response, module-error};
+                            import wasm-device-plugin:device/host@0.2.1;
+                            export scan: func() -> result<list<device-kind>, module-error>;
+                            export health: func(devices: list<device-ref>) -> result<list<health>, module-error>;
+                            export allocate: func(request: allocate-request) -> result<list<container-response>, module-error>;
+                        }
+
+                        world scan-health-post-allocate {
+                            use wasm-device-plugin:device/types@0.2.1.{device-kind, device-ref, health, allocate-request, container-response, module-error};
+                            import wasm-device-plugin:device/host@0.2.1;
+                            export scan: func() -> result<list<device-kind>, module-error>;
+                            export health: func(devices: list<device-ref>) -> result<list<health>, module-error>;
+                            export post-allocate: func(request: allocate-request, response: list<container-response>) -> result<list<container-response>, module-error>;
+                        }
+
+                        world scan-allocate-post-allocate {
+                            use wasm-device-plugin:device/types@0.2.1.{device-kind, allocate-request, container-response, module-error};
+                            import wasm-device-plugin:device/host@0.2.1;
+                            export scan: func() -> result<list<device-kind>, module-error>;
+                            export allocate: func(request: allocate-request) -> result<list<container-response>, module-error>;
+                            export post-allocate: func(request: allocate-request, response: list<container-response>) -> result<list<container-response>, module-error>;
+                        }
+                    ",
+                    path: "../../wit",
+                    world: $world,
+                    with: {
+                        "wasm-device-plugin:device/types@0.2.1": crate::bindings::wasm_device_plugin::device::types,
+                        "wasm-device-plugin:device/host@0.2.1": crate::bindings::wasm_device_plugin::device::host,
+                    },
+                    pub_export_macro: true,
+                    export_macro_name: "export",
+                    default_bindings_module: $bindings,
+                });
+            }
+        };
+    }
+
+    #[allow(missing_docs, clippy::all)]
+    pub mod scanner {
+        wit_bindgen::generate!({
+            path: "../../wit",
+            world: "scanner",
+            with: {
+                "wasm-device-plugin:device/types@0.2.1": crate::bindings::wasm_device_plugin::device::types,
+                "wasm-device-plugin:device/host@0.2.1": crate::bindings::wasm_device_plugin::device::host,
+            },
+            pub_export_macro: true,
+            export_macro_name: "export",
+            default_bindings_module: "wdp_sdk::worlds::scanner",
+        });
+    }
+    sdk_world!(health, "scan-health", "wdp_sdk::worlds::health");
+    sdk_world!(allocate, "scan-allocate", "wdp_sdk::worlds::allocate");
+    sdk_world!(
+        post_allocate,
+        "scan-post-allocate",
+        "wdp_sdk::worlds::post_allocate"
+    );
+    sdk_world!(
+        health_allocate,
+        "scan-health-allocate",
+        "wdp_sdk::worlds::health_allocate"
+    );
+    sdk_world!(
+        health_post_allocate,
+        "scan-health-post-allocate",
+        "wdp_sdk::worlds::health_post_allocate"
+    );
+    sdk_world!(
+        allocate_post_allocate,
+        "scan-allocate-post-allocate",
+        "wdp_sdk::worlds::allocate_post_allocate"
+    );
+}
+
 pub use bindings::wasm_device_plugin::device::host::LogLevel;
 pub use bindings::wasm_device_plugin::device::types::{
     AllocateRequest, ContainerRequest, ContainerResponse, Device, DeviceKind, DeviceRef,
     DeviceSpec, Health, KeyValue, ModuleError, Mount,
 };
 
-/// A device module. Only [`DevicePlugin::scan`] has no default.
+/// A device module: what it must do, report its devices.
 pub trait DevicePlugin {
     /// Reports the module's devices, grouped by kind (one kubelet resource per
     /// kind). Give each device what a container needs to use it (device nodes,
     /// mounts, environment, annotations, CDI names) with [`Device`]'s builder
-    /// methods, and the default [`DevicePlugin::allocate`] does the rest.
+    /// methods, and health ([`Device::healthy`]): without the optional hooks the
+    /// host allocates and judges health from these.
     ///
     /// # Errors
     /// A [`ModuleError`] when the devices cannot be listed; the host keeps the last
     /// good list and retries.
     fn scan() -> Result<Vec<DeviceKind>, ModuleError>;
+}
 
-    /// The health of `devices`, one entry each, in order. By default: `scan` again,
-    /// and each device's health as scanned; a device no longer found is unhealthy.
+/// The optional `health` hook (export it with `with health`). Without it the
+/// host takes each device's health from each scan; implement it when health is
+/// cheaper to check than a scan, or must be checked more often (the health
+/// interval rather than the scan interval).
+pub trait HealthCheck: DevicePlugin {
+    /// The health of `devices`, one entry each, in order. [`health_from_scan`]
+    /// answers from a fresh scan.
     ///
     /// # Errors
-    /// As [`DevicePlugin::scan`].
-    fn health(devices: Vec<DeviceRef>) -> Result<Vec<Health>, ModuleError> {
-        Ok(health_from_scan(&Self::scan()?, &devices))
-    }
+    /// As [`DevicePlugin::scan`]: a failed check keeps the last known health.
+    fn health(devices: Vec<DeviceRef>) -> Result<Vec<Health>, ModuleError>;
+}
 
-    /// What each container needs for the devices kubelet chose. By default: per
-    /// container, the merge of what `scan` reported for each of its devices.
+/// The optional `allocate` hook (export it with `with allocate`). Without it
+/// the host gives each container the merge of what `scan` reported for its
+/// devices; implement it when a container's needs depend on the whole request
+/// (numbering, counts) rather than on each device.
+pub trait Allocate: DevicePlugin {
+    /// What each container needs for the devices kubelet chose, one response
+    /// per container, in order. `request.containers[n].allocations` holds what
+    /// `scan` reported for each device; [`allocate_from_scan`] merges them.
     ///
     /// # Errors
     /// A [`ModuleError`] fails the whole Allocate; kubelet does not start the pod.
-    fn allocate(request: AllocateRequest) -> Result<Vec<ContainerResponse>, ModuleError> {
-        Ok(allocate_from_scan(&request))
-    }
+    fn allocate(request: AllocateRequest) -> Result<Vec<ContainerResponse>, ModuleError>;
+}
 
-    /// Amends the complete response (e.g. adds annotations for a runtime hook).
-    /// By default returns it unchanged.
+/// The optional `post-allocate` hook (export it with `with post_allocate`):
+/// amends the complete response, e.g. adds annotations for a runtime hook.
+/// Without `allocate`, `response` is the host's merge.
+pub trait PostAllocate: DevicePlugin {
+    /// The final responses, same length and order as `response`.
     ///
     /// # Errors
-    /// As [`DevicePlugin::allocate`].
+    /// As [`Allocate::allocate`].
     fn post_allocate(
         request: AllocateRequest,
         response: Vec<ContainerResponse>,
-    ) -> Result<Vec<ContainerResponse>, ModuleError> {
-        let _ = request;
-        Ok(response)
-    }
+    ) -> Result<Vec<ContainerResponse>, ModuleError>;
 }
 
-/// Exports a [`DevicePlugin`] implementation as the module's world. Use once, at
-/// the crate root of a `cdylib` built for `wasm32-wasip2`.
+/// Exports a [`DevicePlugin`] as the module's component, with the optional hooks
+/// named after `with` (in the order `health`, `allocate`, `post_allocate`), each
+/// implemented through its trait ([`HealthCheck`], [`Allocate`],
+/// [`PostAllocate`]). Use once, at the crate root of a `cdylib` built for
+/// `wasm32-wasip2`:
+///
+/// ```ignore
+/// wdp_sdk::export_device_plugin!(Serial);                           // scan only
+/// wdp_sdk::export_device_plugin!(Serial with health);
+/// wdp_sdk::export_device_plugin!(Serial with allocate, post_allocate);
+/// ```
 #[macro_export]
 macro_rules! export_device_plugin {
-    ($plugin:ty) => {
+    ($plugin:ident) => {
+        $crate::__export_world!($plugin, $crate::worlds::scanner, []);
+    };
+    ($plugin:ident with health) => {
+        $crate::__export_world!($plugin, $crate::worlds::health, [health]);
+    };
+    ($plugin:ident with allocate) => {
+        $crate::__export_world!($plugin, $crate::worlds::allocate, [allocate]);
+    };
+    ($plugin:ident with post_allocate) => {
+        $crate::__export_world!($plugin, $crate::worlds::post_allocate, [post_allocate]);
+    };
+    ($plugin:ident with health, allocate) => {
+        $crate::__export_world!($plugin, $crate::worlds::health_allocate, [health, allocate]);
+    };
+    ($plugin:ident with health, post_allocate) => {
+        $crate::__export_world!(
+            $plugin,
+            $crate::worlds::health_post_allocate,
+            [health, post_allocate]
+        );
+    };
+    ($plugin:ident with allocate, post_allocate) => {
+        $crate::__export_world!(
+            $plugin,
+            $crate::worlds::allocate_post_allocate,
+            [allocate, post_allocate]
+        );
+    };
+    ($plugin:ident with health, allocate, post_allocate) => {
         const _: () = {
             struct Exported;
             impl $crate::bindings::Guest for Exported {
@@ -119,37 +300,72 @@ macro_rules! export_device_plugin {
                 {
                     <$plugin as $crate::DevicePlugin>::scan()
                 }
-                fn health(
-                    devices: ::std::vec::Vec<$crate::DeviceRef>,
-                ) -> ::core::result::Result<::std::vec::Vec<$crate::Health>, $crate::ModuleError>
-                {
-                    <$plugin as $crate::DevicePlugin>::health(devices)
-                }
-                fn allocate(
-                    request: $crate::AllocateRequest,
-                ) -> ::core::result::Result<
-                    ::std::vec::Vec<$crate::ContainerResponse>,
-                    $crate::ModuleError,
-                > {
-                    <$plugin as $crate::DevicePlugin>::allocate(request)
-                }
-                fn post_allocate(
-                    request: $crate::AllocateRequest,
-                    response: ::std::vec::Vec<$crate::ContainerResponse>,
-                ) -> ::core::result::Result<
-                    ::std::vec::Vec<$crate::ContainerResponse>,
-                    $crate::ModuleError,
-                > {
-                    <$plugin as $crate::DevicePlugin>::post_allocate(request, response)
-                }
+                $crate::__hook!($plugin, health);
+                $crate::__hook!($plugin, allocate);
+                $crate::__hook!($plugin, post_allocate);
             }
             $crate::bindings::export_world! { Exported with_types_in $crate::bindings }
         };
     };
 }
 
-/// The default `allocate`: per container, the merge of the allocations `scan`
-/// reported for its devices (in the request, one per device id).
+/// Implements `$world`'s `Guest` for `$plugin` with `scan` and `$hook`s, and
+/// exports it. Not for direct use: see [`export_device_plugin!`].
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_world {
+    ($plugin:ident, $($world:ident)::+, [$($hook:ident),*]) => {
+        const _: () = {
+            struct Exported;
+            impl $($world)::+::Guest for Exported {
+                fn scan()
+                -> ::core::result::Result<::std::vec::Vec<$crate::DeviceKind>, $crate::ModuleError>
+                {
+                    <$plugin as $crate::DevicePlugin>::scan()
+                }
+                $($crate::__hook!($plugin, $hook);)*
+            }
+            $($world)::+::export! { Exported with_types_in $($world)::+ }
+        };
+    };
+}
+
+/// One hook's method of a world's `Guest`, calling `$plugin`'s trait.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __hook {
+    ($plugin:ident, health) => {
+        fn health(
+            devices: ::std::vec::Vec<$crate::DeviceRef>,
+        ) -> ::core::result::Result<::std::vec::Vec<$crate::Health>, $crate::ModuleError> {
+            <$plugin as $crate::HealthCheck>::health(devices)
+        }
+    };
+    ($plugin:ident, allocate) => {
+        fn allocate(
+            request: $crate::AllocateRequest,
+        ) -> ::core::result::Result<::std::vec::Vec<$crate::ContainerResponse>, $crate::ModuleError>
+        {
+            <$plugin as $crate::Allocate>::allocate(request)
+        }
+    };
+    ($plugin:ident, post_allocate) => {
+        fn post_allocate(
+            request: $crate::AllocateRequest,
+            response: ::std::vec::Vec<$crate::ContainerResponse>,
+        ) -> ::core::result::Result<::std::vec::Vec<$crate::ContainerResponse>, $crate::ModuleError>
+        {
+            <$plugin as $crate::PostAllocate>::post_allocate(request, response)
+        }
+    };
+}
+
+/// Per container, the merge of the allocations `scan` reported for its devices
+/// (in the request, one per device id), by [`ContainerResponse::merge`]: what
+/// the SDK's `allocate` did by default in 0.2.0, for an [`Allocate`] that
+/// starts from it. (The host's own default, for modules without `allocate`,
+/// merges the same way but refuses two different mounts or nodes at one
+/// container path instead of keeping the first.)
 pub fn allocate_from_scan(request: &AllocateRequest) -> Vec<ContainerResponse> {
     request
         .containers
@@ -164,8 +380,8 @@ pub fn allocate_from_scan(request: &AllocateRequest) -> Vec<ContainerResponse> {
         .collect()
 }
 
-/// The default `health`: each asked device's health in `scanned`; unhealthy when
-/// it is no longer there.
+/// Each asked device's health in `scanned`; unhealthy when it is no longer
+/// there. For a [`HealthCheck`] that scans again.
 pub fn health_from_scan(scanned: &[DeviceKind], devices: &[DeviceRef]) -> Vec<Health> {
     devices
         .iter()

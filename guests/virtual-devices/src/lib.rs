@@ -8,12 +8,18 @@
 //!
 //! Ids look like `/node1/dev1/3` (kind `dev-1`, device 3). `allocate` sets
 //! `DEV_<kind>_ID_<n>=<id>` for the n-th device of the container (kind with every
-//! character outside `[A-Za-z0-9]` made `_`), and `post-allocate` adds the annotation
+//! character outside `[A-Za-z0-9]` made `_`) and the annotation
 //! `virtual.example.com/devices` listing the container's ids.
+//!
+//! Exports `scan`, `health` (the `unhealthy` list is checked every health
+//! interval, cheaper than a scan) and `allocate` (numbering is per container, so
+//! the host's merge of scan-time allocations would not do). No `post-allocate`:
+//! up to 0.2.0 it added the annotation, which `allocate` knows as well; the
+//! answer kubelet gets is the same.
 
 use wdp_sdk::{
-    AllocateRequest, ContainerResponse, Device, DeviceKind, DevicePlugin, DeviceRef, Health,
-    KeyValue, ModuleError, config, debug,
+    Allocate, AllocateRequest, ContainerResponse, Device, DeviceKind, DevicePlugin, DeviceRef,
+    Health, HealthCheck, ModuleError, config, debug,
 };
 
 const DEFAULT_KINDS: &str = "dev-1=4,dev-2=2";
@@ -82,9 +88,11 @@ impl DevicePlugin for VirtualDevices {
             })
             .collect())
     }
+}
 
+impl HealthCheck for VirtualDevices {
     fn health(devices: Vec<DeviceRef>) -> Result<Vec<Health>, ModuleError> {
-        // Cheaper than the default (a whole scan): only the `unhealthy` list matters.
+        // Cheaper than a whole scan: only the `unhealthy` list matters.
         let unhealthy = config::list("unhealthy");
         Ok(devices
             .iter()
@@ -97,9 +105,11 @@ impl DevicePlugin for VirtualDevices {
             })
             .collect())
     }
+}
 
+impl Allocate for VirtualDevices {
     fn allocate(request: AllocateRequest) -> Result<Vec<ContainerResponse>, ModuleError> {
-        // Numbered per container, so not from scan: the default would not do.
+        // Numbered per container, so not from scan: the host's merge would not do.
         let kind = env_safe(&request.kind);
         Ok(request
             .containers
@@ -112,22 +122,10 @@ impl DevicePlugin for VirtualDevices {
                     .fold(ContainerResponse::new(), |response, (n, id)| {
                         response.env(&format!("DEV_{kind}_ID_{n}"), id)
                     })
+                    .annotation(ANNOTATION, &container.device_ids.join(","))
             })
             .collect())
     }
-
-    fn post_allocate(
-        request: AllocateRequest,
-        mut response: Vec<ContainerResponse>,
-    ) -> Result<Vec<ContainerResponse>, ModuleError> {
-        for (container, reply) in request.containers.iter().zip(response.iter_mut()) {
-            reply.annotations.push(KeyValue {
-                key: ANNOTATION.to_string(),
-                value: container.device_ids.join(","),
-            });
-        }
-        Ok(response)
-    }
 }
 
-wdp_sdk::export_device_plugin!(VirtualDevices);
+wdp_sdk::export_device_plugin!(VirtualDevices with health, allocate);

@@ -514,6 +514,10 @@ impl Module {
     }
 
     async fn check_health(&mut self) {
+        // A module without `health` gets its health from scans (`Resource::update`).
+        if !self.guest.exports().health {
+            return;
+        }
         let mut refs = Vec::new();
         for resource in self.resources.values() {
             refs.extend(resource.real().devices().iter().map(|d| DeviceRef {

@@ -1,5 +1,7 @@
 //! Host bindings for the `device-plugin` world in `wit/`, generated at compile
-//! time. Nothing hand-written lives here.
+//! time: the types and the `host` import. Nothing hand-written lives here.
+//! Exports are optional, so they are found and called through
+//! `runtime::exports`, not the generated `DevicePluginPre` (which requires all).
 #![allow(missing_docs, clippy::all, clippy::pedantic)]
 
 wasmtime::component::bindgen!({

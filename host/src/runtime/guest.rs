@@ -2,6 +2,12 @@
 //! each call runs one export (or, for an allocation, `allocate` then
 //! `post-allocate` on the same instance).
 //!
+//! Only `scan` is required; which optional exports a module has is found at
+//! load ([`Exports`]) and the host supplies the rest: no health call (the
+//! registry takes health from scans), an allocation merged from the devices'
+//! scan-time allocations ([`merge`]), no post-processing. A module with neither
+//! `allocate` nor `post-allocate` is not instantiated for an Allocate at all.
+//!
 //! `scan` and `health` always run in a fresh instance (they read the granted
 //! files, and run seldom). Allocations, which sit on kubelet's pod-admission
 //! path, reuse a *warm* instance when one is kept: instantiating costs several
@@ -17,19 +23,20 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use wasmtime::component::Component;
 use wasmtime::component::types::ComponentItem;
+use wasmtime::component::{Component, InstancePre};
 use wasmtime::{Store, Trap};
 
 use crate::gauge::Gauge;
 use crate::metrics::{CallFailureKind, Function, ModuleMetrics};
 use crate::runtime::bindings::{
-    AllocateRequest, ContainerResponse, DeviceKind, DevicePlugin, DevicePluginPre, DeviceRef,
-    Health, ModuleError,
+    AllocateRequest, ContainerResponse, DeviceKind, DeviceRef, Health, ModuleError,
 };
 use crate::runtime::engine::Runtime;
+use crate::runtime::exports::{Exports, Funcs, Indices};
 use crate::runtime::limits::{Call, CallSettings, HostState, arm, new_store};
-use crate::runtime::{CallError, CallFailure, LoadError};
+use crate::runtime::merge;
+use crate::runtime::{CallError, CallFailure, LoadError, PACKAGE, PACKAGE_VERSION};
 
 /// The WASI 0.2 interfaces a module may import (sockets are not among them: a
 /// module has no network), besides this host's own package.
@@ -44,15 +51,29 @@ pub const PROVIDED_IMPORTS: &[&str] = &[
 /// The WASI version the host provides (any 0.2.x).
 const WASI_VERSION: &str = "0.2.";
 
-/// The major.minor of our WIT package that modules must be built against.
-const PACKAGE: &str = "wasm-device-plugin:device";
-const PACKAGE_VERSION: &str = "0.2";
+/// Whether a module built against `version` of our package runs here: the same
+/// `0.minor` (semver-compatible, which is also how wasmtime's linker matches
+/// the import to the host's definition) and no newer patch, which might import
+/// functions this host lacks.
+fn compatible(version: &str) -> bool {
+    let parts = |v: &str| -> Option<(u64, u64, u64)> {
+        let mut it = v.split('.').map(|p| p.parse::<u64>().ok());
+        let parsed = (it.next()??, it.next()??, it.next()??);
+        it.next().is_none().then_some(parsed)
+    };
+    match (parts(version), parts(PACKAGE_VERSION)) {
+        (Some((0, minor, patch)), Some((0, our_minor, our_patch))) => {
+            minor == our_minor && patch <= our_patch
+        }
+        _ => false,
+    }
+}
 
 /// Refuses a component that imports an interface this host does not provide, or
-/// another version of our package, naming each such import, or that lacks one
-/// of our exports, naming each missing one. (The linker would also refuse most
-/// of these, with a less helpful message; WASI sockets it would accept, as
-/// wasmtime links them whole.)
+/// an incompatible version of our package, naming each such import. (The
+/// linker would also refuse most of these, with a less helpful message; WASI
+/// sockets it would accept, as wasmtime links them whole.) Exports are checked
+/// by [`Indices::new`].
 fn check_world(engine: &wasmtime::Engine, component: &Component) -> Result<(), LoadError> {
     let ty = component.component_type();
     let mut foreign = Vec::new();
@@ -62,14 +83,15 @@ fn check_world(engine: &wasmtime::Engine, component: &Component) -> Result<(), L
         }
         if let Some(rest) = name.strip_prefix(PACKAGE).and_then(|r| r.strip_prefix('/')) {
             let version = rest.split_once('@').map_or("", |(_, v)| v);
-            if !version.starts_with(&format!("{PACKAGE_VERSION}.")) {
+            if !compatible(version) {
                 return Err(LoadError::Incompatible(format!(
-                    "it imports `{name}`: built against {PACKAGE}@{}, this host implements {PACKAGE}@{PACKAGE_VERSION}.x",
+                    "it imports `{name}`: built against {PACKAGE}@{}, this host implements {PACKAGE}@{PACKAGE_VERSION} (and runs modules built against an earlier 0.{}.x)",
                     if version.is_empty() {
                         "an unversioned package"
                     } else {
                         version
-                    }
+                    },
+                    PACKAGE_VERSION.split('.').nth(1).unwrap_or("?"),
                 )));
             }
             continue;
@@ -84,22 +106,20 @@ fn check_world(engine: &wasmtime::Engine, component: &Component) -> Result<(), L
     if !foreign.is_empty() {
         return Err(LoadError::UnsupportedImports(foreign.join(", ")));
     }
-    let missing: Vec<String> = EXPORTS
-        .iter()
-        .filter(|name| ty.get_export(engine, name).is_none())
-        .map(|name| format!("`{name}`"))
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    Err(LoadError::Incompatible(format!(
-        "it does not export {}",
-        missing.join(", ")
-    )))
+    Ok(())
 }
 
-/// The functions every module exports (their types are checked by the bindings).
-const EXPORTS: [&str; 4] = ["scan", "health", "allocate", "post-allocate"];
+/// The call a conflict in the host's own `allocate` is reported as.
+const DEFAULT_ALLOCATE: &str = "allocate (host default)";
+
+/// What a call of an export that [`Exports`] says is missing would return;
+/// `Guest::allocate` checks first, so this is a failure of the host, reported
+/// as one rather than a panic in a long-lived task.
+fn unreachable_export<T>(name: &str) -> wasmtime::Result<T> {
+    Err(wasmtime::format_err!(
+        "host bug: called `{name}`, which the module does not export"
+    ))
+}
 
 /// Most allocations one warm instance answers before it is dropped.
 pub const WARM_CALLS: u32 = 1000;
@@ -113,7 +133,7 @@ const WARM_MAX: usize = 4;
 /// An instance kept for the next allocation, in its store.
 struct Warm {
     store: Store<HostState>,
-    instance: DevicePlugin,
+    instance: Funcs,
     made: Instant,
     calls: u32,
 }
@@ -122,7 +142,9 @@ struct Warm {
 pub struct Guest {
     name: Arc<str>,
     engine: wasmtime::Engine,
-    pre: DevicePluginPre<HostState>,
+    pre: InstancePre<HostState>,
+    /// Where the exports are; which are present never changes for a version.
+    indices: Indices,
     settings: RwLock<Arc<CallSettings>>,
     /// Instances that answered an allocation and may answer another.
     warm: Mutex<Vec<Warm>>,
@@ -132,8 +154,10 @@ pub struct Guest {
 
 impl Guest {
     /// Compiles `bytes` (or reads them from the compiled-module cache) and checks
-    /// that they are a component of our world. CPU-bound (tens of milliseconds
-    /// when it compiles): call it off the async executor.
+    /// that they are a component of our package: its imports provided, `scan`
+    /// exported, and each optional export present of the world's type.
+    /// CPU-bound (tens of milliseconds when it compiles): call it off the async
+    /// executor.
     ///
     /// # Errors
     /// [`LoadError`] saying why the bytes are not a usable module.
@@ -152,15 +176,16 @@ impl Guest {
             runtime.count_refused();
             LoadError::Incompatible(format!("{e:#}"))
         };
-        let instance_pre = runtime
+        let pre = runtime
             .linker()
             .instantiate_pre(&component)
             .map_err(incompatible)?;
-        let pre = DevicePluginPre::new(instance_pre).map_err(incompatible)?;
+        let indices = Indices::new(&pre).inspect_err(|_| runtime.count_refused())?;
         Ok(Self {
             name: name.into(),
             engine: runtime.engine().clone(),
             pre,
+            indices,
             settings: RwLock::new(Arc::new(settings)),
             warm: Mutex::new(Vec::new()),
             calls: runtime.calls().clone(),
@@ -175,7 +200,13 @@ impl Guest {
 
     /// The compiled component (for tools that describe its imports and exports).
     pub fn component(&self) -> &Component {
-        self.pre.instance_pre().component()
+        self.pre.component()
+    }
+
+    /// Which optional functions the module exports; the host supplies the
+    /// others (see [`Exports`]).
+    pub fn exports(&self) -> Exports {
+        self.indices.exports()
     }
 
     /// Replaces the settings (limits, configuration, grants) that later calls
@@ -200,12 +231,13 @@ impl Guest {
         &self,
         store: &mut Store<HostState>,
         call: Call,
-    ) -> Result<DevicePlugin, CallError> {
+    ) -> Result<Funcs, CallError> {
         let started = Instant::now();
         let instance = self
             .pre
             .instantiate_async(&mut *store)
             .await
+            .and_then(|instance| self.indices.load(&mut *store, &instance))
             .map_err(|e| self.failure(call, store, e))?;
         self.metrics.instantiated(started.elapsed());
         Ok(instance)
@@ -266,7 +298,7 @@ impl Guest {
             let mut store = self.store(call, &settings);
             let instance = self.instantiate(&mut store, call).await?;
             let result = self
-                .timed(Function::Scan, instance.call_scan(&mut store))
+                .timed(Function::Scan, instance.scan(&mut store))
                 .await
                 .map_err(|e| self.failure(call, &store, e))?;
             store.data().flush_stdio();
@@ -275,18 +307,33 @@ impl Guest {
         .await
     }
 
-    /// Runs `health` for `devices`.
+    /// Runs `health` for `devices`. Callers check [`Exports::health`] first: a
+    /// module without `health` gets its health from scans.
     ///
     /// # Errors
-    /// As [`Guest::scan`].
+    /// As [`Guest::scan`]; [`ModuleError::Internal`] when the module does not
+    /// export `health` (without instantiating it).
     pub async fn health(&self, devices: &[DeviceRef]) -> Result<Vec<Health>, CallError> {
         let call = Call::Health;
+        if !self.exports().health {
+            return Err(self.module_error(
+                call,
+                ModuleError::Internal(
+                    "the module does not export `health`; its health comes from scan".into(),
+                ),
+            ));
+        }
         let settings = self.settings();
         self.bounded(call, &settings, async {
             let mut store = self.store(call, &settings);
             let instance = self.instantiate(&mut store, call).await?;
             let result = self
-                .timed(Function::Health, instance.call_health(&mut store, devices))
+                .timed(Function::Health, async {
+                    instance
+                        .health(&mut store, devices)
+                        .await
+                        .unwrap_or_else(|| unreachable_export("health"))
+                })
                 .await
                 .map_err(|e| self.failure(call, &store, e))?;
             store.data().flush_stdio();
@@ -300,14 +347,35 @@ impl Guest {
     /// deadline covers both. `settings` is what [`Guest::settings`] returned, so
     /// that the caller judges the answer by the grants the call ran with.
     ///
+    /// Without `allocate` the host's merge of the devices' scan-time
+    /// allocations ([`merge::allocate`]) stands in for its answer; without
+    /// `post-allocate` that answer is final. A module with neither is not
+    /// instantiated at all: the answer is the merge.
+    ///
     /// # Errors
-    /// As [`Guest::scan`], for either call.
+    /// As [`Guest::scan`], for either call; [`ModuleError::InvalidRequest`]
+    /// (call `allocate (host default)`) when the merge finds two devices of one
+    /// container needing different things at one container path.
     pub async fn allocate(
         &self,
         settings: &Arc<CallSettings>,
         request: &AllocateRequest,
     ) -> Result<Vec<ContainerResponse>, CallError> {
         let call = Call::Allocate;
+        let exports = self.exports();
+        let merged = if exports.allocate {
+            None
+        } else {
+            let merged = merge::allocate(request).map_err(|conflict| CallError::Module {
+                module: self.name.to_string(),
+                call: DEFAULT_ALLOCATE,
+                error: ModuleError::InvalidRequest(conflict.to_string()),
+            })?;
+            if !exports.post_allocate {
+                return Ok(merged);
+            }
+            Some(merged)
+        };
         self.bounded(call, settings, async {
             let mut warm = match self.take_warm(settings) {
                 Some(mut warm) => {
@@ -327,23 +395,29 @@ impl Guest {
             };
             // A failure returns early and drops the instance with its store.
             let store = &mut warm.store;
-            let response = self
-                .timed(
-                    Function::Allocate,
-                    warm.instance.call_allocate(&mut *store, request),
-                )
-                .await
-                .map_err(|e| self.failure(call, store, e))?;
-            let result = match response {
-                Ok(response) => self
-                    .timed(
-                        Function::PostAllocate,
+            let response = match merged {
+                Some(merged) => Ok(merged),
+                None => self
+                    .timed(Function::Allocate, async {
                         warm.instance
-                            .call_post_allocate(&mut *store, request, &response),
-                    )
+                            .allocate(&mut *store, request)
+                            .await
+                            .unwrap_or_else(|| unreachable_export("allocate"))
+                    })
                     .await
                     .map_err(|e| self.failure(call, store, e))?,
-                Err(err) => Err(err),
+            };
+            let result = match response {
+                Ok(response) if exports.post_allocate => self
+                    .timed(Function::PostAllocate, async {
+                        warm.instance
+                            .post_allocate(&mut *store, request, &response)
+                            .await
+                            .unwrap_or_else(|| unreachable_export("post-allocate"))
+                    })
+                    .await
+                    .map_err(|e| self.failure(call, store, e))?,
+                other => other,
             };
             store.data().flush_stdio();
             warm.calls += 1;
@@ -425,5 +499,24 @@ fn function_of(call: Call) -> Function {
         Call::Scan => Function::Scan,
         Call::Health => Function::Health,
         Call::Allocate => Function::Allocate,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modules_of_this_or_an_earlier_patch_of_the_package_are_compatible() {
+        assert_eq!(PACKAGE_VERSION, "0.2.1");
+        assert!(compatible("0.2.0"));
+        assert!(compatible("0.2.1"));
+    }
+
+    #[test]
+    fn modules_of_a_newer_patch_or_another_minor_are_not() {
+        for version in ["0.2.2", "0.1.0", "0.3.0", "1.0.0", "0.2", "0.2.0-rc1", ""] {
+            assert!(!compatible(version), "{version}");
+        }
     }
 }

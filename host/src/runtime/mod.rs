@@ -4,15 +4,25 @@
 pub mod bindings;
 pub mod cache;
 pub mod engine;
+pub mod exports;
 pub mod guest;
 pub mod limits;
+pub mod merge;
 
 use std::time::Duration;
 
 pub use bindings::ModuleError;
 pub use engine::{Runtime, RuntimeStats};
+pub use exports::Exports;
 pub use guest::Guest;
 pub use limits::{CallSettings, Limits, ModuleConfig};
+
+/// Our WIT package (`wit/device-plugin.wit`).
+pub const PACKAGE: &str = "wasm-device-plugin:device";
+/// The version of [`PACKAGE`] this host implements: the one place it is written
+/// in the host. Modules built against this version or an earlier one of the
+/// same `0.minor` run (see `guest::check_world`).
+pub const PACKAGE_VERSION: &str = "0.2.1";
 
 /// The runtime could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -41,11 +51,9 @@ pub enum LoadError {
         "component imports {0}, which this host does not provide (modules get WASI 0.2 io, clocks, random, cli and filesystem, and no network)"
     )]
     UnsupportedImports(String),
-    /// A component that does not fit our world (another version of our package,
-    /// missing exports, wrong types).
-    #[error(
-        "component does not implement the wasm-device-plugin:device@0.2.0 device-plugin world: {0}"
-    )]
+    /// A component that does not fit our package (an incompatible version of it,
+    /// no `scan` export, an export of the wrong type).
+    #[error("component does not fit {package}@{version}: {0}", package = PACKAGE, version = PACKAGE_VERSION)]
     Incompatible(String),
 }
 

@@ -1,13 +1,12 @@
-//! A module of the host's package and version that exports only `scan` (with
-//! its own type) and none of `health`, `allocate` or `post-allocate`: the host
-//! must refuse it at load.
+//! A module of the host's package and version that does not export `scan` (its
+//! one function is `discover`): the host must refuse it at load, naming `scan`.
 
 wit_bindgen::generate!({
     inline: "
-        package wasm-device-plugin:device@0.2.0;
+        package wasm-device-plugin:device@0.2.1;
 
         world device-plugin {
-            export scan: func() -> list<string>;
+            export discover: func() -> list<string>;
         }
     ",
 });
@@ -15,7 +14,7 @@ wit_bindgen::generate!({
 struct MissingExport;
 
 impl Guest for MissingExport {
-    fn scan() -> Vec<String> {
+    fn discover() -> Vec<String> {
         vec!["d0".to_string()]
     }
 }
