@@ -57,14 +57,25 @@ async fn a_module_built_against_0_2_0_allocates_as_the_current_guest_does() {
 #[tokio::test]
 async fn a_module_built_against_0_2_0_gets_its_health_checked() {
     let fixture = serving("virtual", fixtures::VIRTUAL_DEVICES_0_2_0, None, DEV1).await;
-    let sick = BTreeMap::from([("unhealthy".to_string(), "/node1/dev1/2".to_string())]);
-    // No re-scan: only the module's own `health` export can notice.
-    assert!(fixture.host.set_module_config("virtual", sick, false).await);
+    let addr = fixture.serve_endpoints().await;
+    fixture
+        .set_config("virtual", &[("unhealthy", "/node1/dev1/2")])
+        .await;
     fixture
         .wait_for("dev1/2 unhealthy", |v| {
             health_of(v, DEV1, "/node1/dev1/2") == Some("Unhealthy")
         })
         .await;
+    let page = fixture.scrape(addr).await;
+    let health_calls = sample(
+        &page,
+        "wdp_guest_call_duration_seconds_count",
+        &[("module", "virtual"), ("function", "health")],
+    );
+    assert!(
+        health_calls.is_some_and(|n| n >= 1.0),
+        "the 0.2.0 module's own `health` export is called: {health_calls:?}"
+    );
     fixture.stop().await;
 }
 
@@ -152,8 +163,7 @@ async fn a_scan_only_module_with_two_mounts_at_one_path_is_refused_the_allocatio
 #[tokio::test]
 async fn a_module_without_health_gets_health_from_rescans() {
     let fixture = serving("widgets", guests::SCAN_ONLY, None, WIDGET).await;
-    let sick = BTreeMap::from([("unhealthy".to_string(), "w1".to_string())]);
-    assert!(fixture.host.set_module_config("widgets", sick, true).await);
+    fixture.set_config("widgets", &[("unhealthy", "w1")]).await;
     let view = fixture
         .wait_for("w1 unhealthy", |v| {
             health_of(v, WIDGET, "w1") == Some("Unhealthy")
