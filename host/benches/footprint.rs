@@ -303,8 +303,10 @@ fn report(
 
 /// One server process registered with a kubelet simulator of its own.
 struct Server {
+    // Fields drop in order: the process stops (SIGTERM, waited for) before
+    // its kubelet goes.
     daemon: Daemon,
-    kubelet: Option<Simulator>,
+    _kubelet: Simulator,
 }
 
 impl Server {
@@ -335,7 +337,7 @@ impl Server {
         .await;
         Self {
             daemon,
-            kubelet: Some(kubelet),
+            _kubelet: kubelet,
         }
     }
 
@@ -358,16 +360,8 @@ impl Server {
         ready(&kubelet, &resources).await;
         Self {
             daemon,
-            kubelet: Some(kubelet),
+            _kubelet: kubelet,
         }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // The daemon goes first (its field order would drop it first too); the
-        // simulator's own stop is async, and dropping it closes its sockets.
-        self.kubelet.take();
     }
 }
 
