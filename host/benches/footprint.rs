@@ -26,6 +26,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -564,7 +565,11 @@ fn floor_process(dir: &Path) {
         let mut changes = kubelet.changes();
         let mut registered = None;
         loop {
-            let now = kubelet.kubelet_identity();
+            // A new kubelet.sock may reuse the last one's inode: its change
+            // time tells them apart.
+            let now = std::fs::symlink_metadata(kubelet.kubelet_socket())
+                .ok()
+                .map(|m| (m.ino(), m.ctime(), m.ctime_nsec()));
             if now.is_some() && now != registered {
                 // A socket just created may not listen yet: a few tries.
                 for _ in 0..100 {
