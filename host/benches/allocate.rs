@@ -675,10 +675,13 @@ fn peer(peer_dir: &Path) -> String {
     let p50_ratio = med(&ours[0], |b| b.p50_us) / med(&go[0], |b| b.p50_us);
     let throughput_ratio =
         med(&ours[1], |b| b.throughput_per_s) / med(&go[1], |b| b.throughput_per_s);
+    // Throughput with 8 clients has no target any more: on 2 cores the load
+    // client's own CPU caps it (see BENCHMARKS.md); what the server costs per
+    // call is the footprint bench's CPU per Allocate.
     out.push_str(&format!(
         "\n| ours / Go | measured | target |\n|---|---|---|\n\
          | p50, 1 client | {p50_ratio:.2}× | ≤ 0.75× |\n\
-         | throughput, 8 clients | {throughput_ratio:.2}× | ≥ 2× |\n"
+         | throughput, 8 clients | {throughput_ratio:.2}× | — (retired: the client's CPU caps it; see What a node pays) |\n"
     ));
     out
 }

@@ -2,8 +2,9 @@
 //! signals, the kubelet simulator on real sockets. Here (not in the `tests`
 //! crate) because only this package's tests know where cargo put the binary.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
 
 use tokio::process::{Child, Command};
 use wasm_device_plugin::kubelet::deviceplugin::simulator::Simulator;
@@ -300,4 +301,95 @@ async fn a_metrics_port_in_use_stops_the_host_with_the_flag_named() {
         stderr.contains("--metrics-addr") && stderr.contains(&addr.to_string()),
         "{stderr}"
     );
+}
+
+/// Context switches (voluntary and not) of each thread of process `pid` so far,
+/// by thread id and name: each one is a time the thread stopped running, so an idle
+/// thread that wakes on a timer adds one per wake-up.
+fn context_switches(pid: u32) -> BTreeMap<String, u64> {
+    let mut threads = BTreeMap::new();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the host's threads");
+    for task in tasks.flatten() {
+        // A thread that ended since the listing is simply not counted.
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        let switches = status
+            .lines()
+            .filter(|l| {
+                l.starts_with("voluntary_ctxt_switches")
+                    || l.starts_with("nonvoluntary_ctxt_switches")
+            })
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
+        // Keyed by id and name, so a failure says which thread woke.
+        let name = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Name:"))
+            .unwrap_or_default()
+            .trim();
+        let tid = task.file_name().to_string_lossy().into_owned();
+        threads.insert(format!("{tid} {name}"), switches);
+    }
+    threads
+}
+
+#[tokio::test]
+async fn an_idle_host_does_not_wake_periodically() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    // Long enough to see a 10 ms ticker 200 times, or a 1 s timer twice.
+    const IDLE: Duration = Duration::from_secs(2);
+    const BURST: Duration = Duration::from_millis(500);
+    let dirs = Dirs::new();
+    dirs.add_module("virtual", guests::VIRTUAL_DEVICES);
+    let kubelet = Simulator::start(&dirs.kubelet()).expect("kubelet");
+    let mut host = host_command(&dirs)
+        .args(["--scan-interval", "1h", "--log-format", "json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let mut lines = BufReader::new(host.stderr.take().expect("stderr")).lines();
+    // Readiness is the last thing the host works out after registering.
+    json_log_line(
+        &mut lines,
+        "ready: every loaded module's resources are registered with kubelet",
+    )
+    .await;
+    kubelet
+        .wait_for(WAIT, "both resources listed", |v| {
+            ["example.com/dev-1", "example.com/dev-2"].iter().all(|r| {
+                v.plugin(r)
+                    .is_some_and(|p| p.streaming && !p.updates.is_empty())
+            })
+        })
+        .await
+        .expect("registered");
+    // Whatever else it logs is read, so that it never blocks on a full pipe.
+    let drain = tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let pid = host.id().expect("running");
+    // Tokio's workers go idle in a burst of wake-ups of each other (measured:
+    // up to 60 context switches, all within 50 ms of the last request); the
+    // window starts after it, as what is looked for here, a periodic wake-up,
+    // shows anywhere in it.
+    tokio::time::sleep(BURST).await;
+    let before = context_switches(pid);
+    // Observing an absence of activity takes a window; nothing is waited for.
+    tokio::time::sleep(IDLE).await;
+    let after = context_switches(pid);
+    // Threads that started or ended in the window count from zero / not at all.
+    let woken: BTreeMap<&String, u64> = after
+        .iter()
+        .map(|(tid, n)| (tid, n - before.get(tid).copied().unwrap_or(0)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    let total: u64 = woken.values().sum();
+    assert!(
+        total < 10,
+        "{total} context switches in {IDLE:?} of idleness, by thread: {woken:?}"
+    );
+    drop(host);
+    drain.abort();
+    kubelet.stop().await;
 }

@@ -521,7 +521,7 @@ fn test(extra: &[String]) -> Result<(), String> {
 
 /// The benchmarks `cargo xtask bench` runs, in order; each writes its section
 /// of [`BENCHMARKS`].
-const BENCHES: [&str; 3] = ["allocate", "scale", "reregister"];
+const BENCHES: [&str; 4] = ["allocate", "footprint", "scale", "reregister"];
 /// The document the benchmarks write their figures into.
 const BENCHMARKS: &str = "BENCHMARKS.md";
 /// Where the Go peer's programs are, packed, relative to the repository root.

@@ -2,14 +2,19 @@
 //! restarting and recreating `kubelet.sock`, kubelet wiping plugin sockets) bumps
 //! a counter that plugin tasks wait on, so they re-check their registration at
 //! once instead of polling. Which change matters is decided by looking at the
-//! files (`kubelet_identity`, a socket's inode), never by decoding events, so a
-//! missed or coalesced event costs only latency: plugins also re-check on a timer.
+//! files (`kubelet_identity`, a socket's inode), never by decoding events, so
+//! coalesced events cost nothing. Plugins rely on this watch alone (no timer:
+//! an idle host must not wake periodically), which inotify allows: it loses
+//! events only when its queue overflows, and an overflow reaches us as an event
+//! of its own (`notify` reports `Q_OVERFLOW` as a `Rescan` event), which, like
+//! any event or watch error, counts as a change, so every plugin looks again.
 //!
 //! A `kubelet.sock` with a new identity after an earlier one is counted as a
 //! kubelet restart in the metrics, once, by whichever look notices it first.
 //!
 //! Uses inotify through the `notify` crate; if the watch cannot be set up (no
-//! inotify instances left, say), the timer is the only trigger and a warning says so.
+//! inotify instances left, say), [`KubeletDir::watched`] is false, plugins
+//! re-check on a timer instead, and a warning says so.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -104,7 +109,9 @@ impl KubeletDir {
         let sender = Arc::new(sender);
         let tx = sender.clone();
         let seen = restarts.clone();
-        // Any event, an error (queue overflow) included, means "look again".
+        // Any event means "look again": a queue overflow (a `Rescan` event
+        // without paths) and a watch error included, since events may have
+        // been lost then.
         let watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
             // Counted before the plugins are woken, so a restart is in the
             // metrics by the time anything re-registers.
@@ -131,6 +138,12 @@ impl KubeletDir {
     /// The directory.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether changes are watched; if not, [`KubeletDir::changes`] never
+    /// changes and callers must look on a timer.
+    pub fn watched(&self) -> bool {
+        self._watcher.is_some()
     }
 
     /// A counter that changes whenever something in the directory changed.

@@ -97,8 +97,9 @@ const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 /// Longest wait between retries after kubelet refused a registration.
 const RETRY_MAX_REFUSED: Duration = Duration::from_secs(60);
-/// How often a registered plugin re-checks its socket and kubelet's, in case a
-/// directory event was missed.
+/// How often a registered plugin re-checks its socket and kubelet's when the
+/// kubelet directory is not watched (see `dir`); with a watch it only wakes on
+/// a change, so an idle host does not wake periodically.
 const RECHECK: Duration = Duration::from_secs(5);
 
 /// Serves `resource` and keeps it registered, in a task of its own; returns at
@@ -344,6 +345,8 @@ struct Incarnation {
     socket: Option<FileIdentity>,
     token: CancellationToken,
     task: JoinHandle<()>,
+    /// Cancelled when the server task ends, however it ends.
+    stopped: CancellationToken,
 }
 
 impl Incarnation {
@@ -381,7 +384,10 @@ impl Incarnation {
         // The server runs on the data plane; the listener moves there
         // unregistered, so that its connections belong to that thread's reactor.
         let listener = listener.into_std().map_err(socket_err)?;
+        let stopped = CancellationToken::new();
+        let stopped_on_drop = stopped.clone().drop_guard();
         let task = data_plane.spawn(async move {
+            let _stopped = stopped_on_drop;
             let served = match tokio::net::UnixListener::from_std(listener) {
                 Ok(listener) => service.serve(listener).await.map_err(|e| e.to_string()),
                 Err(err) => Err(err.to_string()),
@@ -398,6 +404,7 @@ impl Incarnation {
             socket,
             token,
             task,
+            stopped,
         };
         if let Err(cause) = socket::check_accepting(&incarnation.path).await {
             let err = socket_err(cause);
@@ -416,22 +423,31 @@ impl Incarnation {
         kubelet: Option<FileIdentity>,
         shutdown: &CancellationToken,
     ) -> Ended {
-        let mut recheck = tokio::time::interval(RECHECK);
-        recheck.tick().await;
+        // Only an unwatched directory needs looking at on a timer (its first
+        // tick, at once, is one more look).
+        let mut recheck = (!dir.watched()).then(|| tokio::time::interval(RECHECK));
+        let mut watching = true;
         loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return Ended::Shutdown,
-                () = self.token.cancelled() => return Ended::Shutdown,
-                _ = recheck.tick() => {}
-                changed = changes.changed() => {
-                    if changed.is_err() {
-                        // Cannot happen while `dir` lives; fall back to the timer.
+            let tick = async {
+                match recheck.as_mut() {
+                    Some(recheck) => {
                         recheck.tick().await;
                     }
+                    None => std::future::pending().await,
                 }
-            }
-            if self.task.is_finished() {
-                return Ended::ServerStopped;
+            };
+            let lost_watch = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return Ended::Shutdown,
+                () = self.token.cancelled() => return Ended::Shutdown,
+                () = self.stopped.cancelled() => return Ended::ServerStopped,
+                () = tick => false,
+                changed = changes.changed(), if watching => changed.is_err(),
+            };
+            if lost_watch {
+                // Cannot happen while `dir` lives; fall back to the timer.
+                watching = false;
+                recheck.get_or_insert_with(|| tokio::time::interval(RECHECK));
             }
             if file_identity(&self.path) != self.socket {
                 return Ended::SocketRemoved;
