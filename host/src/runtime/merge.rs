@@ -177,19 +177,21 @@ fn join(list: &mut Vec<KeyValue>, more: &[KeyValue]) {
     }
 }
 
+/// A response that gives a container nothing (a device whose scan reported no
+/// allocation).
+pub fn empty() -> ContainerResponse {
+    ContainerResponse {
+        envs: Vec::new(),
+        devices: Vec::new(),
+        mounts: Vec::new(),
+        annotations: Vec::new(),
+        cdi_devices: Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn empty() -> ContainerResponse {
-        ContainerResponse {
-            envs: Vec::new(),
-            devices: Vec::new(),
-            mounts: Vec::new(),
-            annotations: Vec::new(),
-            cdi_devices: Vec::new(),
-        }
-    }
 
     fn node(host: &str, container: &str, permissions: &str) -> DeviceSpec {
         DeviceSpec {

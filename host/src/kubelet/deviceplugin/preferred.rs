@@ -136,22 +136,9 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    use crate::domain::{ContainerAllocation, Device, Health, ResourceName};
-    use crate::frontend::{AllocateFuture, Backend};
-    use crate::snapshot::{AllocationPlan, ResourceSnapshot, SnapshotParts};
-
-    struct Nothing;
-
-    impl Backend for Nothing {
-        fn allocate<'a>(
-            &'a self,
-            _: &'a ResourceSnapshot,
-            plan: &'a AllocationPlan,
-        ) -> AllocateFuture<'a> {
-            let n = plan.containers().len();
-            Box::pin(async move { Ok(vec![ContainerAllocation::default(); n]) })
-        }
-    }
+    use crate::domain::{Device, Health, ResourceName};
+    use crate::snapshot::testing::Nothing;
+    use crate::snapshot::{ResourceSnapshot, SnapshotParts};
 
     /// A resource of `devices`, each advertised once.
     fn set(devices: &[(&str, Option<i64>)]) -> ResourceSnapshot {
