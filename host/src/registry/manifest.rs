@@ -30,7 +30,7 @@
 //!
 //! Parsing is strict: an unknown key, a wrong type or an out-of-range value is an
 //! error naming the file and the field, never silently ignored. Knows nothing of
-//! running modules; `lifecycle` applies what this returns.
+//! running modules; `module` applies what this returns.
 
 use std::collections::BTreeMap;
 use std::fmt;
