@@ -290,18 +290,6 @@ impl DeviceSet {
 /// Between a device id and its replica number in an advertised id (`a::0`).
 pub const REPLICA_SEPARATOR: &str = "::";
 
-/// The device behind an advertised id when devices are shared `replicas` times
-/// (see [`DeviceSet::replicated`]): `a::3` is `a`. With `replicas` 1 the id is
-/// the device's own.
-pub fn replica_device(advertised: &str, replicas: u32) -> &str {
-    if replicas <= 1 {
-        return advertised;
-    }
-    advertised
-        .rsplit_once(REPLICA_SEPARATOR)
-        .map_or(advertised, |(device, _)| device)
-}
-
 /// Health with hysteresis: a device's health changes only after `threshold`
 /// consecutive answers that differ from it (`unhealthy_after` to go unhealthy,
 /// `healthy_after` to come back); one answer that agrees resets the count.
@@ -519,10 +507,6 @@ mod tests {
             shared.get("x::y::1").map(|d| d.health),
             Some(Health::Unhealthy)
         );
-        for id in ids {
-            assert!(set.get(replica_device(id, 3)).is_some(), "{id}");
-        }
-        assert_eq!(replica_device("x::y", 1), "x::y");
         let many = DeviceSet::new(vec![Device {
             id: "a".into(),
             health: Health::Healthy,

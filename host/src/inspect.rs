@@ -381,11 +381,7 @@ async fn allocate_through_host(
         allocations: Arc::new(found.allocations),
         backend: Arc::new(GuestBackend::new(Arc::new(guest))),
     });
-    let ids: Vec<&[String]> = containers.iter().map(|c| c.0.as_slice()).collect();
-    let ids: Vec<Vec<&str>> = ids
-        .iter()
-        .map(|c| c.iter().map(String::as_str).collect())
-        .collect();
+    let ids: Vec<Vec<String>> = containers.iter().map(|c| c.0.clone()).collect();
     let plan = snapshot.plan(&ids).map_err(|err| InspectError::Allocate {
         code: server::request_code(&err),
         message: format!("resource {}: {err}", snapshot.name()),

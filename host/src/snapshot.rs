@@ -194,6 +194,12 @@ impl ResourceSnapshot {
         &self.advertised
     }
 
+    /// The advertised devices, shared: the same `Arc` as the previous
+    /// snapshot's when the list did not change.
+    pub fn advertised_arc(&self) -> &Arc<DeviceSet> {
+        &self.advertised
+    }
+
     /// The real devices, in order.
     pub fn real(&self) -> &DeviceSet {
         &self.real

@@ -1,9 +1,10 @@
 //! The `DevicePlugin` gRPC service for one resource: protocol messages in, domain
 //! values out, and the one place where errors become `tonic::Status`.
 //!
-//! It knows nothing of wasm: device state arrives through a `watch` channel and
-//! allocations through the [`DeviceBackend`] trait, so this file runs the same
-//! against a guest module or any other backend.
+//! It knows nothing of wasm: each request reads the resource's current
+//! [`ResourceSnapshot`](crate::snapshot::ResourceSnapshot) once and allocates through the [`Backend`](crate::frontend::Backend) that snapshot
+//! carries, so this file runs the same against a guest module or any other
+//! backend.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -29,7 +30,6 @@ use crate::kubelet::deviceplugin::proto::{
 };
 use crate::kubelet::deviceplugin::registration::plugin_options;
 use crate::metrics::ResourceMetrics;
-use crate::snapshot::ResourceSnapshot;
 
 /// Each way a backend fails maps to one gRPC code.
 /// The gRPC code kubelet gets for a failed allocation.
@@ -225,13 +225,16 @@ impl DevicePlugin for PluginService {
         let open = self.streams.enter();
         // A snapshot that keeps the list (a new allocation or module version)
         // is not sent: kubelet hears only of real changes.
-        let mut last: Option<Arc<ResourceSnapshot>> = None;
+        // Only the last list sent is kept (not its snapshot, which would hold an
+        // old module version alive while the stream is open).
+        let mut last: Option<Arc<DeviceSet>> = None;
         let stream = WatchStream::new(self.snapshots.clone())
             .filter_map(move |snapshot| {
                 let _ = &open;
-                let changed = last.as_ref().is_none_or(|l| !snapshot.same_list(l));
-                let response = changed.then(|| Ok(list_response(snapshot.advertised())));
-                last = Some(snapshot);
+                let list = snapshot.advertised_arc();
+                let changed = last.as_ref().is_none_or(|l| !Arc::ptr_eq(l, list));
+                let response = changed.then(|| Ok(list_response(list)));
+                last = Some(list.clone());
                 std::future::ready(response)
             })
             .take_until(self.shutdown.clone().cancelled_owned());
