@@ -147,10 +147,9 @@ fn build_module(module: &GoModule) -> Result<(PathBuf, String), String> {
         return Ok((out, version));
     }
     std::fs::create_dir_all(&out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
-    let go = Command::new("go")
-        .arg("version")
-        .output()
-        .map_err(|e| format!("the e2e builds Kubernetes and containerd with Go, and `go` cannot run: {e}"))?;
+    let go = Command::new("go").arg("version").output().map_err(|e| {
+        format!("the e2e builds Kubernetes and containerd with Go, and `go` cannot run: {e}")
+    })?;
     eprintln!(
         "e2e: building {} {version} into {} ({}; the first build takes several minutes)",
         module.dir,
@@ -199,7 +198,9 @@ fn module_key(dir: &Path) -> Result<String, String> {
     let mut files: Vec<PathBuf> = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).map_err(|e| format!("cannot read {}: {e}", d.display()))? {
+        for entry in
+            std::fs::read_dir(&d).map_err(|e| format!("cannot read {}: {e}", d.display()))?
+        {
             let path = entry.map_err(|e| e.to_string())?.path();
             if path.is_dir() {
                 stack.push(path);
@@ -211,8 +212,15 @@ fn module_key(dir: &Path) -> Result<String, String> {
     files.sort();
     let mut hash = Sha256::new();
     for file in &files {
-        hash.update(file.strip_prefix(dir).unwrap_or(file).to_string_lossy().as_bytes());
-        hash.update(std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?);
+        hash.update(
+            file.strip_prefix(dir)
+                .unwrap_or(file)
+                .to_string_lossy()
+                .as_bytes(),
+        );
+        hash.update(
+            std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?,
+        );
     }
     hash.update(output(Command::new("go").arg("version"))?.as_bytes());
     Ok(format!("{:x}\n", hash.finalize()))

@@ -69,7 +69,13 @@ impl Cluster {
     /// When a port is taken, a file cannot be written, or a component does not start
     /// in time. The processes started so far are stopped (the value is dropped).
     pub fn start(bins: &Binaries, images: &Images, logs: &Path) -> Result<Cluster, String> {
-        for port in [ETCD_CLIENT_PORT, ETCD_PEER_PORT, APISERVER_PORT, KUBELET_PORT, KUBELET_HEALTHZ_PORT] {
+        for port in [
+            ETCD_CLIENT_PORT,
+            ETCD_PEER_PORT,
+            APISERVER_PORT,
+            KUBELET_PORT,
+            KUBELET_HEALTHZ_PORT,
+        ] {
             TcpListener::bind(("127.0.0.1", port)).map_err(|e| {
                 format!("port {port} is taken ({e}): is another cluster running on this machine?")
             })?;
@@ -114,7 +120,8 @@ impl Cluster {
     /// the node, the service-account key pair, and their kubeconfigs. ECDSA P-256.
     fn write_pki(&self) -> Result<(), String> {
         let pki = self.path("pki");
-        std::fs::create_dir_all(&pki).map_err(|e| format!("cannot create {}: {e}", pki.display()))?;
+        std::fs::create_dir_all(&pki)
+            .map_err(|e| format!("cannot create {}: {e}", pki.display()))?;
         let key = |name: &str| -> Result<(), String> {
             openssl(&[
                 "genpkey",
@@ -128,39 +135,83 @@ impl Cluster {
         };
         key("ca")?;
         openssl(&[
-            "req", "-x509", "-new", "-key", &self.p("pki/ca.key"), "-subj", "/CN=wdp-e2e-ca",
-            "-days", "2", "-out", &self.p("pki/ca.crt"),
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            &self.p("pki/ca.key"),
+            "-subj",
+            "/CN=wdp-e2e-ca",
+            "-days",
+            "2",
+            "-out",
+            &self.p("pki/ca.crt"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
         ])?;
-        let cert = |name: &str, subject: &str, usage: &str, san: Option<&str>| -> Result<(), String> {
-            key(name)?;
-            let mut args = vec![
-                "req".to_string(), "-x509".into(), "-new".into(),
-                "-key".into(), self.p(&format!("pki/{name}.key")),
-                "-subj".into(), subject.into(),
-                "-CA".into(), self.p("pki/ca.crt"), "-CAkey".into(), self.p("pki/ca.key"),
-                "-days".into(), "2".into(), "-out".into(), self.p(&format!("pki/{name}.crt")),
-                "-addext".into(), "basicConstraints=critical,CA:FALSE".into(),
-                "-addext".into(), "keyUsage=critical,digitalSignature,keyEncipherment".into(),
-                "-addext".into(), format!("extendedKeyUsage={usage}"),
-            ];
-            if let Some(san) = san {
-                args.extend(["-addext".to_string(), format!("subjectAltName={san}")]);
-            }
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            openssl(&args)
-        };
+        let cert =
+            |name: &str, subject: &str, usage: &str, san: Option<&str>| -> Result<(), String> {
+                key(name)?;
+                let mut args = vec![
+                    "req".to_string(),
+                    "-x509".into(),
+                    "-new".into(),
+                    "-key".into(),
+                    self.p(&format!("pki/{name}.key")),
+                    "-subj".into(),
+                    subject.into(),
+                    "-CA".into(),
+                    self.p("pki/ca.crt"),
+                    "-CAkey".into(),
+                    self.p("pki/ca.key"),
+                    "-days".into(),
+                    "2".into(),
+                    "-out".into(),
+                    self.p(&format!("pki/{name}.crt")),
+                    "-addext".into(),
+                    "basicConstraints=critical,CA:FALSE".into(),
+                    "-addext".into(),
+                    "keyUsage=critical,digitalSignature,keyEncipherment".into(),
+                    "-addext".into(),
+                    format!("extendedKeyUsage={usage}"),
+                ];
+                if let Some(san) = san {
+                    args.extend(["-addext".to_string(), format!("subjectAltName={san}")]);
+                }
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                openssl(&args)
+            };
         cert(
             "apiserver",
             "/CN=kube-apiserver",
             "serverAuth",
-            Some("DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:127.0.0.1,IP:10.96.0.1"),
+            Some(
+                "DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:127.0.0.1,IP:10.96.0.1",
+            ),
         )?;
-        cert("admin", "/O=system:masters/CN=wdp-e2e-admin", "clientAuth", None)?;
-        cert("node", &format!("/O=system:nodes/CN=system:node:{NODE}"), "clientAuth", None)?;
+        cert(
+            "admin",
+            "/O=system:masters/CN=wdp-e2e-admin",
+            "clientAuth",
+            None,
+        )?;
+        cert(
+            "node",
+            &format!("/O=system:nodes/CN=system:node:{NODE}"),
+            "clientAuth",
+            None,
+        )?;
         key("sa")?;
-        openssl(&["pkey", "-in", &self.p("pki/sa.key"), "-pubout", "-out", &self.p("pki/sa.pub")])?;
+        openssl(&[
+            "pkey",
+            "-in",
+            &self.p("pki/sa.key"),
+            "-pubout",
+            "-out",
+            &self.p("pki/sa.pub"),
+        ])?;
         for (file, user) in [("admin.kubeconfig", "admin"), ("node.kubeconfig", "node")] {
             self.write(
                 file,
@@ -188,63 +239,89 @@ impl Cluster {
     fn start_control_plane(&mut self, bins: &Binaries) -> Result<(), String> {
         let etcd_client = format!("http://127.0.0.1:{ETCD_CLIENT_PORT}");
         let etcd_peer = format!("http://127.0.0.1:{ETCD_PEER_PORT}");
-        self.spawn("etcd", &bins.kube("etcd"), &[
-            "--name=e2e".into(),
-            format!("--data-dir={}", self.p("etcd")),
-            format!("--listen-client-urls={etcd_client}"),
-            format!("--advertise-client-urls={etcd_client}"),
-            format!("--listen-peer-urls={etcd_peer}"),
-            format!("--initial-advertise-peer-urls={etcd_peer}"),
-            format!("--initial-cluster=e2e={etcd_peer}"),
-            // A throwaway cluster: durability buys nothing and fsyncs are slow on a busy disk.
-            "--unsafe-no-fsync".into(),
-        ], &[])?;
+        self.spawn(
+            "etcd",
+            &bins.kube("etcd"),
+            &[
+                "--name=e2e".into(),
+                format!("--data-dir={}", self.p("etcd")),
+                format!("--listen-client-urls={etcd_client}"),
+                format!("--advertise-client-urls={etcd_client}"),
+                format!("--listen-peer-urls={etcd_peer}"),
+                format!("--initial-advertise-peer-urls={etcd_peer}"),
+                format!("--initial-cluster=e2e={etcd_peer}"),
+                // A throwaway cluster: durability buys nothing and fsyncs are slow on a busy disk.
+                "--unsafe-no-fsync".into(),
+            ],
+            &[],
+        )?;
         poll("etcd's /health", START_TIMEOUT, || {
             let body = http_get("127.0.0.1", ETCD_CLIENT_PORT, "/health")?;
             Ok(body.contains("\"health\":\"true\"").then_some(()))
         })?;
-        self.spawn("kube-apiserver", &bins.kube("kube-apiserver"), &[
-            format!("--etcd-servers={etcd_client}"),
-            "--bind-address=127.0.0.1".into(),
-            format!("--secure-port={APISERVER_PORT}"),
-            // The advertised address is loopback, which an Endpoints object may not
-            // hold: no reconciler (nothing in the cluster reaches the apiserver through
-            // the kubernetes Service; there is no kube-proxy).
-            "--endpoint-reconciler-type=none".into(),
-            format!("--tls-cert-file={}", self.p("pki/apiserver.crt")),
-            format!("--tls-private-key-file={}", self.p("pki/apiserver.key")),
-            format!("--client-ca-file={}", self.p("pki/ca.crt")),
-            format!("--service-account-key-file={}", self.p("pki/sa.pub")),
-            format!("--service-account-signing-key-file={}", self.p("pki/sa.key")),
-            "--service-account-issuer=https://kubernetes.default.svc".into(),
-            format!("--service-cluster-ip-range={SERVICE_SUBNET}"),
-            "--authorization-mode=Node,RBAC".into(),
-            "--enable-admission-plugins=NodeRestriction".into(),
-            "--allow-privileged=true".into(),
-            format!("--kubelet-client-certificate={}", self.p("pki/admin.crt")),
-            format!("--kubelet-client-key={}", self.p("pki/admin.key")),
-            "--kubelet-preferred-address-types=InternalIP".into(),
-            "--profiling=false".into(),
-        ], &[])?;
+        self.spawn(
+            "kube-apiserver",
+            &bins.kube("kube-apiserver"),
+            &[
+                format!("--etcd-servers={etcd_client}"),
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={APISERVER_PORT}"),
+                // The advertised address is loopback, which an Endpoints object may not
+                // hold: no reconciler (nothing in the cluster reaches the apiserver through
+                // the kubernetes Service; there is no kube-proxy).
+                "--endpoint-reconciler-type=none".into(),
+                format!("--tls-cert-file={}", self.p("pki/apiserver.crt")),
+                format!("--tls-private-key-file={}", self.p("pki/apiserver.key")),
+                format!("--client-ca-file={}", self.p("pki/ca.crt")),
+                format!("--service-account-key-file={}", self.p("pki/sa.pub")),
+                format!(
+                    "--service-account-signing-key-file={}",
+                    self.p("pki/sa.key")
+                ),
+                "--service-account-issuer=https://kubernetes.default.svc".into(),
+                format!("--service-cluster-ip-range={SERVICE_SUBNET}"),
+                "--authorization-mode=Node,RBAC".into(),
+                "--enable-admission-plugins=NodeRestriction".into(),
+                "--allow-privileged=true".into(),
+                format!("--kubelet-client-certificate={}", self.p("pki/admin.crt")),
+                format!("--kubelet-client-key={}", self.p("pki/admin.key")),
+                "--kubelet-preferred-address-types=InternalIP".into(),
+                "--profiling=false".into(),
+            ],
+            &[],
+        )?;
         poll("kube-apiserver's /readyz", START_TIMEOUT, || {
             let ready = self.kubectl(&["get", "--raw=/readyz"])?;
             Ok((ready.trim() == "ok").then_some(()))
         })?;
         let kubeconfig = self.p("admin.kubeconfig");
-        self.spawn("kube-controller-manager", &bins.kube("kube-controller-manager"), &[
-            format!("--kubeconfig={kubeconfig}"),
-            "--leader-elect=false".into(),
-            "--secure-port=0".into(),
-            format!("--root-ca-file={}", self.p("pki/ca.crt")),
-            format!("--service-account-private-key-file={}", self.p("pki/sa.key")),
-            "--use-service-account-credentials=false".into(),
-            format!("--service-cluster-ip-range={SERVICE_SUBNET}"),
-        ], &[])?;
-        self.spawn("kube-scheduler", &bins.kube("kube-scheduler"), &[
-            format!("--kubeconfig={kubeconfig}"),
-            "--leader-elect=false".into(),
-            "--secure-port=0".into(),
-        ], &[])?;
+        self.spawn(
+            "kube-controller-manager",
+            &bins.kube("kube-controller-manager"),
+            &[
+                format!("--kubeconfig={kubeconfig}"),
+                "--leader-elect=false".into(),
+                "--secure-port=0".into(),
+                format!("--root-ca-file={}", self.p("pki/ca.crt")),
+                format!(
+                    "--service-account-private-key-file={}",
+                    self.p("pki/sa.key")
+                ),
+                "--use-service-account-credentials=false".into(),
+                format!("--service-cluster-ip-range={SERVICE_SUBNET}"),
+            ],
+            &[],
+        )?;
+        self.spawn(
+            "kube-scheduler",
+            &bins.kube("kube-scheduler"),
+            &[
+                format!("--kubeconfig={kubeconfig}"),
+                "--leader-elect=false".into(),
+                "--secure-port=0".into(),
+            ],
+            &[],
+        )?;
         Ok(())
     }
 
@@ -282,6 +359,8 @@ disabled_plugins = [
   # The VM lacks CAP_SYS_RESOURCE: runc cannot set a negative oom_score_adj
   # (symptom: "can't get final child's PID from pipe: EOF").
   restrict_oom_score_adj = true
+  # Pods' network namespaces under the state directory above, not /run/netns.
+  netns_mounts_under_state_dir = true
   # CDI injection (the CDI issue's scenario); upstream's default directories, where a
   # host in the DaemonSet writes its specs.
   enable_cdi = true
@@ -344,12 +423,8 @@ disabled_plugins = [
 
     /// Imports an OCI archive into containerd's `k8s.io` namespace (the CRI's).
     pub fn import(&self, archive: &Path) -> Result<(), String> {
-        self.ctr(&[
-            "images",
-            "import",
-            &archive.display().to_string(),
-        ])
-        .map(drop)
+        self.ctr(&["images", "import", &archive.display().to_string()])
+            .map(drop)
     }
 
     fn start_kubelet(&mut self, bins: &Binaries) -> Result<(), String> {
@@ -446,8 +521,14 @@ imageGCLowThresholdPercent: 99
             .ok_or("kubelet is not running")?;
         let mut kubelet = self.processes.remove(index);
         eprintln!("e2e: killing kubelet (pid {})", kubelet.child.id());
-        kubelet.child.kill().map_err(|e| format!("cannot kill kubelet: {e}"))?;
-        kubelet.child.wait().map_err(|e| format!("cannot reap kubelet: {e}"))?;
+        kubelet
+            .child
+            .kill()
+            .map_err(|e| format!("cannot kill kubelet: {e}"))?;
+        kubelet
+            .child
+            .wait()
+            .map_err(|e| format!("cannot reap kubelet: {e}"))?;
         self.spawn_kubelet()?;
         poll("the restarted kubelet's /healthz", START_TIMEOUT, || {
             let body = http_get("127.0.0.1", KUBELET_HEALTHZ_PORT, "/healthz")?;
@@ -484,7 +565,11 @@ imageGCLowThresholdPercent: 99
         let child = cmd
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", program.display()))?;
-        eprintln!("e2e: started {name} (pid {}), log {}", child.id(), log_path.display());
+        eprintln!(
+            "e2e: started {name} (pid {}), log {}",
+            child.id(),
+            log_path.display()
+        );
         self.processes.push(Process { name, child });
         Ok(())
     }
@@ -525,9 +610,20 @@ imageGCLowThresholdPercent: 99
         let running = |name: &str, procs: &[Process]| procs.iter().any(|p| p.name == name);
         if running("kube-apiserver", &self.processes) && running("kubelet", &self.processes) {
             // Best effort: whatever is left is killed below.
-            let _ = self.kubectl(&["delete", "daemonsets", "--all", "--all-namespaces", "--wait=false"]);
             let _ = self.kubectl(&[
-                "delete", "pods", "--all", "--all-namespaces", "--grace-period=1", "--timeout=60s",
+                "delete",
+                "daemonsets",
+                "--all",
+                "--all-namespaces",
+                "--wait=false",
+            ]);
+            let _ = self.kubectl(&[
+                "delete",
+                "pods",
+                "--all",
+                "--all-namespaces",
+                "--grace-period=1",
+                "--timeout=60s",
             ]);
         }
         // Kubelet first (it would restart what is killed under it), then the pods'
@@ -549,9 +645,11 @@ imageGCLowThresholdPercent: 99
         }
         if let Some(machine) = self.machine.take() {
             // A killed container's cgroup empties asynchronously: wait for it.
-            let _ = poll("the pods' processes to exit", Duration::from_secs(30), || {
-                Ok(machine.cgroup_pids().is_empty().then_some(()))
-            });
+            let _ = poll(
+                "the pods' processes to exit",
+                Duration::from_secs(30),
+                || Ok(machine.cgroup_pids().is_empty().then_some(())),
+            );
             problems.extend(machine.restore(&self.dir));
         }
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
@@ -590,7 +688,10 @@ fn stop_process(mut process: Process) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    eprintln!("e2e: {} (pid {pid}) ignored SIGTERM for 20 s: killing it", process.name);
+    eprintln!(
+        "e2e: {} (pid {pid}) ignored SIGTERM for 20 s: killing it",
+        process.name
+    );
     let _ = process.child.kill();
     let _ = process.child.wait();
 }
@@ -603,7 +704,9 @@ fn processes_running(program: &Path) -> Vec<i32> {
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe == program))
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe == program)
+        })
         .collect()
 }
 
@@ -632,7 +735,11 @@ fn command_stdout(cmd: &mut Command, input: Option<&str>) -> Result<String, Stri
         return Err("interrupted".into());
     }
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    cmd.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() });
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
@@ -651,7 +758,10 @@ fn command_stdout(cmd: &mut Command, input: Option<&str>) -> Result<String, Stri
         let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy()).collect();
         Err(format!(
             "`{} {}` failed ({}): {}",
-            Path::new(cmd.get_program()).file_name().unwrap_or_default().to_string_lossy(),
+            Path::new(cmd.get_program())
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy(),
             args.join(" "),
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()

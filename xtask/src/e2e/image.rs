@@ -168,8 +168,13 @@ fn move_into_blobs(file: &Path, blobs: &Path) -> Result<(String, u64), String> {
     let size = std::io::copy(&mut reader, &mut hash)
         .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
     let hex = format!("{:x}", hash.finalize());
-    std::fs::rename(file, blobs.join(&hex))
-        .map_err(|e| format!("cannot move {} into {}: {e}", file.display(), blobs.display()))?;
+    std::fs::rename(file, blobs.join(&hex)).map_err(|e| {
+        format!(
+            "cannot move {} into {}: {e}",
+            file.display(),
+            blobs.display()
+        )
+    })?;
     Ok((format!("sha256:{hex}"), size))
 }
 
@@ -227,12 +232,15 @@ pub fn pause(name: &str) -> Result<PathBuf, String> {
     let rootfs = work.join("rootfs");
     fresh_dir(&rootfs)?;
     let source = work.join("pause.c");
-    std::fs::write(&source, PAUSE_C).map_err(|e| format!("cannot write {}: {e}", source.display()))?;
+    std::fs::write(&source, PAUSE_C)
+        .map_err(|e| format!("cannot write {}: {e}", source.display()))?;
     run(Command::new("gcc")
         .args(["-static", "-Os", "-s", "-o"])
         .arg(rootfs.join("pause"))
         .arg(&source))
-    .map_err(|e| format!("{e}\n(the pause image needs gcc with a static libc, Debian's libc6-dev)"))?;
+    .map_err(|e| {
+        format!("{e}\n(the pause image needs gcc with a static libc, Debian's libc6-dev)")
+    })?;
     let archive = images_dir().join("pause.tar");
     write_archive(
         name,
@@ -295,15 +303,20 @@ pub fn host(name: &str, dist: &Path, binary: &Path, revision: &str) -> Result<Pa
     let dockerfile = root().join("deploy/Dockerfile");
     let text = std::fs::read_to_string(&dockerfile)
         .map_err(|e| format!("cannot read {}: {e}", dockerfile.display()))?;
-    let mut config = dockerfile_config(&text)
-        .map_err(|e| format!("{}: {e}", dockerfile.display()))?;
+    let mut config =
+        dockerfile_config(&text).map_err(|e| format!("{}: {e}", dockerfile.display()))?;
     config
         .labels
         .push(("org.opencontainers.image.revision".into(), revision.into()));
     let archive = images_dir().join(format!("host-{revision}.tar"));
     write_archive(
         name,
-        &[Layer { dir: base }, Layer { dir: dist.to_path_buf() }],
+        &[
+            Layer { dir: base },
+            Layer {
+                dir: dist.to_path_buf(),
+            },
+        ],
         &config,
         &archive,
     )?;
@@ -427,12 +440,18 @@ mod tests {
     fn dockerfile_config_reads_the_shipped_dockerfile() {
         let text = std::fs::read_to_string(root().join("deploy/Dockerfile"))
             .expect("deploy/Dockerfile is readable");
-        let config = dockerfile_config(&text).expect("the shipped Dockerfile's final stage is read");
+        let config =
+            dockerfile_config(&text).expect("the shipped Dockerfile's final stage is read");
         assert_eq!(config.entrypoint, ["/usr/local/bin/wasm-device-plugin"]);
         assert_eq!(config.cmd, ["run"]);
         assert_eq!(config.user.as_deref(), Some("0:0"));
         assert_eq!(config.exposed_ports, ["9477/tcp"]);
-        assert!(config.labels.iter().any(|(k, v)| k == "org.opencontainers.image.version" && !v.contains('$')));
+        assert!(
+            config
+                .labels
+                .iter()
+                .any(|(k, v)| k == "org.opencontainers.image.version" && !v.contains('$'))
+        );
     }
 
     #[test]

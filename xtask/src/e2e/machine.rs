@@ -150,7 +150,10 @@ impl Machine {
             cgroups.sort_by_key(|c| std::cmp::Reverse(c.components().count()));
             for cgroup in cgroups {
                 if let Err(e) = std::fs::remove_dir(&cgroup) {
-                    problems.push(format!("cannot remove the cgroup {}: {e}", cgroup.display()));
+                    problems.push(format!(
+                        "cannot remove the cgroup {}: {e}",
+                        cgroup.display()
+                    ));
                 }
             }
         }
@@ -296,7 +299,8 @@ fn cgroup_hierarchies() -> Vec<PathBuf> {
             let (left, right) = line.split_once(" - ")?;
             let fstype = right.split_whitespace().next()?;
             let mount_point = left.split_whitespace().nth(4)?;
-            (fstype == "cgroup" || fstype == "cgroup2").then(|| PathBuf::from(unescape(mount_point)))
+            (fstype == "cgroup" || fstype == "cgroup2")
+                .then(|| PathBuf::from(unescape(mount_point)))
         })
         .filter(|p| p.starts_with("/sys/fs/cgroup"))
         .collect();
@@ -379,7 +383,15 @@ mod tests {
     fn shell_words_keeps_quoted_words() {
         assert_eq!(
             shell_words("KUBE-X -m comment --comment \"a b\" -j ACCEPT"),
-            ["KUBE-X", "-m", "comment", "--comment", "a b", "-j", "ACCEPT"]
+            [
+                "KUBE-X",
+                "-m",
+                "comment",
+                "--comment",
+                "a b",
+                "-j",
+                "ACCEPT"
+            ]
         );
     }
 }

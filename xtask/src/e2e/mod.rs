@@ -78,7 +78,9 @@ pub fn poll<T>(
             return Err(format!("interrupted while waiting for {what}"));
         }
         if started.elapsed() > timeout {
-            return Err(format!("timed out after {timeout:?} waiting for {what} (last: {last})"));
+            return Err(format!(
+                "timed out after {timeout:?} waiting for {what} (last: {last})"
+            ));
         }
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -90,7 +92,11 @@ pub fn e2e(args: &[String]) -> Result<(), String> {
     for arg in args {
         match arg.as_str() {
             "--release" => release = true,
-            other => return Err(format!("unknown argument `{other}` (usage: cargo xtask e2e [--release])")),
+            other => {
+                return Err(format!(
+                    "unknown argument `{other}` (usage: cargo xtask e2e [--release])"
+                ));
+            }
         }
     }
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -124,7 +130,8 @@ pub fn e2e(args: &[String]) -> Result<(), String> {
     };
     let logs = root().join("target/e2e/logs");
     if logs.exists() {
-        std::fs::remove_dir_all(&logs).map_err(|e| format!("cannot clear {}: {e}", logs.display()))?;
+        std::fs::remove_dir_all(&logs)
+            .map_err(|e| format!("cannot clear {}: {e}", logs.display()))?;
     }
     std::fs::create_dir_all(&logs).map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
     eprintln!(
@@ -175,12 +182,19 @@ pub fn e2e(args: &[String]) -> Result<(), String> {
     if not_run > 0 {
         println!("e2e: {not_run} scenario(s) not run after the failure");
     }
-    eprintln!("e2e: logs in {}; total {:.0?}", logs.display(), started.elapsed());
+    eprintln!(
+        "e2e: logs in {}; total {:.0?}",
+        logs.display(),
+        started.elapsed()
+    );
     if let Some(failure) = failure {
         return Err(failure);
     }
     if !problems.is_empty() {
-        return Err(format!("the machine was not put back as found: {}", problems.join("; ")));
+        return Err(format!(
+            "the machine was not put back as found: {}",
+            problems.join("; ")
+        ));
     }
     Ok(())
 }
@@ -189,8 +203,20 @@ pub fn e2e(args: &[String]) -> Result<(), String> {
 fn diagnose(cluster: &Cluster) {
     for args in [
         &["get", "nodes,pods", "--all-namespaces", "-o", "wide"][..],
-        &["get", "events", "--all-namespaces", "--sort-by=.lastTimestamp"][..],
-        &["-n", "kube-system", "logs", "-l", "app.kubernetes.io/name=wasm-device-plugin", "--tail=30"][..],
+        &[
+            "get",
+            "events",
+            "--all-namespaces",
+            "--sort-by=.lastTimestamp",
+        ][..],
+        &[
+            "-n",
+            "kube-system",
+            "logs",
+            "-l",
+            "app.kubernetes.io/name=wasm-device-plugin",
+            "--tail=30",
+        ][..],
     ] {
         match cluster.kubectl(args) {
             Ok(out) => eprintln!("+ kubectl {}\n{out}", args.join(" ")),

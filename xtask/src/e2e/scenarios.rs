@@ -86,7 +86,9 @@ fn daemonset_ready(ctx: &mut Context) -> Result<Outcome, String> {
         "jsonpath={.spec.containers[0].readinessProbe.httpGet.path} {.spec.containers[0].startupProbe.httpGet.path}",
     ])?;
     if probes.trim() != "/readyz /healthz" {
-        return Err(format!("the host pod's probes are {probes:?}, not deploy/'s /readyz and /healthz"));
+        return Err(format!(
+            "the host pod's probes are {probes:?}, not deploy/'s /readyz and /healthz"
+        ));
     }
     let ready_after = started.elapsed();
     let allocatable = wait_allocatable(ctx.cluster, &ctx.expected)?;
@@ -110,21 +112,29 @@ fn example_pods(ctx: &mut Context) -> Result<Outcome, String> {
     let nics = device_env(c, "nic-hog", "nic", 4)?;
     let nic_total = ctx.expected.get(NIC).copied().unwrap_or(0);
     if nics.len() as u64 != nic_total {
-        return Err(format!("nic-hog got {} NICs, the node has {nic_total}", nics.len()));
+        return Err(format!(
+            "nic-hog got {} NICs, the node has {nic_total}",
+            nics.len()
+        ));
     }
 
     c.kubectl(&["apply", "-f", "examples/pods/nic-waiting.yaml"])?;
     let reason = poll("nic-waiting to be found unschedulable", POD_TIMEOUT, || {
         let pod = pod_json(c, "default", "nic-waiting")?;
         if pod["status"]["phase"] != "Pending" {
-            return Err(fatal(format!("nic-waiting is {} while nic-hog holds every NIC", pod["status"]["phase"])));
+            return Err(fatal(format!(
+                "nic-waiting is {} while nic-hog holds every NIC",
+                pod["status"]["phase"]
+            )));
         }
         Ok(condition(&pod, "PodScheduled")
             .filter(|c| c["status"] == "False")
             .and_then(|c| c["message"].as_str().map(str::to_string)))
     })?;
     if !reason.contains(&format!("Insufficient {NIC}")) {
-        return Err(format!("nic-waiting is unschedulable for another reason: {reason}"));
+        return Err(format!(
+            "nic-waiting is unschedulable for another reason: {reason}"
+        ));
     }
     let still = pod_json(c, "default", "nic-waiting")?;
     if still["status"]["phase"] != "Pending" {
@@ -153,14 +163,21 @@ fn configmap_module_replace(ctx: &mut Context) -> Result<Outcome, String> {
         .map_err(|e| format!("cannot read {}: {e}", manifest_path.display()))?;
     let configmap = |manifest: &Path| -> Result<String, String> {
         ctx.cluster.kubectl(&[
-            "-n", NAMESPACE, "create", "configmap", CONFIGMAP,
+            "-n",
+            NAMESPACE,
+            "create",
+            "configmap",
+            CONFIGMAP,
             &format!("--from-file={}", wasm.display()),
             &format!("--from-file={}", manifest.display()),
-            "--dry-run=client", "-o", "yaml",
+            "--dry-run=client",
+            "-o",
+            "yaml",
         ])
     };
     let yaml = configmap(&manifest_path)?;
-    ctx.cluster.kubectl_stdin(&["create", "-f", "-"], Some(&yaml))?;
+    ctx.cluster
+        .kubectl_stdin(&["create", "-f", "-"], Some(&yaml))?;
     let before = host_pod(ctx.cluster)?;
     ctx.cluster.kubectl(&["apply", "-k", OVERLAY_CONFIGMAP])?;
     rollout(ctx.cluster)?;
@@ -173,7 +190,10 @@ fn configmap_module_replace(ctx: &mut Context) -> Result<Outcome, String> {
     const FROM: &str = "kinds = \"gpu=2,nic=4\"";
     const TO: &str = "kinds = \"gpu=2,nic=6\"";
     if !manifest.contains(FROM) {
-        return Err(format!("{} no longer says {FROM}: update this scenario", manifest_path.display()));
+        return Err(format!(
+            "{} no longer says {FROM}: update this scenario",
+            manifest_path.display()
+        ));
     }
     let changed_dir = ctx.cluster.dir.join("configmap");
     std::fs::create_dir_all(&changed_dir).map_err(|e| e.to_string())?;
@@ -182,12 +202,16 @@ fn configmap_module_replace(ctx: &mut Context) -> Result<Outcome, String> {
     std::fs::write(&changed, manifest.replace(FROM, TO)).map_err(|e| e.to_string())?;
     let yaml = configmap(&changed)?;
     let replaced = Instant::now();
-    ctx.cluster.kubectl_stdin(&["replace", "-f", "-"], Some(&yaml))?;
+    ctx.cluster
+        .kubectl_stdin(&["replace", "-f", "-"], Some(&yaml))?;
     ctx.expected.insert(NIC.into(), 6);
     let allocatable = wait_allocatable(ctx.cluster, &ctx.expected)?;
     let took = replaced.elapsed();
     let after = host_pod(ctx.cluster)?;
-    if after.uid != pod.uid || after.restarts != pod.restarts || after.container_id != pod.container_id {
+    if after.uid != pod.uid
+        || after.restarts != pod.restarts
+        || after.container_id != pod.container_id
+    {
         return Err(format!(
             "the host's pod changed across the ConfigMap replace: {} (restarts {}) → {} (restarts {})",
             pod.name, pod.restarts, after.name, after.restarts
@@ -207,7 +231,12 @@ fn kubelet_restart(ctx: &mut Context) -> Result<Outcome, String> {
     let host = host_pod(ctx.cluster)?;
     let before = scrape(&host.ip)?;
     let registrations = |text: &str, resource: &str| {
-        metric(text, "wdp_registrations_total", &[("resource", resource), ("outcome", "ok")]).unwrap_or(0.0)
+        metric(
+            text,
+            "wdp_registrations_total",
+            &[("resource", resource), ("outcome", "ok")],
+        )
+        .unwrap_or(0.0)
     };
     let restarts_before = metric(&before, "wdp_kubelet_restarts_total", &[]).unwrap_or(0.0);
     let gpu_share = pod_json(ctx.cluster, "default", "gpu-share")?;
@@ -216,20 +245,30 @@ fn kubelet_restart(ctx: &mut Context) -> Result<Outcome, String> {
     ctx.cluster.restart_kubelet()?;
     let back = Instant::now();
     let resources: Vec<String> = ctx.expected.keys().cloned().collect();
-    poll("the host to register again with the new kubelet", ALLOCATABLE_TIMEOUT, || {
-        let now = scrape(&host.ip)?;
-        let all = resources
-            .iter()
-            .all(|r| registrations(&now, r) > registrations(&before, r));
-        let noticed = metric(&now, "wdp_kubelet_restarts_total", &[]).unwrap_or(0.0) > restarts_before;
-        Ok((all && noticed).then_some(()))
-    })?;
+    poll(
+        "the host to register again with the new kubelet",
+        ALLOCATABLE_TIMEOUT,
+        || {
+            let now = scrape(&host.ip)?;
+            let all = resources
+                .iter()
+                .all(|r| registrations(&now, r) > registrations(&before, r));
+            let noticed =
+                metric(&now, "wdp_kubelet_restarts_total", &[]).unwrap_or(0.0) > restarts_before;
+            Ok((all && noticed).then_some(()))
+        },
+    )?;
     let reregistered = back.elapsed();
 
     let gpu_share = pod_json(ctx.cluster, "default", "gpu-share")?;
     let status = &gpu_share["status"]["containerStatuses"][0];
-    if status["containerID"] != container_before || status["restartCount"] != 0 || status["ready"] != true {
-        return Err(format!("gpu-share's container did not survive the kubelet restart: {status}"));
+    if status["containerID"] != container_before
+        || status["restartCount"] != 0
+        || status["ready"] != true
+    {
+        return Err(format!(
+            "gpu-share's container did not survive the kubelet restart: {status}"
+        ));
     }
     let after_host = host_pod(ctx.cluster)?;
     if after_host.uid != host.uid || after_host.restarts != host.restarts {
@@ -257,14 +296,20 @@ fn rolling_update(ctx: &mut Context) -> Result<Outcome, String> {
     };
     let started = Instant::now();
     let set = ctx.cluster.kubectl(&[
-        "-n", NAMESPACE, "set", "image", &format!("daemonset/{DAEMONSET}"),
+        "-n",
+        NAMESPACE,
+        "set",
+        "image",
+        &format!("daemonset/{DAEMONSET}"),
         &format!("wasm-device-plugin={}", ctx.second_image),
     ]);
     let rolled = set.and_then(|_| rollout(ctx.cluster));
     let back = rolled.and_then(|_| wait_allocatable(ctx.cluster, &ctx.expected));
     let took = started.elapsed();
     stop.store(true, Ordering::SeqCst);
-    let watch = watcher.join().map_err(|_| "the socket watcher panicked".to_string())?;
+    let watch = watcher
+        .join()
+        .map_err(|_| "the socket watcher panicked".to_string())?;
     let allocatable = back?;
     let watch = watch?;
     if let Some((resource, sockets)) = &watch.doubled {
@@ -278,12 +323,16 @@ fn rolling_update(ctx: &mut Context) -> Result<Outcome, String> {
         return Err(format!("the rollout left {} on {} ", new.name, new.image));
     }
     if took > ROLLOUT_BOUND {
-        return Err(format!("allocatable was back only {took:.1?} after the update started (bound {ROLLOUT_BOUND:?})"));
+        return Err(format!(
+            "allocatable was back only {took:.1?} after the update started (bound {ROLLOUT_BOUND:?})"
+        ));
     }
     for pod in ["gpu-share", "nic-waiting", "gpu-after-restart"] {
         let json = pod_json(ctx.cluster, "default", pod)?;
         if json["status"]["containerStatuses"][0]["ready"] != true {
-            return Err(format!("{pod} is no longer running after the rolling update"));
+            return Err(format!(
+                "{pod} is no longer running after the rolling update"
+            ));
         }
     }
     Ok(Outcome::Passed(format!(
@@ -308,23 +357,36 @@ fn metrics(ctx: &mut Context) -> Result<Outcome, String> {
     let text = scrape(&host.ip)?;
     let mut seen = Vec::new();
     for resource in [GPU, NIC] {
-        let ok = metric(&text, "wdp_allocations_total", &[("resource", resource), ("outcome", "ok")]);
+        let ok = metric(
+            &text,
+            "wdp_allocations_total",
+            &[("resource", resource), ("outcome", "ok")],
+        );
         if ok != Some(1.0) {
             return Err(format!(
                 "http://{}:9477/metrics says {ok:?} Allocates of {resource} since {} started; one pod asked since",
                 host.ip, host.name
             ));
         }
-        seen.push(format!("wdp_allocations_total{{resource=\"{resource}\",outcome=\"ok\"}} 1"));
+        seen.push(format!(
+            "wdp_allocations_total{{resource=\"{resource}\",outcome=\"ok\"}} 1"
+        ));
     }
     let failed: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with("wdp_allocations_total{") && !l.contains("outcome=\"ok\""))
         .collect();
     if !failed.is_empty() {
-        return Err(format!("the host answered Allocates with errors: {}", failed.join("; ")));
+        return Err(format!(
+            "the host answered Allocates with errors: {}",
+            failed.join("; ")
+        ));
     }
-    Ok(Outcome::Passed(format!("scraped http://{}:9477/metrics: {}", host.ip, seen.join(", "))))
+    Ok(Outcome::Passed(format!(
+        "scraped http://{}:9477/metrics: {}",
+        host.ip,
+        seen.join(", ")
+    )))
 }
 
 /// A container gets its device node through containerd's CDI injection. The host's CDI
@@ -353,14 +415,22 @@ fn host_pod(c: &Cluster) -> Result<HostPod, String> {
     let list: Value = serde_json::from_str(&list).map_err(|e| e.to_string())?;
     let pods: Vec<&Value> = list["items"]
         .as_array()
-        .map(|items| items.iter().filter(|p| p["metadata"]["deletionTimestamp"].is_null()).collect())
+        .map(|items| {
+            items
+                .iter()
+                .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+                .collect()
+        })
         .unwrap_or_default();
     let [pod] = pods[..] else {
         return Err(format!("expected one host pod, found {}", pods.len()));
     };
     let status = &pod["status"]["containerStatuses"][0];
     if status["ready"] != true {
-        return Err(format!("the host pod {} is not Ready", pod["metadata"]["name"]));
+        return Err(format!(
+            "the host pod {} is not Ready",
+            pod["metadata"]["name"]
+        ));
     }
     let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
     Ok(HostPod {
@@ -376,7 +446,11 @@ fn host_pod(c: &Cluster) -> Result<HostPod, String> {
 /// Waits for the DaemonSet's rollout to finish.
 fn rollout(c: &Cluster) -> Result<(), String> {
     c.kubectl(&[
-        "-n", NAMESPACE, "rollout", "status", &format!("daemonset/{DAEMONSET}"),
+        "-n",
+        NAMESPACE,
+        "rollout",
+        "status",
+        &format!("daemonset/{DAEMONSET}"),
         &format!("--timeout={}s", POD_TIMEOUT.as_secs()),
     ])
     .map(drop)
@@ -404,7 +478,9 @@ fn wait_pod_ready(c: &Cluster, name: &str) -> Result<(), String> {
                 "pod {name} ended: {} {}",
                 pod["status"]["reason"], pod["status"]["message"]
             ))),
-            _ => Ok(condition(&pod, "Ready").filter(|c| c["status"] == "True").map(drop)),
+            _ => Ok(condition(&pod, "Ready")
+                .filter(|c| c["status"] == "True")
+                .map(drop)),
         }
     })
 }
@@ -428,7 +504,11 @@ fn device_env(c: &Cluster, name: &str, kind: &str, count: usize) -> Result<Vec<S
             "{name} sees {lines:?}: expected {count} {prefix}<n>=/node1/{kind}/<m> from the guest's Allocate"
         ));
     }
-    let mut devices: Vec<&str> = lines.iter().filter_map(|l| l.split_once('=')).map(|(_, d)| d).collect();
+    let mut devices: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.split_once('='))
+        .map(|(_, d)| d)
+        .collect();
     devices.sort();
     devices.dedup();
     if kind == "nic" && devices.len() != count {
@@ -440,12 +520,19 @@ fn device_env(c: &Cluster, name: &str, kind: &str, count: usize) -> Result<Vec<S
 /// Creates a copy of examples/pods/`example`.yaml named `name`; returns the name.
 fn example_pod(c: &Cluster, example: &str, name: &str) -> Result<String, String> {
     let path = root().join(format!("examples/pods/{example}.yaml"));
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let from = format!("\n  name: {example}\n");
     if !text.contains(&from) {
-        return Err(format!("{} has no `name: {example}` to rename", path.display()));
+        return Err(format!(
+            "{} has no `name: {example}` to rename",
+            path.display()
+        ));
     }
-    c.kubectl_stdin(&["apply", "-f", "-"], Some(&text.replace(&from, &format!("\n  name: {name}\n"))))?;
+    c.kubectl_stdin(
+        &["apply", "-f", "-"],
+        Some(&text.replace(&from, &format!("\n  name: {name}\n"))),
+    )?;
     Ok(name.to_string())
 }
 
@@ -462,22 +549,35 @@ fn allocatable(c: &Cluster) -> Result<BTreeMap<String, u64>, String> {
 }
 
 /// Waits until every `expected` resource has exactly its count in allocatable.
-fn wait_allocatable(c: &Cluster, expected: &BTreeMap<String, u64>) -> Result<BTreeMap<String, u64>, String> {
+fn wait_allocatable(
+    c: &Cluster,
+    expected: &BTreeMap<String, u64>,
+) -> Result<BTreeMap<String, u64>, String> {
     let mut last = BTreeMap::new();
-    poll(&format!("allocatable {}", show(expected)), ALLOCATABLE_TIMEOUT, || {
-        last = allocatable(c)?;
-        let matches = expected.iter().all(|(name, count)| last.get(name) == Some(count));
-        if matches {
-            Ok(Some(last.clone()))
-        } else {
-            Err(format!("allocatable is {}", show(&last)))
-        }
-    })
+    poll(
+        &format!("allocatable {}", show(expected)),
+        ALLOCATABLE_TIMEOUT,
+        || {
+            last = allocatable(c)?;
+            let matches = expected
+                .iter()
+                .all(|(name, count)| last.get(name) == Some(count));
+            if matches {
+                Ok(Some(last.clone()))
+            } else {
+                Err(format!("allocatable is {}", show(&last)))
+            }
+        },
+    )
 }
 
 fn show(resources: &BTreeMap<String, u64>) -> String {
     let parts: Vec<String> = resources.iter().map(|(n, c)| format!("{n}={c}")).collect();
-    if parts.is_empty() { "(none)".into() } else { parts.join(" ") }
+    if parts.is_empty() {
+        "(none)".into()
+    } else {
+        parts.join(" ")
+    }
 }
 
 fn scrape(ip: &str) -> Result<String, String> {
@@ -496,7 +596,9 @@ fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         if metric != name {
             return None;
         }
-        let all = labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+        let all = labels
+            .iter()
+            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
         all.then(|| value.parse().ok()).flatten()
     })
 }
@@ -513,7 +615,11 @@ struct SocketWatch {
 /// Samples kubelet's device-plugin directory every 20 ms until `stop`, grouping the
 /// host's sockets (`<resource>-<millis>-<n>.sock`) by resource.
 fn watch_sockets(stop: &AtomicBool) -> Result<SocketWatch, String> {
-    let mut watch = SocketWatch { samples: 0, doubled: None, longest_gap: Duration::ZERO };
+    let mut watch = SocketWatch {
+        samples: 0,
+        doubled: None,
+        longest_gap: Duration::ZERO,
+    };
     let mut missing_since: BTreeMap<String, Instant> = BTreeMap::new();
     let mut known: Vec<String> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
@@ -581,7 +687,10 @@ mod tests {
     #[test]
     fn metric_matches_name_and_labels() {
         let text = "# HELP x\nwdp_allocations_total{resource=\"a/b\",outcome=\"ok\"} 2\nwdp_allocations_total{resource=\"a/c\",outcome=\"ok\"} 1\nwdp_kubelet_restarts_total 3\n";
-        assert_eq!(metric(text, "wdp_allocations_total", &[("resource", "a/c")]), Some(1.0));
+        assert_eq!(
+            metric(text, "wdp_allocations_total", &[("resource", "a/c")]),
+            Some(1.0)
+        );
         assert_eq!(metric(text, "wdp_kubelet_restarts_total", &[]), Some(3.0));
         assert_eq!(metric(text, "wdp_allocations", &[]), None);
     }
