@@ -463,6 +463,9 @@ evictionHard:
   nodefs.inodesFree: 1%
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
+# No KUBE-IPTABLES-HINT / KUBE-FIREWALL chains: they are for kube-proxy, which does not
+# run here, and would leave iptables tables behind on a machine that had none.
+makeIPTablesUtilChains: false
 "#,
             sock = self.p("containerd/containerd.sock"),
             ca = self.p("pki/ca.crt"),

@@ -279,7 +279,7 @@ fn kubelet_restart(ctx: &mut Context) -> Result<Outcome, String> {
     wait_pod_ready(ctx.cluster, &pod)?;
     let env = device_env(ctx.cluster, &pod, "gpu", 1)?;
     Ok(Outcome::Passed(format!(
-        "re-registered {} {reregistered:.1?} after the new kubelet answered; gpu-share kept its container; {pod}: {}",
+        "re-registered {} within {reregistered:.1?} of the new kubelet's /healthz answering; gpu-share kept its container; {pod}: {}",
         resources.join(", "),
         env.join(" ")
     )))
@@ -409,8 +409,15 @@ struct HostPod {
     container_id: String,
 }
 
-/// The DaemonSet's one pod, Ready.
+/// The DaemonSet's one pod, once it is Ready (a restarted kubelet probes it afresh).
 fn host_pod(c: &Cluster) -> Result<HostPod, String> {
+    poll("the host pod Ready", POD_TIMEOUT, || {
+        ready_host_pod(c).map(Some)
+    })
+}
+
+/// The DaemonSet's one pod, Ready now.
+fn ready_host_pod(c: &Cluster) -> Result<HostPod, String> {
     let list = c.kubectl(&["-n", NAMESPACE, "get", "pods", "-l", SELECTOR, "-o", "json"])?;
     let list: Value = serde_json::from_str(&list).map_err(|e| e.to_string())?;
     let pods: Vec<&Value> = list["items"]
