@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::binaries::{Binaries, CNI_BIN_DIR, RUNC};
 use super::machine::{BRIDGE, CGROUP_ROOT, Machine};
-use super::{interrupted, poll};
+use super::poll;
 
 /// The node's name (kubelet's `--hostname-override`).
 pub const NODE: &str = "wdp-e2e";
@@ -734,9 +734,6 @@ fn openssl(args: &[&str]) -> Result<(), String> {
 
 /// Runs `cmd` (with `input` on stdin), returning stdout; an error with its stderr.
 fn command_stdout(cmd: &mut Command, input: Option<&str>) -> Result<String, String> {
-    if interrupted() {
-        return Err("interrupted".into());
-    }
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd.stdin(if input.is_some() {
         Stdio::piped()

@@ -178,10 +178,10 @@ impl Machine {
         for (name, value) in &self.sysctls {
             let path = Path::new("/proc/sys").join(name);
             let now = std::fs::read_to_string(&path).unwrap_or_default();
-            if now.trim() != value {
-                if let Err(e) = std::fs::write(&path, value) {
-                    problems.push(format!("cannot reset {}: {e}", path.display()));
-                }
+            if now.trim() != value
+                && let Err(e) = std::fs::write(&path, value)
+            {
+                problems.push(format!("cannot reset {}: {e}", path.display()));
             }
         }
         problems

@@ -169,7 +169,7 @@ pub fn e2e(args: &[String]) -> Result<(), String> {
             }
         }
     }
-    if failure.is_some() {
+    if failure.is_some() && !interrupted() {
         diagnose(&cluster);
     }
     let problems = cluster.teardown();
