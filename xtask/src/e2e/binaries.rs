@@ -46,6 +46,12 @@ const CONTAINERD: GoModule = GoModule {
     ],
 };
 
+/// `go build`'s flags (part of the cache key): no paths of this machine in the
+/// binaries, no symbol tables (half the size).
+const GO_BUILD_FLAGS: [&str; 2] = ["-trimpath", "-ldflags=-s -w"];
+/// The GOFLAGS `go build` runs with (part of the cache key).
+const GOFLAGS: &str = "-mod=readonly -buildvcs=false";
+
 /// Debian packages the node needs, and a file each installs.
 const PACKAGES: [(&str, &str); 3] = [
     // Debian's runc 1.1.5: the OCI runtime under containerd's shim.
@@ -161,11 +167,15 @@ fn build_module(module: &GoModule) -> Result<(PathBuf, String), String> {
     out_arg.push("/");
     run(Command::new("go")
         .current_dir(&dir)
-        .args(["build", "-trimpath", "-ldflags=-s -w", "-o"])
+        .arg("build")
+        .args(GO_BUILD_FLAGS)
+        .arg("-o")
         .arg(out_arg)
         .args(module.packages)
-        // go.mod and go.sum decide every dependency: a build never edits them.
-        .env("GOFLAGS", "-mod=readonly")
+        // go.mod and go.sum decide every dependency: a build never edits them. No VCS
+        // stamp: the binaries are Kubernetes' and containerd's, not this repository's
+        // (and a checkout owned by another user would make the stamp fail the build).
+        .env("GOFLAGS", GOFLAGS)
         // The machine's own Go, never one a go.mod line would download.
         .env("GOTOOLCHAIN", "local")
         .env("CGO_ENABLED", "1"))?;
@@ -223,6 +233,8 @@ fn module_key(dir: &Path) -> Result<String, String> {
         );
     }
     hash.update(output(Command::new("go").arg("version"))?.as_bytes());
+    hash.update(GO_BUILD_FLAGS.join(" ").as_bytes());
+    hash.update(GOFLAGS.as_bytes());
     Ok(format!("{:x}\n", hash.finalize()))
 }
 
