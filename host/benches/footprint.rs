@@ -120,7 +120,7 @@ async fn measure(peer: &Path) -> String {
     let cache = root.path().join("cache");
     // Fill the compiled-module cache first, as a node's host finds it after its
     // first start: the figures are then not those of a compile.
-    let warm = Server::ours(root.path(), "warm", &cache, 1).await;
+    let warm = Server::ours_warming(root.path(), "warm", &cache).await;
     drop(warm);
 
     // Idle: fresh processes, each with a simulated kubelet from the start.
@@ -149,7 +149,7 @@ async fn measure(peer: &Path) -> String {
     write_module(&modules, 1);
     let scan_only_modules = root.path().join("modules-scan-only");
     std::fs::create_dir(&scan_only_modules).expect("dir");
-    std::fs::copy(guests::SCAN_ONLY, scan_only_modules.join("widgets.wasm")).expect("copy module");
+    write_scan_only(&scan_only_modules);
     let go = Daemon(
         Command::new(peer.join("goplugin"))
             .arg("--dir")
@@ -369,19 +369,35 @@ impl Server {
     /// The host serving `k` kinds of the virtual-devices guest in `root/name`,
     /// registered, listed and allocated on.
     async fn ours(root: &Path, name: &str, cache: &Path, k: usize) -> Self {
+        Self::ours_with(root, name, cache, k, false).await
+    }
+
+    /// The host serving both modules of the load runs, so that `cache` holds
+    /// both compiled.
+    async fn ours_warming(root: &Path, name: &str, cache: &Path) -> Self {
+        Self::ours_with(root, name, cache, 1, true).await
+    }
+
+    async fn ours_with(root: &Path, name: &str, cache: &Path, k: usize, scan_only: bool) -> Self {
         let dir = root.join(name);
         let modules = dir.join("modules");
         std::fs::create_dir_all(&modules).expect("dir");
         write_module(&modules, k);
+        if scan_only {
+            write_scan_only(&modules);
+        }
         let kubelet = Simulator::start(&dir).expect("kubelet simulator");
         let daemon = Daemon(
             our_command(&modules, &dir, cache)
                 .spawn()
                 .expect("start the host"),
         );
-        let resources: Vec<(String, String)> = (1..=k)
+        let mut resources: Vec<(String, String)> = (1..=k)
             .map(|i| (format!("example.com/dev-{i}"), format!("/node1/dev{i}/1")))
             .collect();
+        if scan_only {
+            resources.push((SCAN_ONLY_RESOURCE.to_string(), "w0".to_string()));
+        }
         ready(&kubelet, &resources).await;
         Self {
             daemon,
@@ -425,6 +441,11 @@ fn write_module(modules: &Path, k: usize) {
         format!("[config]\nkinds = \"{}\"\n", kinds.join(",")),
     )
     .expect("write manifest");
+}
+
+/// The scan-only test guest in `modules`.
+fn write_scan_only(modules: &Path) {
+    std::fs::copy(guests::SCAN_ONLY, modules.join("widgets.wasm")).expect("copy module");
 }
 
 /// `wasm-device-plugin run` as a node runs it, without metrics or chatty logs.
