@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 use tokio::sync::{Mutex, MutexGuard};
 use tonic::Code;
@@ -18,6 +18,11 @@ use wasm_device_plugin::registry::ModuleState;
 use wdp_tests::{Dirs, Fixture, guests, host_config, ids, status_of, test_settings};
 
 const PY_DEV: &str = "example.com/py-dev";
+
+/// How long the first load may take: compiling the component takes about 25 s
+/// on two idle cores, and several times that beside the other tests' builds
+/// and hosts (the usual wait, 30 s, was seen to run out on a fresh clone).
+const LOAD_WAIT: Duration = Duration::from_secs(300);
 
 /// Held while a test's host loads the Python guest: the first to load compiles it
 /// into the shared cache, the others read it from there.
@@ -57,13 +62,29 @@ fn python_guest(manifest: Option<&str>) -> Dirs {
     dirs
 }
 
-/// Starts the host on `dirs` with the shared cache; returns the fixture and the
-/// loading guard, to be dropped once the module has loaded.
+/// Starts the host on `dirs` with the shared cache and waits (up to
+/// [`LOAD_WAIT`]) until module `py` has loaded or failed; returns the fixture
+/// and the loading guard, to be dropped by the caller.
 async fn start(dirs: Dirs) -> (Fixture, MutexGuard<'static, ()>) {
     let loading = LOADING.lock().await;
     let mut config = host_config(&dirs, test_settings(&dirs.kubelet()));
     config.cache_dir = Some(shared_cache().to_path_buf());
-    (Fixture::start_config(dirs, config), loading)
+    let fixture = Fixture::start_config(dirs, config);
+    let mut states = fixture.host.states();
+    let loaded = tokio::time::timeout(
+        LOAD_WAIT,
+        states.wait_for(|s| {
+            s.get("py")
+                .is_some_and(|s| !matches!(s, ModuleState::Settling | ModuleState::Loading))
+        }),
+    )
+    .await;
+    assert!(
+        matches!(loaded, Ok(Ok(_))),
+        "module py did not load within {LOAD_WAIT:?}: {:?}",
+        *fixture.host.states().borrow()
+    );
+    (fixture, loading)
 }
 
 /// Starts the host on `dirs` and waits until `resource` is listed.
