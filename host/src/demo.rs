@@ -29,6 +29,8 @@ pub async fn run(args: &DemoArgs, out: &mut impl Write) -> anyhow::Result<()> {
         .context("cannot create a temporary directory")?;
     let kubelet_dir = dir.path().join("kubelet");
     std::fs::create_dir(&kubelet_dir).context("cannot create the kubelet directory")?;
+    let cdi_dir = dir.path().join("cdi");
+    std::fs::create_dir(&cdi_dir).context("cannot create the CDI spec directory")?;
     let (modules_dir, simulated) = stage(&args.modules_dir, dir.path())?;
     let kubelet = Simulator::start(&kubelet_dir)?;
     let shutdown = CancellationToken::new();
@@ -36,7 +38,7 @@ pub async fn run(args: &DemoArgs, out: &mut impl Write) -> anyhow::Result<()> {
         modules_dir,
         cache_dir: None,
         settle: crate::app::DEFAULT_SETTLE,
-        settings: args.host.settings(kubelet_dir),
+        settings: args.host.settings(kubelet_dir, cdi_dir),
     };
     let host = Host::start(config, &shutdown)?;
     let result = report(&host, &kubelet, args, &simulated, out).await;
