@@ -1,7 +1,8 @@
 //! Wires the subsystems together: the runtime, the device-plugin frontend on the
 //! watched kubelet directory, and the registry's supervisor following the
 //! modules directory. Owns the tree of cancellation tokens below the caller's
-//! and every task it spawns; answers the probes.
+//! and every task it spawns; answers the probes; sweeps the CDI specs an
+//! earlier run left for resources this one does not serve.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -115,7 +116,12 @@ impl Host {
         // specs of what it serves by then), so specs of resources served
         // before a restart stay in place meanwhile.
         let (swept_tx, cdi_swept) = watch::channel(None);
-        tasks.spawn(sweep_cdi_specs(cdi, states.clone(), swept_tx, token.clone()));
+        tasks.spawn(sweep_cdi_specs(
+            cdi,
+            states.clone(),
+            swept_tx,
+            token.clone(),
+        ));
         let supervisor = tasks.spawn(supervisor.run(events)).abort_handle();
         tasks.spawn(log_readiness(
             states.clone(),

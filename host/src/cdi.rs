@@ -297,8 +297,7 @@ fn is_plain_name(s: &str) -> bool {
     !b.is_empty()
         && b[0].is_ascii_alphanumeric()
         && b[b.len() - 1].is_ascii_alphanumeric()
-        && b
-            .iter()
+        && b.iter()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
 }
 
@@ -461,8 +460,7 @@ impl CdiDir {
         })?;
         bytes.push(b'\n');
         let mut written = self.written();
-        if written.contains(&name) && std::fs::read(&path).is_ok_and(|current| current == bytes)
-        {
+        if written.contains(&name) && std::fs::read(&path).is_ok_and(|current| current == bytes) {
             return Ok(Some(path));
         }
         let tmp = self.dir.join(format!(".{name}.tmp"));
@@ -626,7 +624,12 @@ mod tests {
             kind(&resource("fpga.intel.com/region-ce48")).expect("kind"),
             "fpga.intel.com/region-ce48"
         );
-        for bad in ["1vendor.com/gpu", "example.com/1gpu", "a/gpu", "example.com/g"] {
+        for bad in [
+            "1vendor.com/gpu",
+            "example.com/1gpu",
+            "a/gpu",
+            "example.com/g",
+        ] {
             assert!(
                 matches!(kind(&resource(bad)), Err(CdiError::Kind { .. })),
                 "{bad}"
@@ -765,11 +768,18 @@ mod tests {
         let cdi = CdiDir::new(dir.path());
         let r = resource("example.com/dev");
         let spec = spec_for("example.com/dev");
-        let path = cdi.write(&r, Some(&spec)).expect("written").expect("a file");
-        assert_eq!(path, dir.path().join("wasm-device-plugin_example.com_dev.json"));
+        let path = cdi
+            .write(&r, Some(&spec))
+            .expect("written")
+            .expect("a file");
+        assert_eq!(
+            path,
+            dir.path().join("wasm-device-plugin_example.com_dev.json")
+        );
         let mode = std::fs::metadata(&path).expect("file").permissions().mode() & 0o777;
         assert_eq!(mode, 0o644);
-        let back: Spec = serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
+        let back: Spec =
+            serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
         assert_eq!(back, spec);
         // No temporary file is left.
         let names: Vec<_> = std::fs::read_dir(dir.path())
@@ -807,8 +817,11 @@ mod tests {
             .write(&stale, Some(&spec_for("example.com/stale")))
             .expect("written");
         let foreign = dir.path().join("nvidia.com-gpu.json");
-        std::fs::write(&foreign, r#"{"cdiVersion":"0.6.0","kind":"nvidia.com/gpu","devices":[]}"#)
-            .expect("foreign");
+        std::fs::write(
+            &foreign,
+            r#"{"cdiVersion":"0.6.0","kind":"nvidia.com/gpu","devices":[]}"#,
+        )
+        .expect("foreign");
         // Our prefix without our annotation: not ours either.
         let lookalike = dir.path().join(format!("{FILE_PREFIX}x.json"));
         std::fs::write(&lookalike, r#"{"kind":"x/y"}"#).expect("lookalike");

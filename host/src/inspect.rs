@@ -194,7 +194,11 @@ pub async fn validate(args: &ValidateArgs, out: &mut impl Write) -> Result<(), I
                 .iter()
                 .map(|r| {
                     let cdi = cdi_report(r, &loaded.settings, &target.cdi_dir)?;
-                    Ok(ResourceReport::new(r, &loaded.settings, cdi.map(|(c, _)| c)))
+                    Ok(ResourceReport::new(
+                        r,
+                        &loaded.settings,
+                        cdi.map(|(c, _)| c),
+                    ))
                 })
                 .collect::<Result<_, InspectError>>()?,
         );

@@ -633,7 +633,10 @@ mod tests {
         let m = parse_ok(
             "cdi = true\n[resources.\"*\"]\nreplicas = 2\n[resources.off]\ncdi = false\n[resources.gpu]\nname = \"g\"",
         );
-        assert!(m.resource("any").cdi, "the top's value reaches kinds without an entry");
+        assert!(
+            m.resource("any").cdi,
+            "the top's value reaches kinds without an entry"
+        );
         assert!(m.resource("gpu").cdi, "and kinds whose entry does not say");
         assert!(!m.resource("off").cdi);
         let m = parse_ok("[resources.\"*\"]\ncdi = true\n[resources.dev]\nreplicas = 2");

@@ -5,8 +5,9 @@
 //! health checks and re-scans, replacement and reconfiguration, stop), and
 //! publishing each of its resources to a frontend as one snapshot per change
 //! (`resource`), allocating through the module version that scanned it
-//! (`backend`). Names no protocol type: resources are served through
-//! [`crate::frontend::Frontend`].
+//! (`backend`), with the CDI spec of each resource that opts in written
+//! before its snapshots go out ([`crate::cdi`]). Names no protocol type:
+//! resources are served through [`crate::frontend::Frontend`].
 
 pub mod backend;
 pub mod load;

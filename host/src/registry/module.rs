@@ -443,7 +443,8 @@ impl Module {
             };
             let token = self.token.child_token();
             let metrics = self.ctx.metrics().resource(found.name.as_str());
-            let (name, devices, replicas) = (found.name.clone(), found.devices.len(), policy.replicas);
+            let (name, devices, replicas) =
+                (found.name.clone(), found.devices.len(), policy.replicas);
             let started = Resource::start(
                 &*self.ctx.frontend,
                 found,

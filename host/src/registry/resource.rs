@@ -358,7 +358,9 @@ impl Resource {
         if withdrawn && self.cdi.is_some() {
             match self.cdi_dir.remove(&self.name) {
                 Ok(()) => tracing::info!(resource = %self.name, "CDI spec removed"),
-                Err(err) => tracing::warn!(resource = %self.name, cause = %err, "cannot remove the CDI spec"),
+                Err(err) => {
+                    tracing::warn!(resource = %self.name, cause = %err, "cannot remove the CDI spec")
+                }
             }
         }
     }

@@ -327,13 +327,10 @@ impl PluginService {
             .plan(&containers)
             .map_err(|err| request_status(&self.resource, err))?;
         let count = containers.len();
-        let allocations = snapshot
-            .allocate(&plan)
-            .await
-            .map_err(|err| {
-                tracing::warn!(resource = %self.resource, cause = %err, "Allocate failed");
-                Status::from(err)
-            })?;
+        let allocations = snapshot.allocate(&plan).await.map_err(|err| {
+            tracing::warn!(resource = %self.resource, cause = %err, "Allocate failed");
+            Status::from(err)
+        })?;
         if allocations.len() != count {
             return Err(Status::internal(format!(
                 "resource {}: backend answered {} containers for {count} requested",
