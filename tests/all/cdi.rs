@@ -26,10 +26,13 @@ fn spec_path(dir: &Path, resource: &str) -> PathBuf {
     dir.join(format!("{FILE_PREFIX}{}.json", resource.replace('/', "_")))
 }
 
+/// A device node edit: (container path, host path, permissions).
+type Node = (String, String, String);
+
 /// The spec of `resource`, read and validated by the CDI library: its
 /// devices by name, each with the (container path, host path, permissions) of
 /// its device nodes, as the library parsed them.
-fn read_valid(dir: &Path, resource: &str) -> Vec<(String, Vec<(String, String, String)>)> {
+fn read_valid(dir: &Path, resource: &str) -> Vec<(String, Vec<Node>)> {
     let path = spec_path(dir, resource);
     let spec = read_spec(&path, 0)
         .unwrap_or_else(|e| panic!("{} does not validate: {e:#}", path.display()));
@@ -47,7 +50,13 @@ fn read_valid(dir: &Path, resource: &str) -> Vec<(String, Vec<(String, String, S
                 .as_array()
                 .into_iter()
                 .flatten()
-                .map(|n| (text(&n["path"]), text(&n["hostPath"]), text(&n["permissions"])))
+                .map(|n| {
+                    (
+                        text(&n["path"]),
+                        text(&n["hostPath"]),
+                        text(&n["permissions"]),
+                    )
+                })
                 .collect();
             (text(&d["name"]), nodes)
         })
@@ -164,36 +173,45 @@ async fn spec_validates_and_allocated_names_resolve_to_the_guests_nodes() {
     // Every name resolves in the directory, as the runtime's CDI cache
     // resolves it, to the node the guest reported, injected into the
     // container's OCI spec.
-    let cache = new_cache(vec![
-        with_spec_dirs(&[cdi.to_str().expect("utf-8")]),
-        with_auto_refresh(false),
-    ]);
-    let mut cache = cache.lock().expect("cache");
-    assert_eq!(
-        cache.list_devices(),
-        [format!("{NODES}=null"), format!("{NODES}=zero")]
-    );
-    for (container, (cdi_names, _)) in names.iter().enumerate() {
-        let mut oci = oci_spec::runtime::Spec::default();
-        cache
-            .inject_devices(Some(&mut oci), cdi_names.clone())
-            .unwrap_or_else(|e| panic!("container {container}: {e}"));
-        let injected: Vec<String> = oci
-            .linux()
-            .as_ref()
-            .and_then(|l| l.devices().clone())
-            .unwrap_or_default()
-            .iter()
-            .map(|d| d.path().display().to_string())
-            .collect();
-        let want = if container == 0 {
-            "/dev/zero"
-        } else {
-            "/dev/null"
-        };
-        assert_eq!(injected, [want], "container {container}");
+    {
+        let cache = new_cache(vec![
+            with_spec_dirs(&[cdi.to_str().expect("utf-8")]),
+            with_auto_refresh(false),
+        ]);
+        let mut cache = cache.lock().expect("cache");
+        assert_eq!(
+            cache.list_devices(),
+            [format!("{NODES}=null"), format!("{NODES}=zero")]
+        );
+        for (container, (cdi_names, _)) in names.iter().enumerate() {
+            let mut oci = oci_spec::runtime::Spec::default();
+            cache
+                .inject_devices(Some(&mut oci), cdi_names.clone())
+                .unwrap_or_else(|e| panic!("container {container}: {e}"));
+            let injected: Vec<(String, i64, i64)> = oci
+                .linux()
+                .as_ref()
+                .and_then(|l| l.devices().clone())
+                .unwrap_or_default()
+                .iter()
+                .map(|d| (d.path().display().to_string(), d.major(), d.minor()))
+                .collect();
+            let want = if container == 0 {
+                "/dev/zero"
+            } else {
+                "/dev/null"
+            };
+            // The node the guest reported, its numbers read from the host node.
+            let rdev =
+                std::os::unix::fs::MetadataExt::rdev(&std::fs::metadata(want).expect("node"));
+            let (major, minor) = ((rdev >> 8) & 0xfff, (rdev & 0xff) | ((rdev >> 12) & !0xff));
+            assert_eq!(
+                injected,
+                [(want.to_string(), major as i64, minor as i64)],
+                "container {container}"
+            );
+        }
     }
-    drop(cache);
     fixture.stop().await;
 }
 
