@@ -406,3 +406,48 @@ async fn a_cdi_dir_that_cannot_be_written_refuses_the_resource_not_the_host() {
     let file = tempfile::NamedTempFile::new().expect("file");
     unusable_cdi_dir_refuses_the_resource(file.path().join("cdi")).await;
 }
+
+#[tokio::test]
+async fn a_symlinked_node_keeps_its_path_in_the_container_and_the_spec_its_target() {
+    // As /dev/serial/by-id links name adapters: the container sees the link's
+    // path, the spec names the node it resolves to, through the output policy.
+    let dirs = Dirs::new();
+    let root = std::fs::canonicalize(dirs.root.path())
+        .expect("temp dir")
+        .join("fake");
+    let dev = root.join("dev");
+    std::fs::create_dir_all(dev.join("serial/by-id")).expect("directories");
+    std::fs::write(dev.join("ttyUSB0"), "").expect("node");
+    std::os::unix::fs::symlink("../../ttyUSB0", dev.join("serial/by-id/usb-FTDI_A1"))
+        .expect("link");
+    let manifest = format!(
+        "cdi = true\n[grants]\nread-only-dirs = [{dev:?}]\ndevice-paths = [{dev:?}]\n\
+         [config]\nroot = {root:?}\nkinds = \"serial\"\n\"serial.paths\" = \"/dev/serial/by-id/*\"\n"
+    );
+    let fixture = start_generic(dirs, &manifest).await;
+    let view = fixture.listed(SERIAL).await;
+    assert_eq!(ids(&view, SERIAL), ["serial/by-id/usb-FTDI_A1"]);
+    let devices = read_valid(&fixture.dirs.cdi(), SERIAL);
+    let name = device_name("serial/by-id/usb-FTDI_A1");
+    assert_eq!(
+        devices,
+        [(
+            name.clone(),
+            vec![(
+                "/dev/serial/by-id/usb-FTDI_A1".to_string(),
+                dev.join("ttyUSB0").display().to_string(),
+                "rw".to_string()
+            )]
+        )]
+    );
+    let response = fixture
+        .kubelet
+        .allocate(SERIAL, &[&["serial/by-id/usb-FTDI_A1"]])
+        .await
+        .expect("allocated");
+    assert_eq!(
+        cdi_and_nodes(&response),
+        [(vec![format!("{SERIAL}={name}")], vec![])]
+    );
+    fixture.stop().await;
+}
