@@ -120,6 +120,13 @@ async fn start_generic(dirs: Dirs, manifest: &str) -> Fixture {
     fixture
 }
 
+/// [`start_generic`] on a new fake tree ([`fake_tree_manifest`]).
+async fn start_fake_tree(extra: &str, permissions: &str) -> Fixture {
+    let dirs = Dirs::new();
+    let manifest = fake_tree_manifest(&dirs, extra, permissions);
+    start_generic(dirs, &manifest).await
+}
+
 /// Waits until the host's start-up sweep of CDI specs ran; returns what it removed.
 async fn swept(fixture: &Fixture) -> Vec<PathBuf> {
     let mut swept = fixture.host.cdi_swept();
@@ -217,9 +224,7 @@ async fn spec_validates_and_allocated_names_resolve_to_the_guests_nodes() {
 
 #[tokio::test]
 async fn ids_that_are_no_cdi_names_get_valid_stable_ones() {
-    let dirs = Dirs::new();
-    let manifest = fake_tree_manifest(&dirs, "cdi = true", "rw");
-    let fixture = start_generic(dirs, &manifest).await;
+    let fixture = start_fake_tree("cdi = true", "rw").await;
     let view = fixture.listed(AUDIO).await;
     assert_eq!(ids(&view, AUDIO), ["snd/controlC0", "snd/pcmC0D0p"]);
     let devices = read_valid(&fixture.dirs.cdi(), AUDIO);
@@ -275,9 +280,7 @@ async fn allocate_keeps_envs_and_annotations_and_drops_what_the_spec_injects() {
 
 #[tokio::test]
 async fn a_rescan_that_changes_a_devices_edits_rewrites_the_spec() {
-    let dirs = Dirs::new();
-    let first = fake_tree_manifest(&dirs, "cdi = true", "rw");
-    let fixture = start_generic(dirs, &first).await;
+    let fixture = start_fake_tree("cdi = true", "rw").await;
     fixture.listed(SERIAL).await;
     let cdi = fixture.dirs.cdi();
     let permissions = |cdi: &Path| -> BTreeSet<String> {
@@ -296,9 +299,7 @@ async fn a_rescan_that_changes_a_devices_edits_rewrites_the_spec() {
 
 #[tokio::test]
 async fn a_new_device_is_in_the_spec_before_kubelet_is_told_of_it() {
-    let dirs = Dirs::new();
-    let manifest = fake_tree_manifest(&dirs, "cdi = true\nscan-interval = \"50ms\"", "rw");
-    let fixture = start_generic(dirs, &manifest).await;
+    let fixture = start_fake_tree("cdi = true\nscan-interval = \"50ms\"", "rw").await;
     fixture.listed(SERIAL).await;
     let root = std::fs::canonicalize(fixture.dirs.root.path()).expect("root");
     std::fs::write(root.join("fake/dev/ttyUSB7"), "").expect("new node");
