@@ -2,7 +2,9 @@
 //! the bare tonic floor, each a process of its own:
 //!
 //! - **server CPU per Allocate**: the Go peer's `allocbench` (8 clients) loads
-//!   each server in turn; the server process's `utime + stime`
+//!   each server in turn (the host twice: with the virtual-devices guest, which
+//!   exports `allocate`, and with a scan-only guest, which the host answers for
+//!   without a guest call); the server process's `utime + stime`
 //!   (`/proc/<pid>/stat`) across the run, divided by the calls made (warm-up
 //!   included);
 //! - **idle**: the Go plugin and the host, each registered with a kubelet
@@ -61,6 +63,8 @@ const ROUNDS: usize = 3;
 const IDLE: Duration = Duration::from_secs(20);
 /// Resource counts of the memory runs.
 const KS: [usize; 3] = [1, 3, 10];
+/// The host serving the scan-only guest, as the tables name it.
+const SCAN_ONLY: &str = "wasm-device-plugin, scan-only guest";
 /// The floor's resource, socket and devices.
 const FLOOR_RESOURCE: &str = "example.com/floor";
 const FLOOR_SOCKET: &str = "floor.sock";
@@ -74,6 +78,9 @@ const FLOOR_DEVICES: [&str; 4] = [
 const GO_RESOURCE: &str = "example.com/virtual";
 /// Ours, from the virtual-devices guest with [`manifest`]`(1)`.
 const OUR_RESOURCE: &str = "example.com/dev-1";
+/// The scan-only test guest's resource (three devices, each with a device node,
+/// env, an annotation and CDI names).
+const SCAN_ONLY_RESOURCE: &str = "example.com/widget";
 
 fn main() {
     if let Some(dir) = std::env::var_os("WDP_FOOTPRINT_FLOOR") {
@@ -113,7 +120,7 @@ async fn measure(peer: &Path) -> String {
     let cache = root.path().join("cache");
     // Fill the compiled-module cache first, as a node's host finds it after its
     // first start: the figures are then not those of a compile.
-    let warm = Server::ours(root.path(), "warm", &cache, 1).await;
+    let warm = Server::ours_warming(root.path(), "warm", &cache).await;
     drop(warm);
 
     // Idle: fresh processes, each with a simulated kubelet from the start.
@@ -132,7 +139,7 @@ async fn measure(peer: &Path) -> String {
     drop(our_idle);
 
     // Load: allocbench plays kubelet for each in turn.
-    let dirs = ["go", "ours", "floor"].map(|n| {
+    let dirs = ["go", "ours", "ours-scan-only", "floor"].map(|n| {
         let dir = root.path().join(n);
         std::fs::create_dir(&dir).expect("dir");
         dir
@@ -140,6 +147,9 @@ async fn measure(peer: &Path) -> String {
     let modules = root.path().join("modules-load");
     std::fs::create_dir(&modules).expect("dir");
     write_module(&modules, 1);
+    let scan_only_modules = root.path().join("modules-scan-only");
+    std::fs::create_dir(&scan_only_modules).expect("dir");
+    write_scan_only(&scan_only_modules);
     let go = Daemon(
         Command::new(peer.join("goplugin"))
             .arg("--dir")
@@ -155,9 +165,14 @@ async fn measure(peer: &Path) -> String {
             .spawn()
             .expect("start the host"),
     );
+    let ours_scan_only = Daemon(
+        our_command(&scan_only_modules, &dirs[2], &cache)
+            .spawn()
+            .expect("start the host"),
+    );
     let floor = Daemon(
         Command::new(std::env::current_exe().expect("this bench's path"))
-            .env("WDP_FOOTPRINT_FLOOR", &dirs[2])
+            .env("WDP_FOOTPRINT_FLOOR", &dirs[3])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -166,7 +181,8 @@ async fn measure(peer: &Path) -> String {
     let servers = [
         ("Go plugin", &go, &dirs[0], GO_RESOURCE),
         ("wasm-device-plugin", &ours, &dirs[1], OUR_RESOURCE),
-        ("floor", &floor, &dirs[2], FLOOR_RESOURCE),
+        (SCAN_ONLY, &ours_scan_only, &dirs[2], SCAN_ONLY_RESOURCE),
+        ("floor", &floor, &dirs[3], FLOOR_RESOURCE),
     ];
     let tool = peer.join("allocbench");
     let mut runs: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
@@ -187,7 +203,7 @@ async fn measure(peer: &Path) -> String {
         .iter()
         .map(|(name, daemon, ..)| (*name, status_kib(daemon.pid(), "VmRSS:")))
         .collect();
-    drop((go, ours, floor));
+    drop((go, ours, ours_scan_only, floor));
 
     // Memory by resource count.
     let mut memory = Vec::new();
@@ -238,7 +254,9 @@ fn report(
          peak. Each server is a process of its own: the Go plugin of `../shared/peer` (grpc-go, one \
          resource, 4 devices), the release `wasm-device-plugin run` binary (virtual-devices guest, \
          compiled-module cache already filled, `--metrics-addr off`, default health and scan \
-         intervals) and the floor (a bare tonic `DevicePlugin` server on a current-thread runtime, \
+         intervals), the same binary serving a scan-only guest (`tests/guests/scan-only`: 3 \
+         devices, each with a device node, env, an annotation and CDI names; the host merges \
+         and answers without a guest call) and the floor (a bare tonic `DevicePlugin` server on a current-thread runtime, \
          empty answers; this bench's executable started again).\n\n\
          ### Server CPU per Allocate\n\n\
          `allocbench` (Go) with {CLIENTS} clients, {WARMUP} warm-up and {CALLS} timed calls each; \
@@ -247,7 +265,7 @@ fn report(
          | server | CPU per Allocate | p50 ({CLIENTS} clients) | RSS after the load runs |\n\
          |---|---|---|---|\n"
     );
-    for name in [go, ours, floor] {
+    for name in [go, ours, SCAN_ONLY, floor] {
         out.push_str(&format!(
             "| {name} | {:.1} µs | {:.1} µs | {} |\n",
             cpu(name),
@@ -292,11 +310,15 @@ fn report(
         "\n### Targets\n\n| what | measured | target |\n|---|---|---|\n\
          | server CPU per Allocate, ours / Go plugin | {:.2}× | ≤ 0.75× |\n\
          | server CPU per Allocate, ours / floor | {:.2}× | ≤ 1.2× |\n\
+         | server CPU per Allocate, ours with a scan-only guest / Go plugin | {:.2}× | ≤ 0.75× |\n\
+         | server CPU per Allocate, ours with a scan-only guest / floor | {:.2}× | ≤ 1.2× |\n\
          | idle CPU, ours / Go plugin | {:.1} ms / {:.1} ms | ≤ the Go plugin's |\n\
          | RSS serving one module (1 resource), ours / Go plugin | {:.2}× | ≤ 1× |\n\
          | Wasm / native p50 with 8 clients | the Allocate section's table | ≤ 1.3× |\n",
         cpu(ours) / cpu(go),
         cpu(ours) / cpu(floor),
+        cpu(SCAN_ONLY) / cpu(go),
+        cpu(SCAN_ONLY) / cpu(floor),
         our_idle.0.as_secs_f64() * 1e3,
         go_idle.0.as_secs_f64() * 1e3,
         rss1.0 as f64 / rss1.1 as f64,
@@ -347,19 +369,35 @@ impl Server {
     /// The host serving `k` kinds of the virtual-devices guest in `root/name`,
     /// registered, listed and allocated on.
     async fn ours(root: &Path, name: &str, cache: &Path, k: usize) -> Self {
+        Self::ours_with(root, name, cache, k, false).await
+    }
+
+    /// The host serving both modules of the load runs, so that `cache` holds
+    /// both compiled.
+    async fn ours_warming(root: &Path, name: &str, cache: &Path) -> Self {
+        Self::ours_with(root, name, cache, 1, true).await
+    }
+
+    async fn ours_with(root: &Path, name: &str, cache: &Path, k: usize, scan_only: bool) -> Self {
         let dir = root.join(name);
         let modules = dir.join("modules");
         std::fs::create_dir_all(&modules).expect("dir");
         write_module(&modules, k);
+        if scan_only {
+            write_scan_only(&modules);
+        }
         let kubelet = Simulator::start(&dir).expect("kubelet simulator");
         let daemon = Daemon(
             our_command(&modules, &dir, cache)
                 .spawn()
                 .expect("start the host"),
         );
-        let resources: Vec<(String, String)> = (1..=k)
+        let mut resources: Vec<(String, String)> = (1..=k)
             .map(|i| (format!("example.com/dev-{i}"), format!("/node1/dev{i}/1")))
             .collect();
+        if scan_only {
+            resources.push((SCAN_ONLY_RESOURCE.to_string(), "w0".to_string()));
+        }
         ready(&kubelet, &resources).await;
         Self {
             daemon,
@@ -403,6 +441,11 @@ fn write_module(modules: &Path, k: usize) {
         format!("[config]\nkinds = \"{}\"\n", kinds.join(",")),
     )
     .expect("write manifest");
+}
+
+/// The scan-only test guest in `modules`.
+fn write_scan_only(modules: &Path) {
+    std::fs::copy(guests::SCAN_ONLY, modules.join("widgets.wasm")).expect("copy module");
 }
 
 /// `wasm-device-plugin run` as a node runs it, without metrics or chatty logs.

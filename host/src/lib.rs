@@ -12,6 +12,7 @@
 //! - [`registry`]: module discovery, the one load path, each module's lifecycle
 //!   and the snapshots of its resources; names no protocol type;
 //! - [`runtime`]: wasmtime engine, bindings, per-call stores, guest calls;
+//! - [`merge`]: the host's allocation for modules that do not export `allocate`;
 //! - [`policy`]: guest output → validated [`domain`] values, host paths checked
 //!   against the module's [`grants`];
 //! - [`app`]: wiring, shutdown and probes; [`demo`]: the demo run; [`config`]:
@@ -33,6 +34,7 @@ pub mod gauge;
 pub mod grants;
 pub mod inspect;
 pub mod kubelet;
+pub mod merge;
 pub mod metrics;
 pub mod policy;
 pub mod registry;

@@ -154,7 +154,7 @@ pub fn scan(
             if !names.insert(name.clone()) {
                 return Err(ctx.err(&field, format!("resource {name} is reported twice")));
             }
-            let mut allocations = DeviceAllocations::new();
+            let mut allocations = DeviceAllocations::new(grants.clone());
             let mut text = 0usize;
             let mut devices = Vec::with_capacity(kind.devices.len());
             for d in kind.devices {
@@ -242,7 +242,75 @@ pub fn allocation(
             ),
         ));
     }
-    let size: usize = responses.iter().map(text_bytes).sum();
+    response_size(&ctx, responses.iter().map(text_bytes).sum())?;
+    responses
+        .into_iter()
+        .enumerate()
+        .map(|(n, r)| container(&ctx, grants, n, r))
+        .collect()
+}
+
+/// Checks the host's merge of scan-time allocations ([`crate::merge`]) that were
+/// checked against the grants the module runs with now: each entry passed the
+/// rules when scanned, so only what merging can break is checked again (the
+/// number of entries per list, the size of the whole response). No host path
+/// is resolved again.
+///
+/// # Errors
+/// [`PolicyError`] for the first rule broken.
+pub fn merged(
+    module: &str,
+    allocations: Vec<ContainerAllocation>,
+) -> Result<Vec<ContainerAllocation>, PolicyError> {
+    let ctx = Ctx { module };
+    let pairs =
+        |m: &BTreeMap<String, String>| -> usize { m.iter().map(|(k, v)| k.len() + v.len()).sum() };
+    let mut size = 0usize;
+    for (n, a) in allocations.iter().enumerate() {
+        entry_counts(
+            &ctx,
+            n,
+            [
+                a.envs.len(),
+                a.devices.len(),
+                a.mounts.len(),
+                a.annotations.len(),
+                a.cdi_devices.len(),
+            ],
+        )?;
+        size += pairs(&a.envs)
+            + pairs(&a.annotations)
+            + a.devices
+                .iter()
+                .map(|d| d.host_path.len() + d.container_path.len() + d.permissions.len())
+                .sum::<usize>()
+            + a.mounts
+                .iter()
+                .map(|m| m.host_path.len() + m.container_path.len())
+                .sum::<usize>()
+            + a.cdi_devices.iter().map(String::len).sum::<usize>();
+    }
+    response_size(&ctx, size)?;
+    Ok(allocations)
+}
+
+/// No list of container `n`'s response (envs, device nodes, mounts,
+/// annotations, CDI devices, in that order) holds more than [`MAX_ENTRIES`].
+fn entry_counts(ctx: &Ctx<'_>, n: usize, lens: [usize; 5]) -> Result<(), PolicyError> {
+    let lists = ["envs", "devices", "mounts", "annotations", "cdi-devices"];
+    for (list, len) in lists.into_iter().zip(lens) {
+        if len > MAX_ENTRIES {
+            return Err(ctx.err(
+                format!("containers[{n}].{list}"),
+                format!("{len} entries is more than the {MAX_ENTRIES} allowed"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A response of `size` bytes of text can be sent to kubelet.
+fn response_size(ctx: &Ctx<'_>, size: usize) -> Result<(), PolicyError> {
     if size > MAX_RESPONSE_BYTES {
         return Err(ctx.err(
             "allocate",
@@ -251,11 +319,7 @@ pub fn allocation(
             ),
         ));
     }
-    responses
-        .into_iter()
-        .enumerate()
-        .map(|(n, r)| container(&ctx, grants, n, r))
-        .collect()
+    Ok(())
 }
 
 /// The bytes of text in one container's response.
@@ -282,20 +346,17 @@ fn container(
     n: usize,
     r: ContainerResponse,
 ) -> Result<ContainerAllocation, PolicyError> {
-    for (list, len) in [
-        ("envs", r.envs.len()),
-        ("devices", r.devices.len()),
-        ("mounts", r.mounts.len()),
-        ("annotations", r.annotations.len()),
-        ("cdi-devices", r.cdi_devices.len()),
-    ] {
-        if len > MAX_ENTRIES {
-            return Err(ctx.err(
-                format!("containers[{n}].{list}"),
-                format!("{len} entries is more than the {MAX_ENTRIES} allowed"),
-            ));
-        }
-    }
+    entry_counts(
+        ctx,
+        n,
+        [
+            r.envs.len(),
+            r.devices.len(),
+            r.mounts.len(),
+            r.annotations.len(),
+            r.cdi_devices.len(),
+        ],
+    )?;
     let mut envs = BTreeMap::new();
     for kv in r.envs {
         if !is_env_name(&kv.key) {
@@ -549,8 +610,11 @@ mod tests {
         });
         let got = scan("m", EX, &Grants::default(), vec![dev.clone()]).expect("valid");
         // Only the device that reported something is kept, as reported.
-        assert_eq!(got[0].allocations.len(), 1);
-        assert_eq!(got[0].allocations["a"].devices[0].host_path, "/dev/null");
+        assert_eq!(got[0].allocations.iter().count(), 1);
+        assert_eq!(
+            got[0].allocations.get("a").expect("a has one").devices[0].host_path,
+            "/dev/null"
+        );
 
         dev.devices[1].allocation.devices.push(DeviceSpec {
             host_path: "/dev/mem".into(),

@@ -25,11 +25,48 @@ use std::sync::Arc;
 use crate::cdi::{self, CdiNames};
 use crate::domain::{ContainerAllocation, Device, DeviceSet, DeviceSetError, Health, ResourceName};
 use crate::frontend::{AllocateError, Backend};
+use crate::grants::Grants;
 
 /// Per real device id, what a container given the device needs, as the last
 /// accepted scan reported it and the output policy accepted it (host paths
-/// resolved). Devices whose report was empty have no entry.
-pub type DeviceAllocations = HashMap<String, ContainerAllocation>;
+/// resolved), with the grants it was checked against. Devices whose report was
+/// empty have no entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceAllocations {
+    by_device: HashMap<String, ContainerAllocation>,
+    checked_with: Grants,
+}
+
+impl DeviceAllocations {
+    /// No allocations yet, to be checked against `grants`.
+    pub fn new(checked_with: Grants) -> Self {
+        Self {
+            by_device: HashMap::new(),
+            checked_with,
+        }
+    }
+
+    /// Records what device `id` needs, checked against [`Self::checked_with`].
+    pub fn insert(&mut self, id: String, allocation: ContainerAllocation) {
+        self.by_device.insert(id, allocation);
+    }
+
+    /// What device `id` needs (`None` when its scan reported nothing).
+    pub fn get(&self, id: &str) -> Option<&ContainerAllocation> {
+        self.by_device.get(id)
+    }
+
+    /// Every device with an allocation, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &ContainerAllocation)> {
+        self.by_device.iter().map(|(id, a)| (id.as_str(), a))
+    }
+
+    /// The grants every allocation here was checked against: while a module
+    /// runs with these, the allocations need no second check.
+    pub fn checked_with(&self) -> &Grants {
+        &self.checked_with
+    }
+}
 
 /// One resource as of one accepted change. Cheap to clone and to rebuild: the
 /// device lists and allocations are shared with the snapshots they did not
@@ -368,7 +405,7 @@ mod tests {
             device("c", Health::Unhealthy),
         ])
         .expect("valid");
-        let mut allocations = DeviceAllocations::new();
+        let mut allocations = DeviceAllocations::default();
         allocations.insert(
             "a".into(),
             ContainerAllocation {

@@ -144,6 +144,32 @@ async fn a_scan_only_module_is_not_instantiated_to_allocate() {
 }
 
 #[tokio::test]
+async fn a_scan_only_module_whose_grants_narrow_is_refused_what_they_no_longer_allow() {
+    let fixture = serving("widgets", guests::SCAN_ONLY, None, WIDGET).await;
+    fixture
+        .kubelet
+        .allocate(WIDGET, &[&["w0"]])
+        .await
+        .expect("allocated under the default grants");
+    // The rescan the edit starts is refused (w0's node `/dev/null` is no longer
+    // granted), so the resource keeps the snapshot checked under the old
+    // grants while the module runs with the new ones: its allocations are
+    // checked again, not trusted.
+    fixture
+        .dirs
+        .write_manifest("widgets", "[grants]\ndevice-paths = [\"/dev/zero\"]\n");
+    let reason = fixture.refused("widgets", 1).await;
+    assert!(reason.contains("/dev/null"), "{reason}");
+    let (code, message) = status_of(fixture.kubelet.allocate(WIDGET, &[&["w0"]]).await);
+    assert_eq!(code, Code::Internal);
+    assert!(
+        message.contains("/dev/null") && message.contains("devices[0].host-path"),
+        "{message}"
+    );
+    fixture.stop().await;
+}
+
+#[tokio::test]
 async fn a_scan_only_module_with_two_mounts_at_one_path_is_refused_the_allocation() {
     let manifest = "[grants]\nmount-paths = [\"/var/lib\"]\n\n[config]\nconflict = \"mount\"\n";
     let fixture = serving("widgets", guests::SCAN_ONLY, Some(manifest), WIDGET).await;

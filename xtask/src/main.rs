@@ -17,12 +17,16 @@
 //! - `bench`: runs every benchmark (`host/benches/`) in the bench profile with the
 //!   Go peer of `../shared/peer` unpacked into `target/peer`, and writes their
 //!   figures into `BENCHMARKS.md`;
+//! - `e2e [--release]`: the host on a real one-node Kubernetes cluster on this machine,
+//!   deployed by its own DaemonSet; needs root (see `e2e/mod.rs`);
 //! - `fuzz [--seconds N]`: runs the property tests of `host/tests/fuzz.rs` for about
 //!   N seconds (default 180), shared evenly among the properties.
 //!
 //! Needs rustup and cargo; `test` and `fuzz` also need `python3` with its `venv`
 //! module (the test crate builds the Python guest, and `test` runs a Python gRPC
 //! client).
+
+mod e2e;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -56,8 +60,9 @@ fn main() -> ExitCode {
         "bench" => bench(rest),
         "fuzz" => fuzz(rest),
         "guide" => guide(),
+        "e2e" => e2e::e2e(rest),
         _ => {
-            eprintln!("usage: cargo xtask <demo|test|guests|dist|bench|guide|fuzz> [args...]");
+            eprintln!("usage: cargo xtask <demo|test|guests|dist|bench|guide|fuzz|e2e> [args...]");
             eprintln!(
                 "  demo    build the shipped guests and run `wasm-device-plugin demo` on them"
             );
@@ -73,6 +78,9 @@ fn main() -> ExitCode {
             );
             eprintln!(
                 "  guide   run every `sh` block of docs/writing-a-guest.md, in order, as written"
+            );
+            eprintln!(
+                "  e2e     [--release]: run the host's DaemonSet on a real one-node Kubernetes cluster on this machine (root)"
             );
             eprintln!(
                 "  fuzz    run the property tests for --seconds N (default {FUZZ_SECONDS}), printing cases per property"

@@ -4,11 +4,12 @@
 
 use std::sync::Arc;
 
+use crate::domain::ContainerAllocation;
 use crate::frontend::{AllocateError, AllocateFuture, Backend};
-use crate::policy;
-use crate::runtime::bindings::{AllocateRequest, ContainerRequest, ModuleError};
-use crate::runtime::{CallError, CallFailure, Guest, merge};
+use crate::runtime::bindings::{AllocateRequest, ContainerRequest, ContainerResponse, ModuleError};
+use crate::runtime::{CallError, CallFailure, Guest};
 use crate::snapshot::{AllocationPlan, ResourceSnapshot};
+use crate::{merge, policy};
 
 /// Allocates through one version of a module.
 pub struct GuestBackend {
@@ -30,7 +31,33 @@ impl GuestBackend {
         &self,
         snapshot: &ResourceSnapshot,
         plan: &AllocationPlan,
-    ) -> Result<Vec<crate::domain::ContainerAllocation>, AllocateError> {
+    ) -> Result<Vec<ContainerAllocation>, AllocateError> {
+        let name = self.guest.name();
+        let exports = self.guest.exports();
+        // Judged by the grants the call runs with.
+        let settings = self.guest.settings();
+        let merged = if exports.allocate {
+            None
+        } else {
+            let merged = merge(name, snapshot, plan)?;
+            if !exports.post_allocate {
+                // No guest runs. Allocations checked against these very grants
+                // when scanned need no second check; after a manifest edit, until
+                // the rescan it starts is published, they are checked again.
+                return if snapshot.allocations().checked_with() == &settings.grants {
+                    policy::merged(name, merged)
+                } else {
+                    policy::allocation(
+                        name,
+                        merged.len(),
+                        merged.iter().map(policy::guest_allocation).collect(),
+                        &settings.grants,
+                    )
+                }
+                .map_err(|e| AllocateError::Failed(e.to_string()));
+            }
+            Some(merged.iter().map(policy::guest_allocation).collect())
+        };
         let devices = snapshot.real().devices();
         let containers = plan
             .containers()
@@ -42,8 +69,7 @@ impl GuestBackend {
                     .map(|&at| {
                         snapshot
                             .allocation(&devices[at].id)
-                            .map(policy::guest_allocation)
-                            .unwrap_or_else(merge::empty)
+                            .map_or_else(empty_response, policy::guest_allocation)
                     })
                     .collect(),
             })
@@ -52,21 +78,48 @@ impl GuestBackend {
             kind: snapshot.kind().to_string(),
             containers,
         };
-        // Judged by the grants the call ran with.
-        let settings = self.guest.settings();
         let responses = self
             .guest
-            .allocate(&settings, &request)
+            .allocate(&settings, &request, merged)
             .await
             .map_err(allocate_error)?;
-        policy::allocation(
-            self.guest.name(),
-            plan.containers().len(),
-            responses,
-            &settings.grants,
-        )
-        .map_err(|e| AllocateError::Failed(e.to_string()))
+        policy::allocation(name, plan.containers().len(), responses, &settings.grants)
+            .map_err(|e| AllocateError::Failed(e.to_string()))
     }
+}
+
+/// The host's `allocate` ([`crate::merge`]): per container of `plan`, the merge
+/// of its devices' scan-time allocations in `snapshot`.
+fn merge(
+    module: &str,
+    snapshot: &ResourceSnapshot,
+    plan: &AllocationPlan,
+) -> Result<Vec<ContainerAllocation>, AllocateError> {
+    let devices = snapshot.real().devices();
+    plan.containers()
+        .iter()
+        .enumerate()
+        .map(|(n, real)| {
+            merge::container(
+                n,
+                real.iter().map(|&at| {
+                    let id = devices[at].id.as_str();
+                    (id, snapshot.allocation(id))
+                }),
+            )
+            .map_err(|conflict| {
+                AllocateError::Rejected(format!(
+                    "module {module}: allocate (host default): {conflict}"
+                ))
+            })
+        })
+        .collect()
+}
+
+/// An allocation that gives a container nothing (a device whose scan reported
+/// none), as the guest is handed it.
+fn empty_response() -> ContainerResponse {
+    policy::guest_allocation(&ContainerAllocation::default())
 }
 
 impl Backend for GuestBackend {

@@ -35,7 +35,7 @@ type PostAllocateResults = AllocateResults;
 /// Which optional functions a module exports (`scan` it always does). Where one
 /// is missing the host supplies the default the WIT contract documents: health
 /// from each scan, an allocation merged from scan's device allocations
-/// ([`crate::runtime::merge`]), no post-processing.
+/// ([`crate::merge`]), no post-processing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Exports {
     /// `health`: without it the host never asks; each scan's health counts.

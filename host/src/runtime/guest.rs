@@ -5,7 +5,7 @@
 //! Only `scan` is required; which optional exports a module has is found at
 //! load ([`Exports`]) and the host supplies the rest: no health call (the
 //! registry takes health from scans), an allocation merged from the devices'
-//! scan-time allocations ([`merge`]), no post-processing. A module with neither
+//! scan-time allocations ([`crate::merge`], made by the caller), no post-processing. A module with neither
 //! `allocate` nor `post-allocate` is not instantiated for an Allocate at all.
 //!
 //! `scan` and `health` always run in a fresh instance (they read the granted
@@ -35,7 +35,6 @@ use crate::runtime::bindings::{
 use crate::runtime::engine::Runtime;
 use crate::runtime::exports::{Exports, Funcs, Indices};
 use crate::runtime::limits::{Call, CallSettings, HostState, arm, new_store};
-use crate::runtime::merge;
 use crate::runtime::{CallError, CallFailure, LoadError, PACKAGE, PACKAGE_VERSION};
 
 /// The WASI 0.2 interfaces a module may import (sockets are not among them: a
@@ -109,7 +108,7 @@ fn check_world(engine: &wasmtime::Engine, component: &Component) -> Result<(), L
     Ok(())
 }
 
-/// The call a conflict in the host's own `allocate` is reported as.
+/// The call the host's own `allocate` is reported as.
 const DEFAULT_ALLOCATE: &str = "allocate (host default)";
 
 /// What a call of an export that [`Exports`] says is missing would return;
@@ -347,30 +346,35 @@ impl Guest {
     /// deadline covers both. `settings` is what [`Guest::settings`] returned, so
     /// that the caller judges the answer by the grants the call ran with.
     ///
-    /// Without `allocate` the host's merge of the devices' scan-time
-    /// allocations ([`merge::allocate`]) stands in for its answer; without
-    /// `post-allocate` that answer is final. A module with neither is not
-    /// instantiated at all: the answer is the merge.
+    /// `host_answer` stands in for `allocate`'s answer when the module does not
+    /// export it (the caller's merge of the devices' scan-time allocations,
+    /// [`crate::merge`]), and is ignored when it does; without `post-allocate`
+    /// that answer is final, and no instance is made.
     ///
     /// # Errors
-    /// As [`Guest::scan`], for either call; [`ModuleError::InvalidRequest`]
-    /// (call `allocate (host default)`) when the merge finds two devices of one
-    /// container needing different things at one container path.
+    /// As [`Guest::scan`], for either call; [`ModuleError::Internal`] (a host
+    /// bug) when the module exports no `allocate` and no `host_answer` was given.
     pub async fn allocate(
         &self,
         settings: &Arc<CallSettings>,
         request: &AllocateRequest,
+        host_answer: Option<Vec<ContainerResponse>>,
     ) -> Result<Vec<ContainerResponse>, CallError> {
         let call = Call::Allocate;
         let exports = self.exports();
         let merged = if exports.allocate {
             None
         } else {
-            let merged = merge::allocate(request).map_err(|conflict| CallError::Module {
-                module: self.name.to_string(),
-                call: DEFAULT_ALLOCATE,
-                error: ModuleError::InvalidRequest(conflict.to_string()),
-            })?;
+            let Some(merged) = host_answer else {
+                return Err(CallError::Module {
+                    module: self.name.to_string(),
+                    call: DEFAULT_ALLOCATE,
+                    error: ModuleError::Internal(
+                        "host bug: the module exports no `allocate` and the host gave no answer of its own"
+                            .into(),
+                    ),
+                });
+            };
             if !exports.post_allocate {
                 return Ok(merged);
             }

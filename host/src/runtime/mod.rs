@@ -7,7 +7,6 @@ pub mod engine;
 pub mod exports;
 pub mod guest;
 pub mod limits;
-pub mod merge;
 
 use std::time::Duration;
 

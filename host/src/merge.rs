@@ -1,7 +1,9 @@
 //! The host's `allocate` for modules that do not export one: per container, the
-//! merge of what `scan` reported each requested device needs
-//! (`container-request.allocations`, which the host already holds, checked by
-//! the output policy at scan time). Pure: no guest runs, nothing is cached.
+//! merge of what `scan` reported each requested device needs (the snapshot's
+//! allocations, checked by the output policy when scanned). Pure: on domain
+//! values, no guest runs, nothing is cached. The one home of the rule; a module
+//! that exports `post-allocate` but not `allocate` is handed this merge as the
+//! answer to post-process.
 //!
 //! The rule is the WIT contract's (`container-request.allocations` in
 //! `wit/device-plugin.wit`):
@@ -15,13 +17,10 @@
 //!   path are an error. The SDK kept the first silently; the host must never
 //!   answer success for less than the pod asked for, and a container path can
 //!   hold only one of them.
-//!
-//! The answer still goes through [`crate::policy::allocation`] like any
-//! module's: the grants may have changed since the scan.
 
-use crate::runtime::bindings::{
-    AllocateRequest, ContainerRequest, ContainerResponse, DeviceSpec, KeyValue, Mount,
-};
+use std::collections::BTreeMap;
+
+use crate::domain::{ContainerAllocation, DeviceNode, Mount};
 
 /// Two devices of one container need different things at one container path.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,56 +44,45 @@ pub struct MergeConflict {
     pub second_host: String,
 }
 
-/// The default allocation for `request`: one merged response per container, in
-/// order.
+/// The default allocation of one container (number `container` in its
+/// request) from its devices, in order: each device's id and its scan-time
+/// allocation (`None` for a device whose scan reported none).
 ///
 /// # Errors
-/// [`MergeConflict`] for the first container path two devices of one container
-/// fill differently (boxed: it is large, and rare).
-pub fn allocate(request: &AllocateRequest) -> Result<Vec<ContainerResponse>, Box<MergeConflict>> {
-    request
-        .containers
-        .iter()
-        .enumerate()
-        .map(|(n, container)| merge_container(n, container))
-        .collect()
-}
-
-fn merge_container(
+/// [`MergeConflict`] for the first container path two of the devices fill
+/// differently (boxed: it is large, and rare).
+pub fn container<'a>(
     container: usize,
-    request: &ContainerRequest,
-) -> Result<ContainerResponse, Box<MergeConflict>> {
-    let mut merged = ContainerResponse {
-        envs: Vec::new(),
-        devices: Vec::new(),
-        mounts: Vec::new(),
-        annotations: Vec::new(),
-        cdi_devices: Vec::new(),
-    };
+    devices: impl IntoIterator<Item = (&'a str, Option<&'a ContainerAllocation>)>,
+) -> Result<ContainerAllocation, Box<MergeConflict>> {
+    let mut merged = ContainerAllocation::default();
     // Which device each kept node and mount came from, to name both in a conflict.
     let mut node_owner: Vec<&str> = Vec::new();
     let mut mount_owner: Vec<&str> = Vec::new();
-    for (id, allocation) in request.device_ids.iter().zip(&request.allocations) {
-        for spec in &allocation.devices {
+    for (id, allocation) in devices {
+        let Some(allocation) = allocation else {
+            continue;
+        };
+        for node in &allocation.devices {
             match merged
                 .devices
                 .iter()
-                .position(|d| d.container_path == spec.container_path)
+                .position(|d| d.container_path == node.container_path)
             {
-                Some(at) if same_node(&merged.devices[at], spec) => {}
+                Some(at) if merged.devices[at] == *node => {}
                 Some(at) => {
                     return Err(Box::new(MergeConflict {
                         container,
                         what: "device node",
-                        path: spec.container_path.clone(),
+                        path: node.container_path.clone(),
                         first: node_owner[at].to_string(),
                         first_host: describe_node(&merged.devices[at]),
-                        second: id.clone(),
-                        second_host: describe_node(spec),
+                        second: id.to_string(),
+                        second_host: describe_node(node),
                     }));
                 }
                 None => {
-                    merged.devices.push(spec.clone());
+                    merged.devices.push(node.clone());
                     node_owner.push(id);
                 }
             }
@@ -105,7 +93,7 @@ fn merge_container(
                 .iter()
                 .position(|m| m.container_path == mount.container_path)
             {
-                Some(at) if same_mount(&merged.mounts[at], mount) => {}
+                Some(at) if merged.mounts[at] == *mount => {}
                 Some(at) => {
                     return Err(Box::new(MergeConflict {
                         container,
@@ -113,7 +101,7 @@ fn merge_container(
                         path: mount.container_path.clone(),
                         first: mount_owner[at].to_string(),
                         first_host: describe_mount(&merged.mounts[at]),
-                        second: id.clone(),
+                        second: id.to_string(),
                         second_host: describe_mount(mount),
                     }));
                 }
@@ -134,17 +122,7 @@ fn merge_container(
     Ok(merged)
 }
 
-fn same_node(a: &DeviceSpec, b: &DeviceSpec) -> bool {
-    a.host_path == b.host_path
-        && a.container_path == b.container_path
-        && a.permissions == b.permissions
-}
-
-fn same_mount(a: &Mount, b: &Mount) -> bool {
-    a.host_path == b.host_path && a.container_path == b.container_path && a.read_only == b.read_only
-}
-
-fn describe_node(d: &DeviceSpec) -> String {
+fn describe_node(d: &DeviceNode) -> String {
     format!("`{}` {}", d.host_path, d.permissions)
 }
 
@@ -160,32 +138,22 @@ fn describe_mount(m: &Mount) -> String {
     )
 }
 
-/// Adds `more` to `list`: a new key is appended; a key already there gets the
+/// Adds `more` to `map`: a new key is added; a key already there gets the
 /// value appended after a `,` unless it is already one of its `,`-separated
 /// values (the SDK 0.2.0 rule, byte for byte).
-fn join(list: &mut Vec<KeyValue>, more: &[KeyValue]) {
-    for kv in more {
-        match list.iter_mut().find(|have| have.key == kv.key) {
+fn join(map: &mut BTreeMap<String, String>, more: &BTreeMap<String, String>) {
+    for (key, value) in more {
+        match map.get_mut(key) {
             Some(have) => {
-                if !have.value.split(',').any(|v| v == kv.value) {
-                    have.value.push(',');
-                    have.value.push_str(&kv.value);
+                if !have.split(',').any(|v| v == value) {
+                    have.push(',');
+                    have.push_str(value);
                 }
             }
-            None => list.push(kv.clone()),
+            None => {
+                map.insert(key.clone(), value.clone());
+            }
         }
-    }
-}
-
-/// A response that gives a container nothing (a device whose scan reported no
-/// allocation).
-pub fn empty() -> ContainerResponse {
-    ContainerResponse {
-        envs: Vec::new(),
-        devices: Vec::new(),
-        mounts: Vec::new(),
-        annotations: Vec::new(),
-        cdi_devices: Vec::new(),
     }
 }
 
@@ -193,8 +161,8 @@ pub fn empty() -> ContainerResponse {
 mod tests {
     use super::*;
 
-    fn node(host: &str, container: &str, permissions: &str) -> DeviceSpec {
-        DeviceSpec {
+    fn node(host: &str, container: &str, permissions: &str) -> DeviceNode {
+        DeviceNode {
             host_path: host.into(),
             container_path: container.into(),
             permissions: permissions.into(),
@@ -209,141 +177,111 @@ mod tests {
         }
     }
 
-    fn kv(key: &str, value: &str) -> KeyValue {
-        KeyValue {
-            key: key.into(),
-            value: value.into(),
-        }
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
-    fn request(devices: Vec<(&str, ContainerResponse)>) -> AllocateRequest {
-        AllocateRequest {
-            kind: "k".into(),
-            containers: vec![ContainerRequest {
-                device_ids: devices.iter().map(|(id, _)| id.to_string()).collect(),
-                allocations: devices.into_iter().map(|(_, a)| a).collect(),
-            }],
-        }
+    fn merge(
+        devices: &[(&str, &ContainerAllocation)],
+    ) -> Result<ContainerAllocation, Box<MergeConflict>> {
+        container(0, devices.iter().map(|(id, a)| (*id, Some(*a))))
     }
 
     #[test]
     fn merge_keeps_shared_nodes_mounts_and_cdi_names_once() {
-        let a = ContainerResponse {
+        let a = ContainerAllocation {
             devices: vec![
                 node("/dev/a", "/dev/a", "rw"),
                 node("/dev/ctl", "/dev/ctl", "rw"),
             ],
             mounts: vec![mount("/opt/lib", "/opt/lib")],
             cdi_devices: vec!["example.com/x=a".into(), "example.com/x=ctl".into()],
-            ..empty()
+            ..Default::default()
         };
-        let b = ContainerResponse {
+        let b = ContainerAllocation {
             devices: vec![
                 node("/dev/b", "/dev/b", "rw"),
                 node("/dev/ctl", "/dev/ctl", "rw"),
             ],
             mounts: vec![mount("/opt/lib", "/opt/lib")],
             cdi_devices: vec!["example.com/x=ctl".into(), "example.com/x=b".into()],
-            ..empty()
+            ..Default::default()
         };
-        let merged = allocate(&request(vec![("a", a), ("b", b)])).expect("no conflict");
-        let nodes: Vec<&str> = merged[0]
+        let merged = merge(&[("a", &a), ("b", &b)]).expect("no conflict");
+        let nodes: Vec<&str> = merged
             .devices
             .iter()
             .map(|d| d.host_path.as_str())
             .collect();
         assert_eq!(nodes, ["/dev/a", "/dev/ctl", "/dev/b"]);
-        assert_eq!(merged[0].mounts.len(), 1);
+        assert_eq!(merged.mounts.len(), 1);
         assert_eq!(
-            merged[0].cdi_devices,
+            merged.cdi_devices,
             ["example.com/x=a", "example.com/x=ctl", "example.com/x=b"]
         );
     }
 
     #[test]
     fn merge_joins_distinct_values_of_one_key_in_device_order() {
-        let a = ContainerResponse {
-            envs: vec![kv("IDS", "a"), kv("MODE", "x")],
-            annotations: vec![kv("example.com/ids", "a")],
-            ..empty()
+        let a = ContainerAllocation {
+            envs: map(&[("IDS", "a"), ("MODE", "x")]),
+            annotations: map(&[("example.com/ids", "a")]),
+            ..Default::default()
         };
-        let b = ContainerResponse {
-            envs: vec![kv("IDS", "b"), kv("MODE", "x")],
-            annotations: vec![kv("example.com/ids", "b")],
-            ..empty()
+        let b = ContainerAllocation {
+            envs: map(&[("IDS", "b"), ("MODE", "x")]),
+            annotations: map(&[("example.com/ids", "b")]),
+            ..Default::default()
         };
-        let merged = allocate(&request(vec![("a", a), ("b", b)])).expect("no conflict");
-        let pairs = |list: &[KeyValue]| -> Vec<(String, String)> {
-            list.iter()
-                .map(|kv| (kv.key.clone(), kv.value.clone()))
-                .collect()
+        let c = ContainerAllocation {
+            envs: map(&[("IDS", "a")]),
+            ..Default::default()
         };
-        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
-        assert_eq!(
-            pairs(&merged[0].envs),
-            [pair("IDS", "a,b"), pair("MODE", "x")]
-        );
-        assert_eq!(
-            pairs(&merged[0].annotations),
-            [pair("example.com/ids", "a,b")]
-        );
+        let merged = merge(&[("b", &b), ("a", &a), ("c", &c)]).expect("no conflict");
+        assert_eq!(merged.envs, map(&[("IDS", "b,a"), ("MODE", "x")]));
+        assert_eq!(merged.annotations, map(&[("example.com/ids", "b,a")]));
+    }
+
+    #[test]
+    fn merge_skips_devices_without_an_allocation() {
+        let a = ContainerAllocation {
+            envs: map(&[("IDS", "a")]),
+            ..Default::default()
+        };
+        let merged = container(0, [("none", None), ("a", Some(&a))]).expect("no conflict");
+        assert_eq!(merged, a);
     }
 
     #[test]
     fn merge_refuses_two_mounts_at_one_container_path() {
-        let a = ContainerResponse {
+        let a = ContainerAllocation {
             mounts: vec![mount("/opt/a", "/opt/lib")],
-            ..empty()
+            ..Default::default()
         };
-        let b = ContainerResponse {
+        let b = ContainerAllocation {
             mounts: vec![mount("/opt/b", "/opt/lib")],
-            ..empty()
+            ..Default::default()
         };
-        let err = allocate(&request(vec![("a", a), ("b", b)])).expect_err("conflict");
+        let err = merge(&[("a", &a), ("b", &b)]).expect_err("conflict");
         assert_eq!((err.what, err.path.as_str()), ("mount", "/opt/lib"));
         assert_eq!((err.first.as_str(), err.second.as_str()), ("a", "b"));
     }
 
     #[test]
     fn merge_refuses_two_device_nodes_at_one_container_path() {
-        let a = ContainerResponse {
+        let a = ContainerAllocation {
             devices: vec![node("/dev/a", "/dev/accel", "rw")],
-            ..empty()
+            ..Default::default()
         };
-        let b = ContainerResponse {
+        let b = ContainerAllocation {
             devices: vec![node("/dev/a", "/dev/accel", "r")],
-            ..empty()
+            ..Default::default()
         };
-        let err = allocate(&request(vec![("a", a), ("b", b)])).expect_err("conflict");
+        let err = container(3, [("a", Some(&a)), ("b", Some(&b))]).expect_err("conflict");
         assert_eq!((err.what, err.path.as_str()), ("device node", "/dev/accel"));
-    }
-
-    #[test]
-    fn merge_answers_each_container_from_its_own_devices() {
-        let a = ContainerResponse {
-            devices: vec![node("/dev/a", "/dev/x", "rw")],
-            ..empty()
-        };
-        let b = ContainerResponse {
-            devices: vec![node("/dev/b", "/dev/x", "rw")],
-            ..empty()
-        };
-        // The same container path in two containers is no conflict.
-        let request = AllocateRequest {
-            kind: "k".into(),
-            containers: vec![
-                ContainerRequest {
-                    device_ids: vec!["a".into()],
-                    allocations: vec![a],
-                },
-                ContainerRequest {
-                    device_ids: vec!["b".into()],
-                    allocations: vec![b],
-                },
-            ],
-        };
-        let merged = allocate(&request).expect("no conflict");
-        assert_eq!(merged.len(), 2);
-        assert_eq!(merged[1].devices[0].host_path, "/dev/b");
+        assert_eq!(err.container, 3);
     }
 }
