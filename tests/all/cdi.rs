@@ -1,7 +1,7 @@
 //! Resources served with CDI (`cdi = true` in a manifest): the spec the host
 //! writes, read as the runtimes' CDI library reads it (the
-//! `container-device-interface` crate: parsed, validated, names resolved and
-//! injected into an OCI spec), the names Allocate answers with, and the
+//! `container-device-interface` crate, run as `tests/cdi-check`: parsed,
+//! validated, names resolved and injected into an OCI spec), the names Allocate answers with, and the
 //! spec's life on disk: rewritten on a rescan, removed with its resource,
 //! swept at the next start, others' specs never touched, a CDI directory
 //! that cannot be written refusing the resource.
@@ -9,9 +9,6 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use container_device_interface::cache::{new_cache, with_auto_refresh};
-use container_device_interface::spec::read_spec;
-use container_device_interface::spec_dirs::with_spec_dirs;
 use wasm_device_plugin::cdi::{FILE_PREFIX, SPEC_VERSION, device_name};
 use wasm_device_plugin::kubelet::deviceplugin::proto::AllocateResponse;
 use wasm_device_plugin::registry::{ModuleState, RegistryError};
@@ -34,11 +31,18 @@ type Node = (String, String, String);
 /// its device nodes, as the library parsed them.
 fn read_valid(dir: &Path, resource: &str) -> Vec<(String, Vec<Node>)> {
     let path = spec_path(dir, resource);
-    let spec = read_spec(&path, 0)
-        .unwrap_or_else(|e| panic!("{} does not validate: {e:#}", path.display()));
-    assert_eq!(spec.get_vendor() + "/" + &spec.get_class(), resource);
-    // Its fields are the crate's own; read them back through its serde.
-    let parsed = serde_json::to_value(&spec.cdi_spec).expect("serializable");
+    let read = cdi_check(&["read".as_ref(), path.as_os_str()])
+        .unwrap_or_else(|e| panic!("{} does not validate: {e}", path.display()));
+    assert_eq!(
+        format!(
+            "{}/{}",
+            read["vendor"].as_str().unwrap_or_default(),
+            read["class"].as_str().unwrap_or_default()
+        ),
+        resource
+    );
+    // The spec as the library parsed it.
+    let parsed = &read["spec"];
     assert_eq!(parsed["cdiVersion"], SPEC_VERSION);
     let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
     parsed["devices"]
@@ -61,6 +65,19 @@ fn read_valid(dir: &Path, resource: &str) -> Vec<(String, Vec<Node>)> {
             (text(&d["name"]), nodes)
         })
         .collect()
+}
+
+/// Runs `tests/cdi-check` with `args`: its JSON answer, or its error.
+fn cdi_check(args: &[&std::ffi::OsStr]) -> Result<serde_json::Value, String> {
+    let out = std::process::Command::new(guests::CDI_CHECK)
+        .args(args)
+        .output()
+        .expect("run cdi-check");
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).expect("cdi-check prints JSON"))
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
 }
 
 /// Per container, the CDI names and the device nodes' container paths kubelet
@@ -181,28 +198,16 @@ async fn spec_validates_and_allocated_names_resolve_to_the_guests_nodes() {
     // resolves it, to the node the guest reported, injected into the
     // container's OCI spec.
     {
-        let cache = new_cache(vec![
-            with_spec_dirs(&[cdi.to_str().expect("utf-8")]),
-            with_auto_refresh(false),
-        ]);
-        let mut cache = cache.lock().expect("cache");
-        assert_eq!(
-            cache.list_devices(),
-            [format!("{NODES}=null"), format!("{NODES}=zero")]
-        );
         for (container, (cdi_names, _)) in names.iter().enumerate() {
-            let mut oci = oci_spec::runtime::Spec::default();
-            cache
-                .inject_devices(Some(&mut oci), cdi_names.clone())
-                .unwrap_or_else(|e| panic!("container {container}: {e}"));
-            let injected: Vec<(String, i64, i64)> = oci
-                .linux()
-                .as_ref()
-                .and_then(|l| l.devices().clone())
-                .unwrap_or_default()
-                .iter()
-                .map(|d| (d.path().display().to_string(), d.major(), d.minor()))
-                .collect();
+            let mut args: Vec<&std::ffi::OsStr> = vec!["inject".as_ref(), cdi.as_os_str()];
+            args.extend(cdi_names.iter().map(|n| std::ffi::OsStr::new(n.as_str())));
+            let answer = cdi_check(&args).unwrap_or_else(|e| panic!("container {container}: {e}"));
+            assert_eq!(
+                answer["devices"],
+                serde_json::json!([format!("{NODES}=null"), format!("{NODES}=zero")])
+            );
+            let injected: Vec<(String, i64, i64)> =
+                serde_json::from_value(answer["injected"].clone()).expect("[path, major, minor]");
             let want = if container == 0 {
                 "/dev/zero"
             } else {
