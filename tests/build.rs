@@ -7,6 +7,11 @@
 //!
 //! The Python guest (`guests/python-virtual`) is built with componentize-py, which
 //! `cargo xtask test` installs into `target/py` (or named by `WDP_COMPONENTIZE_PY`).
+//!
+//! `tests/cdi-check` (the CDI library's checks, as a program) is built natively in
+//! `target/cdi-check`, a workspace of its own so that its dependencies' features
+//! never reach the host's builds; its path goes into `OUT_DIR/guests.rs` as
+//! `CDI_CHECK`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -45,7 +50,52 @@ fn main() {
         "/// `guests/python-virtual` built with componentize-py.\npub const PYTHON_VIRTUAL: &str = {:?};\n",
         python.display().to_string()
     ));
+    let cdi_check = build_cdi_check(
+        &manifest_dir.join("cdi-check"),
+        &root.join("target/cdi-check"),
+    );
+    consts.push_str(&format!(
+        "/// `tests/cdi-check` built natively.\npub const CDI_CHECK: &str = {:?};\n",
+        cdi_check.display().to_string()
+    ));
     std::fs::write(out_dir.join("guests.rs"), consts).expect("cannot write guests.rs");
+}
+
+/// Builds `tests/cdi-check` (its own workspace and lock file) into `target_dir`;
+/// the path of the program.
+fn build_cdi_check(dir: &Path, target_dir: &Path) -> PathBuf {
+    for file in ["Cargo.toml", "Cargo.lock", "src"] {
+        println!("cargo:rerun-if-changed={}", dir.join(file).display());
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--locked", "--manifest-path"])
+        .arg(dir.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(target_dir);
+    outer_settings_removed(&mut cmd);
+    let status = cmd.status().expect("cannot run cargo to build cdi-check");
+    assert!(status.success(), "building {} failed", dir.display());
+    target_dir.join("debug/cdi-check")
+}
+
+/// Leaves out what the outer build sets for the host: its flags, target
+/// directory and jobserver, and a `cargo clippy` run's wrapper and `-D
+/// warnings` (which would lint the nested build's code and fail it).
+fn outer_settings_removed(cmd: &mut Command) {
+    for var in [
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "CARGO_MAKEFLAGS",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CLIPPY_ARGS",
+        "CLIPPY_CONF_DIR",
+    ] {
+        cmd.env_remove(var);
+    }
 }
 
 /// The componentize-py that `cargo xtask test` installs; its version is pinned there.
@@ -206,22 +256,8 @@ fn build_workspace(dir: &Path, target_dir: &Path) -> Vec<(PathBuf, PathBuf)> {
     .arg(dir.join("Cargo.toml"))
     .arg("--target-dir")
     .arg(target_dir);
-    // The outer build's settings are for the host, not for wasm guests; nor is a
-    // `cargo clippy` of the host (its wrapper and `-D warnings` would lint the
-    // guests' code and fail their build).
-    for var in [
-        "CARGO_ENCODED_RUSTFLAGS",
-        "RUSTFLAGS",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET",
-        "CARGO_MAKEFLAGS",
-        "RUSTC_WRAPPER",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "CLIPPY_ARGS",
-        "CLIPPY_CONF_DIR",
-    ] {
-        cmd.env_remove(var);
-    }
+    // The outer build's settings are for the host, not for wasm guests.
+    outer_settings_removed(&mut cmd);
     let status = cmd.status().expect("cannot run cargo to build the guests");
     assert!(
         status.success(),

@@ -396,6 +396,7 @@ impl NativeServer {
             replicas: 1,
             real: Arc::new(set),
             allocations: Arc::default(),
+            cdi: None,
             backend: Arc::new(NativeVirtual),
         })
         .expect("snapshot");

@@ -459,6 +459,9 @@ fn our_command(modules: &Path, kubelet_dir: &Path, cache: &Path) -> Command {
         .arg(kubelet_dir)
         .arg("--cache-dir")
         .arg(cache)
+        // Never the node's own CDI directory (nothing here uses CDI).
+        .arg("--cdi-dir")
+        .arg(kubelet_dir.with_file_name("cdi"))
         .args(["--metrics-addr", "off", "--log", "warn"])
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())

@@ -267,6 +267,8 @@ fn stage(modules: &[(&str, &str)]) -> (TempDir, PathBuf, PathBuf) {
         wasm_device_plugin::demo::stage(&source, root.path()).expect("stage the modules");
     let kubelet = root.path().join("kubelet");
     std::fs::create_dir(&kubelet).expect("kubelet dir");
+    // Where `test_settings` puts CDI specs (the demo serves serial with CDI).
+    std::fs::create_dir(root.path().join("cdi")).expect("CDI dir");
     (root, staged, kubelet)
 }
 

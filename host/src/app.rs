@@ -1,7 +1,8 @@
 //! Wires the subsystems together: the runtime, the device-plugin frontend on the
 //! watched kubelet directory, and the registry's supervisor following the
 //! modules directory. Owns the tree of cancellation tokens below the caller's
-//! and every task it spawns; answers the probes.
+//! and every task it spawns; answers the probes; sweeps the CDI specs an
+//! earlier run left for resources this one does not serve.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,6 +15,7 @@ use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cdi::CdiDir;
 use crate::gauge::Gauge;
 use crate::kubelet::dataplane::DataPlane;
 use crate::kubelet::deviceplugin::{PluginStatus, Plugins, Registrations};
@@ -47,6 +49,8 @@ pub struct HostConfig {
 pub struct Host {
     ctx: Arc<Context>,
     states: watch::Receiver<ModuleStates>,
+    /// `None` until the start-up sweep of CDI specs ran; then what it removed.
+    cdi_swept: watch::Receiver<Option<Vec<PathBuf>>>,
     /// The device-plugin frontend every resource is served through.
     plugins: Arc<Plugins>,
     supervisor: AbortHandle,
@@ -91,6 +95,7 @@ impl Host {
                 DataPlane::start().context("cannot start the data plane's thread")?,
             ),
         });
+        let cdi = Arc::new(CdiDir::new(&settings.cdi_dir));
         let ctx = Arc::new(Context {
             runtime,
             settings,
@@ -99,12 +104,24 @@ impl Host {
             states: states_tx,
             refusals: watch::channel(Refusals::new()).0,
             versions: watch::channel(ModuleVersions::new()).0,
+            cdi: cdi.clone(),
+            host_stopping: token.clone(),
         });
         let mut supervisor = Supervisor::new(ctx.clone(), token.clone());
         for event in initial {
             supervisor.handle_now(event);
         }
         let tasks = TaskTracker::new();
+        // After the modules found at start have loaded (each has written the
+        // specs of what it serves by then), so specs of resources served
+        // before a restart stay in place meanwhile.
+        let (swept_tx, cdi_swept) = watch::channel(None);
+        tasks.spawn(sweep_cdi_specs(
+            cdi,
+            states.clone(),
+            swept_tx,
+            token.clone(),
+        ));
         let supervisor = tasks.spawn(supervisor.run(events)).abort_handle();
         tasks.spawn(log_readiness(
             states.clone(),
@@ -115,11 +132,19 @@ impl Host {
         Ok(Self {
             ctx,
             states,
+            cdi_swept,
             plugins,
             supervisor,
             token,
             tasks,
         })
+    }
+
+    /// `None` until the CDI specs of an earlier run that this one does not
+    /// serve have been removed (once the modules found at start have loaded);
+    /// then the files removed.
+    pub fn cdi_swept(&self) -> watch::Receiver<Option<Vec<PathBuf>>> {
+        self.cdi_swept.clone()
     }
 
     /// The state of every module, updated as they change.
@@ -241,6 +266,46 @@ impl Host {
         self.token.cancel();
         self.tasks.wait().await;
     }
+}
+
+/// Once no module found at start is settling or loading, removes the CDI
+/// specs an earlier run wrote for resources this run does not serve
+/// ([`CdiDir::sweep`]), each logged. A missing directory is only worth a
+/// debug line: most hosts serve nothing with CDI.
+async fn sweep_cdi_specs(
+    cdi: Arc<CdiDir>,
+    mut states: watch::Receiver<ModuleStates>,
+    swept: watch::Sender<Option<Vec<PathBuf>>>,
+    token: CancellationToken,
+) {
+    let settled = states.wait_for(|s| {
+        s.values()
+            .all(|m| !matches!(m, ModuleState::Loading | ModuleState::Settling))
+    });
+    let settled = tokio::select! {
+        () = token.cancelled() => return,
+        settled = settled => settled.is_ok(),
+    };
+    if !settled {
+        return;
+    }
+    let removed = match cdi.sweep() {
+        Ok(removed) => {
+            for path in &removed {
+                tracing::info!(path = %path.display(), "removed a CDI spec of an earlier run: its resource is not served now");
+            }
+            removed
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            tracing::debug!(dir = %cdi.dir().display(), "no CDI spec directory; nothing to sweep");
+            Vec::new()
+        }
+        Err(err) => {
+            tracing::warn!(dir = %cdi.dir().display(), cause = %err, "cannot list the CDI spec directory to remove stale specs");
+            Vec::new()
+        }
+    };
+    swept.send_replace(Some(removed));
 }
 
 /// Ready when no module is settling or loading, and every resource of every

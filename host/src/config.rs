@@ -150,6 +150,15 @@ pub struct RunArgs {
     /// Compile every module at load; read and write no cache.
     #[arg(long, conflicts_with = "cache_dir")]
     pub no_cache: bool,
+    /// Directory for the CDI specs of resources whose manifest turns `cdi` on
+    /// (one `wasm-device-plugin_<resource>.json` each, mode 0644): the
+    /// container runtime's CDI spec directory, where it resolves the CDI names
+    /// that Allocate returns. It must exist: a resource whose spec cannot be
+    /// written there is not served. At start, specs an earlier run wrote for
+    /// resources no longer served are deleted; files without this host's marks
+    /// are never touched.
+    #[arg(long, default_value = crate::cdi::DEFAULT_DIR, env = "WDP_CDI_DIR")]
+    pub cdi_dir: PathBuf,
     /// Address of the HTTP endpoints: `/metrics` (Prometheus), `/healthz`
     /// (liveness) and `/readyz` (ready once every loaded module's resources are
     /// registered with kubelet). On by default, as kubelet's probes need it; in
@@ -204,6 +213,10 @@ pub struct ModuleFileArgs {
     /// host, an allocation may never hand out a path in it.
     #[arg(long, default_value = DEFAULT_KUBELET_DIR, env = "WDP_KUBELET_DIR")]
     pub kubelet_dir: PathBuf,
+    /// The CDI spec directory `run` would write a resource's spec to, for the
+    /// path shown with the spec of each resource with `cdi`. Nothing is written.
+    #[arg(long, default_value = crate::cdi::DEFAULT_DIR, env = "WDP_CDI_DIR")]
+    pub cdi_dir: PathBuf,
     /// Domain and limits, as for `run`.
     #[command(flatten)]
     pub module: ModuleArgs,
@@ -292,10 +305,12 @@ impl ModuleArgs {
 }
 
 impl HostArgs {
-    /// The registry settings these flags describe, serving into `kubelet_dir`.
-    pub fn settings(&self, kubelet_dir: PathBuf) -> Settings {
+    /// The registry settings these flags describe, serving into `kubelet_dir`
+    /// and writing CDI specs into `cdi_dir`.
+    pub fn settings(&self, kubelet_dir: PathBuf, cdi_dir: PathBuf) -> Settings {
         Settings {
             kubelet_dir,
+            cdi_dir,
             default_domain: self.module.domain.clone(),
             health_interval: self.health_interval,
             scan_interval: self.scan_interval,
@@ -311,6 +326,7 @@ impl ModuleFileArgs {
         let default = |raw| positive_duration(raw).unwrap_or(Duration::from_secs(10));
         Settings {
             kubelet_dir: self.kubelet_dir.clone(),
+            cdi_dir: self.cdi_dir.clone(),
             default_domain: self.module.domain.clone(),
             health_interval: default(DEFAULT_HEALTH_INTERVAL),
             scan_interval: default(DEFAULT_SCAN_INTERVAL),
@@ -326,7 +342,9 @@ impl RunArgs {
             modules_dir: self.modules_dir.clone(),
             cache_dir: (!self.no_cache).then(|| self.cache_dir.clone()),
             settle: DEFAULT_SETTLE,
-            settings: self.host.settings(self.kubelet_dir.clone()),
+            settings: self
+                .host
+                .settings(self.kubelet_dir.clone(), self.cdi_dir.clone()),
         }
     }
 }
@@ -476,5 +494,6 @@ mod tests {
         );
         assert_eq!(config.settings.health_interval, Duration::from_secs(10));
         assert_eq!(config.settings.limits.memory_bytes, 64 * 1024 * 1024);
+        assert_eq!(config.settings.cdi_dir, PathBuf::from("/var/run/cdi"));
     }
 }

@@ -1,6 +1,7 @@
 //! `wasm-device-plugin demo`: the host and the kubelet simulator in one process,
 //! over real sockets in a temporary directory. Prints what kubelet receives
-//! (registrations, ListAndWatch) and what a pod gets (Allocate responses).
+//! (registrations, ListAndWatch), what a pod gets (Allocate responses) and the
+//! CDI specs the host wrote for resources served with CDI.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -29,6 +30,8 @@ pub async fn run(args: &DemoArgs, out: &mut impl Write) -> anyhow::Result<()> {
         .context("cannot create a temporary directory")?;
     let kubelet_dir = dir.path().join("kubelet");
     std::fs::create_dir(&kubelet_dir).context("cannot create the kubelet directory")?;
+    let cdi_dir = dir.path().join("cdi");
+    std::fs::create_dir(&cdi_dir).context("cannot create the CDI spec directory")?;
     let (modules_dir, simulated) = stage(&args.modules_dir, dir.path())?;
     let kubelet = Simulator::start(&kubelet_dir)?;
     let shutdown = CancellationToken::new();
@@ -36,10 +39,11 @@ pub async fn run(args: &DemoArgs, out: &mut impl Write) -> anyhow::Result<()> {
         modules_dir,
         cache_dir: None,
         settle: crate::app::DEFAULT_SETTLE,
-        settings: args.host.settings(kubelet_dir),
+        settings: args.host.settings(kubelet_dir, cdi_dir.clone()),
     };
     let host = Host::start(config, &shutdown)?;
     let result = report(&host, &kubelet, args, &simulated, out).await;
+    let result = result.and_then(|()| cdi_specs(&cdi_dir, out));
     host.stop().await;
     kubelet.stop().await;
     result
@@ -169,6 +173,58 @@ async fn report(
     probes_and_metrics(host, out)
 }
 
+/// The CDI specs the host wrote to `dir`: each file, its kind and each
+/// device's name with the device nodes and mounts it injects.
+fn cdi_specs(dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "\nCDI specs (--cdi-dir; the runtime resolves Allocate's `cdi` names in them)"
+    )?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        writeln!(
+            out,
+            "  (none: no resource has `cdi = true` in its manifest)"
+        )?;
+    }
+    for path in files {
+        let spec: crate::cdi::Spec = serde_json::from_slice(&std::fs::read(&path)?)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        writeln!(
+            out,
+            "  {}  (cdiVersion {}, kind {})",
+            path.display(),
+            spec.cdi_version,
+            spec.kind
+        )?;
+        for device in &spec.devices {
+            let edits = &device.container_edits;
+            let injects: Vec<String> = edits
+                .device_nodes
+                .iter()
+                .map(|n| format!("{} -> {} ({})", n.host_path, n.path, n.permissions))
+                .chain(
+                    edits
+                        .mounts
+                        .iter()
+                        .map(|m| format!("{} -> {} (mount)", m.host_path, m.container_path)),
+                )
+                .collect();
+            writeln!(
+                out,
+                "    {}={}: {}",
+                spec.kind,
+                device.name,
+                injects.join(", ")
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// What the host's `/readyz` answers and the Allocate counts Prometheus would
 /// scrape from `/metrics` (which `run` serves on `--metrics-addr`).
 fn probes_and_metrics(host: &Host, out: &mut impl Write) -> anyhow::Result<()> {
@@ -269,7 +325,8 @@ fn fpga_node(node: &Path, modules: &Path) -> anyhow::Result<String> {
 }
 
 /// Two USB serial adapters and a sound card in a simulated `/dev`; the
-/// `generic` module serving them, each serial port shared by two containers.
+/// `generic` module serving them, each serial port shared by two containers
+/// and handed out through CDI (a spec in the demo's `--cdi-dir`).
 fn generic_node(node: &Path, modules: &Path) -> anyhow::Result<String> {
     let dev = node.join("dev");
     std::fs::create_dir_all(dev.join("snd"))?;
@@ -283,7 +340,7 @@ fn generic_node(node: &Path, modules: &Path) -> anyhow::Result<String> {
              [config]\nkinds = \"serial,audio\"\nroot = {node:?}\n\
              \"serial.paths\" = \"/dev/ttyUSB*\"\n\
              \"audio.paths\" = \"/dev/snd/*\"\n\"audio.group\" = \"all\"\n\
-             [resources.serial]\nreplicas = 2\n"
+             [resources.serial]\nreplicas = 2\ncdi = true\n"
         ),
     )?;
     Ok(format!(

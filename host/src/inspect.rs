@@ -26,6 +26,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use wasmtime::component::types::ComponentItem;
 
+use crate::cdi::{CdiDir, CdiError, CdiNames, Spec};
 use crate::config::{AllocateArgs, DeviceIds, ModuleFileArgs, ValidateArgs};
 use crate::domain::{ContainerAllocation, ResourceName};
 use crate::kubelet::deviceplugin::server;
@@ -35,7 +36,7 @@ use crate::registry::RegistryError;
 use crate::registry::backend::GuestBackend;
 use crate::registry::load::{self, ScanError};
 use crate::registry::manifest::{self, ManifestError, ModuleSettings};
-use crate::registry::resource::build_snapshot;
+use crate::registry::resource::{build_snapshot, spec_of};
 use crate::registry::watch::{MAX_MANIFEST_BYTES, MAX_MODULE_BYTES};
 use crate::runtime::cache::content_hash;
 use crate::runtime::{CallError, CallFailure, Guest, LoadError, Runtime, RuntimeError};
@@ -87,6 +88,10 @@ pub enum InspectError {
     /// `scan`'s answer breaks the output policy.
     #[error("first scan refused by the output policy: {0}")]
     ScanPolicy(PolicyError),
+    /// A resource with `cdi` on would get no CDI spec: its name is not a CDI
+    /// kind, or two of its devices map to one CDI name.
+    #[error("{0}")]
+    Cdi(CdiError),
     /// `--resource` names no resource the module reports.
     #[error("module {module} reports no resource or kind `{resource}`; it reports {known}")]
     UnknownResource {
@@ -133,6 +138,7 @@ impl InspectError {
                 CallFailure::Trap(_) => "trap",
             },
             InspectError::ScanPolicy(_) => "policy",
+            InspectError::Cdi(_) => "cdi",
             InspectError::UnknownResource { .. } => "unknown-resource",
             InspectError::Allocate { .. } => "allocate-refused",
             InspectError::Output(_) => "output",
@@ -186,8 +192,15 @@ pub async fn validate(args: &ValidateArgs, out: &mut impl Write) -> Result<(), I
         report.resources = Some(
             scanned
                 .iter()
-                .map(|r| ResourceReport::new(r, &loaded.settings))
-                .collect(),
+                .map(|r| {
+                    let cdi = cdi_report(r, &loaded.settings, &target.cdi_dir)?;
+                    Ok(ResourceReport::new(
+                        r,
+                        &loaded.settings,
+                        cdi.map(|(c, _)| c),
+                    ))
+                })
+                .collect::<Result<_, InspectError>>()?,
         );
         Ok(())
     }
@@ -213,6 +226,7 @@ pub async fn allocate(args: &AllocateArgs, out: &mut impl Write) -> Result<(), I
         file: FileReport::new(target),
         resource: None,
         kind: None,
+        cdi: None,
         containers: None,
         error: None,
     };
@@ -222,7 +236,10 @@ pub async fn allocate(args: &AllocateArgs, out: &mut impl Write) -> Result<(), I
         let found = resource(&loaded, scanned, &args.resource)?;
         report.resource = Some(found.name.to_string());
         report.kind = Some(found.kind.clone());
-        let containers = allocate_through_host(loaded, found, &args.containers).await?;
+        let cdi = cdi_report(&found, &loaded.settings, &target.cdi_dir)?;
+        let names = cdi.as_ref().map(|(_, names)| names.clone());
+        report.cdi = cdi.map(|(c, _)| c);
+        let containers = allocate_through_host(loaded, found, names, &args.containers).await?;
         report.containers = Some(
             args.containers
                 .iter()
@@ -364,6 +381,7 @@ fn resource(
 async fn allocate_through_host(
     loaded: Loaded,
     found: ScannedResource,
+    cdi: Option<Arc<CdiNames>>,
     containers: &[DeviceIds],
 ) -> Result<Vec<ContainerAllocation>, InspectError> {
     // The runtime stays until the call is over: its ticker enforces deadlines.
@@ -379,6 +397,7 @@ async fn allocate_through_host(
         generation: 1,
         real: Arc::new(found.devices),
         allocations: Arc::new(found.allocations),
+        cdi,
         backend: Arc::new(GuestBackend::new(Arc::new(guest))),
     });
     let ids: Vec<Vec<String>> = containers.iter().map(|c| c.0.clone()).collect();
@@ -387,13 +406,37 @@ async fn allocate_through_host(
         message: format!("resource {}: {err}", snapshot.name()),
     })?;
     snapshot
-        .backend()
-        .allocate(&snapshot, &plan)
+        .allocate(&plan)
         .await
         .map_err(|err| InspectError::Allocate {
             code: server::allocate_code(&err),
             message: err.to_string(),
         })
+}
+
+/// For a resource whose manifest turns `cdi` on, the spec the serving host
+/// would write for its first scan, where, and its devices' CDI names (built by
+/// the registry's own [`spec_of`]); `None` without `cdi`.
+fn cdi_report(
+    found: &ScannedResource,
+    settings: &ModuleSettings,
+    cdi_dir: &Path,
+) -> Result<Option<(CdiReport, Arc<CdiNames>)>, InspectError> {
+    if !settings.resource(&found.kind).cdi {
+        return Ok(None);
+    }
+    let built =
+        spec_of(&found.name, &found.devices, &found.allocations).map_err(InspectError::Cdi)?;
+    let report = CdiReport {
+        path: display(&CdiDir::new(cdi_dir).path_of(&found.name)),
+        names: built
+            .names
+            .iter()
+            .map(|(id, name)| (id.clone(), name.clone()))
+            .collect(),
+        spec: built.spec,
+    };
+    Ok(Some((report, Arc::new(built.names))))
 }
 
 /// The module's name, as the host names it: the file name without `.wasm`.
@@ -499,8 +542,22 @@ struct AllocateReport {
     file: FileReport,
     resource: Option<String>,
     kind: Option<String>,
+    /// The resource's CDI spec, with `cdi` on.
+    cdi: Option<CdiReport>,
     containers: Option<Vec<ContainerReport>>,
     error: Option<ErrorReport>,
+}
+
+/// The CDI spec the serving host would write for a resource with `cdi` on.
+#[derive(Debug, Serialize)]
+struct CdiReport {
+    /// Where (`--cdi-dir`).
+    path: String,
+    /// Per device id with a CDI device, its qualified name.
+    names: BTreeMap<String, String>,
+    /// The spec; `null` when no device has a device node or mount to inject
+    /// (then no file is written and no name handed out).
+    spec: Option<Spec>,
 }
 
 #[derive(Debug, Serialize)]
@@ -553,15 +610,18 @@ struct ResourceReport {
     name: String,
     kind: String,
     replicas: u32,
+    /// With `cdi` on, the spec the host would write.
+    cdi: Option<CdiReport>,
     devices: Vec<DeviceReport>,
 }
 
 impl ResourceReport {
-    fn new(r: &ScannedResource, settings: &ModuleSettings) -> Self {
+    fn new(r: &ScannedResource, settings: &ModuleSettings, cdi: Option<CdiReport>) -> Self {
         Self {
             name: r.name.to_string(),
             kind: r.kind.clone(),
             replicas: settings.resource(&r.kind).replicas,
+            cdi,
             devices: r
                 .devices
                 .devices()
@@ -765,6 +825,30 @@ fn validate_text<W: Write>(r: &ValidateReport, out: &mut W) -> io::Result<()> {
             resource.replicas - 1
         )?;
     }
+    for resource in resources {
+        if let Some(cdi) = &resource.cdi {
+            cdi_text(&resource.name, cdi, out)?;
+        }
+    }
+    Ok(())
+}
+
+/// The CDI spec of `resource`: where, each device's name, the spec itself.
+fn cdi_text<W: Write>(resource: &str, cdi: &CdiReport, out: &mut W) -> io::Result<()> {
+    writeln!(out, "\nCDI spec of {resource}: {}", cdi.path)?;
+    let Some(spec) = &cdi.spec else {
+        return writeln!(
+            out,
+            "  (none: no device has a device node or mount to inject, so no CDI name is handed out)"
+        );
+    };
+    for (id, name) in &cdi.names {
+        writeln!(out, "  {id}  ->  {name}")?;
+    }
+    let json = serde_json::to_string_pretty(spec).map_err(io::Error::from)?;
+    for line in json.lines() {
+        writeln!(out, "  {line}")?;
+    }
     Ok(())
 }
 
@@ -780,6 +864,9 @@ fn allocate_text<W: Write>(r: &AllocateReport, out: &mut W) -> io::Result<()> {
     for (n, c) in r.containers.iter().flatten().enumerate() {
         writeln!(out, "\ncontainer {n}: {}", c.device_ids.join(", "))?;
         allocation_text(&c.allocation, "  ", out)?;
+    }
+    if let (Some(resource), Some(cdi)) = (&r.resource, &r.cdi) {
+        cdi_text(resource, cdi, out)?;
     }
     Ok(())
 }

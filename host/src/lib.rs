@@ -18,11 +18,14 @@
 //! - [`app`]: wiring, shutdown and probes; [`demo`]: the demo run; [`config`]:
 //!   the CLI;
 //! - [`inspect`]: `validate` and `allocate`, one module judged as the host would;
+//! - [`cdi`]: Container Device Interface specs: names, the spec of a resource,
+//!   and the spec files the host writes, removes and sweeps;
 //! - [`gauge`]: counts of calls and streams in progress, for tests and metrics;
 //! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoints.
 #![warn(missing_docs)]
 
 pub mod app;
+pub mod cdi;
 pub mod config;
 pub mod demo;
 pub mod domain;

@@ -10,6 +10,11 @@
 //! kubelet asked for. Here an id the snapshot knows has its device and its
 //! allocation by construction.
 //!
+//! A resource served with CDI also carries, per real device, its CDI name in
+//! the spec the registry wrote before publishing the snapshot
+//! ([`ResourceSnapshot::cdi`]); [`ResourceSnapshot::allocate`] names those
+//! devices in each answer instead of repeating what the spec injects.
+//!
 //! Advertised ids map to real devices by position, not by string surgery: with
 //! `replicas` r, advertised device `i` is replica `i % r` of real device `i / r`
 //! (see [`DeviceSet::replicated`]).
@@ -17,8 +22,9 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use crate::cdi::{self, CdiNames};
 use crate::domain::{ContainerAllocation, Device, DeviceSet, DeviceSetError, Health, ResourceName};
-use crate::frontend::Backend;
+use crate::frontend::{AllocateError, Backend};
 use crate::grants::Grants;
 
 /// Per real device id, what a container given the device needs, as the last
@@ -74,6 +80,7 @@ pub struct ResourceSnapshot {
     real: Arc<DeviceSet>,
     advertised: Arc<DeviceSet>,
     allocations: Arc<DeviceAllocations>,
+    cdi: Option<Arc<CdiNames>>,
     backend: Arc<dyn Backend>,
 }
 
@@ -86,6 +93,7 @@ impl std::fmt::Debug for ResourceSnapshot {
             .field("replicas", &self.replicas)
             .field("devices", &self.real.len())
             .field("advertised", &self.advertised.len())
+            .field("cdi", &self.cdi.as_ref().map(|names| names.len()))
             .finish_non_exhaustive()
     }
 }
@@ -105,6 +113,8 @@ pub struct SnapshotParts {
     pub real: Arc<DeviceSet>,
     /// What each real device needs (see [`DeviceAllocations`]).
     pub allocations: Arc<DeviceAllocations>,
+    /// With CDI: per real device in the resource's written spec, its CDI name.
+    pub cdi: Option<Arc<CdiNames>>,
     /// What allocates these devices.
     pub backend: Arc<dyn Backend>,
 }
@@ -183,6 +193,7 @@ impl ResourceSnapshot {
             real: parts.real,
             advertised,
             allocations: parts.allocations,
+            cdi: parts.cdi,
             backend: parts.backend,
         })
     }
@@ -267,6 +278,38 @@ impl ResourceSnapshot {
     /// What allocates these devices.
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
+    }
+
+    /// With CDI, per real device in the resource's spec, its CDI name; `None`
+    /// for a resource served without CDI.
+    pub fn cdi(&self) -> Option<&Arc<CdiNames>> {
+        self.cdi.as_ref()
+    }
+
+    /// Allocates `plan` (checked against this snapshot) through its backend,
+    /// and, for a resource served with CDI, names each container's CDI devices
+    /// in its answer instead of the device nodes and mounts their spec injects
+    /// ([`cdi::substitute`]). No file is read: the names were fixed when the
+    /// spec was written.
+    ///
+    /// # Errors
+    /// The backend's [`AllocateError`].
+    pub async fn allocate(
+        &self,
+        plan: &AllocationPlan,
+    ) -> Result<Vec<ContainerAllocation>, AllocateError> {
+        let mut answers = self.backend.allocate(self, plan).await?;
+        if let Some(names) = &self.cdi {
+            let devices = self.real.devices();
+            for (answer, real) in answers.iter_mut().zip(plan.containers()) {
+                let injected = real.iter().map(|&at| {
+                    let id = devices[at].id.as_str();
+                    (id, self.allocations.get(id))
+                });
+                cdi::substitute(answer, injected, names);
+            }
+        }
+        Ok(answers)
     }
 
     /// Checks a request of advertised ids, one list per container: at least one
@@ -377,6 +420,7 @@ mod tests {
             replicas,
             real: Arc::new(real),
             allocations: Arc::new(allocations),
+            cdi: None,
             backend: Arc::new(Nothing),
         })
         .expect("snapshot")

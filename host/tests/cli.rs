@@ -810,3 +810,74 @@ async fn help_explains_both_commands() {
         assert!(allocate.stdout.contains(expected), "{}", allocate.stdout);
     }
 }
+
+// CDI: the spec `run` would write for a resource with `cdi`
+
+/// The scan-only guest (kind `widget`, devices `w0`..`w2`, each with device
+/// nodes) with `manifest`.
+fn widgets(manifest: &str) -> Module {
+    Module::copy("widgets", guests::SCAN_ONLY).with_manifest(manifest)
+}
+
+#[tokio::test]
+async fn validate_shows_the_cdi_spec_a_resource_with_cdi_gets() {
+    let cdi_dir = tempfile::tempdir().expect("temp dir");
+    let dir = cdi_dir.path().display().to_string();
+    let module = widgets("cdi = true");
+    let run = module.validate(&["--cdi-dir", &dir]).await;
+    run.succeeded();
+    let spec_file = format!("{dir}/wasm-device-plugin_example.com_widget.json");
+    assert!(
+        run.stdout
+            .contains(&format!("CDI spec of example.com/widget: {spec_file}")),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("w0  ->  example.com/widget=w0"),
+        "{}",
+        run.stdout
+    );
+    let json = module.validate(&["--json", "--cdi-dir", &dir]).await.json();
+    let cdi = &json["resources"][0]["cdi"];
+    assert_eq!(cdi["path"], spec_file.as_str());
+    assert_eq!(cdi["names"]["w2"], "example.com/widget=w2");
+    assert_eq!(cdi["spec"]["cdiVersion"], "0.6.0");
+    assert_eq!(cdi["spec"]["kind"], "example.com/widget");
+    assert_eq!(
+        cdi["spec"]["devices"][0]["containerEdits"]["deviceNodes"][0],
+        serde_json::json!({"path": "/dev/widget0", "hostPath": "/dev/null", "permissions": "rw"})
+    );
+    // Shown, never written.
+    assert_eq!(std::fs::read_dir(cdi_dir.path()).expect("dir").count(), 0);
+    // Without `cdi`, no spec.
+    let plain = widgets("").validate(&["--json"]).await.json();
+    assert_eq!(plain["resources"][0]["cdi"], Value::Null);
+}
+
+#[tokio::test]
+async fn allocate_names_the_cdi_devices_instead_of_their_nodes() {
+    let module = widgets("[resources.widget]\ncdi = true");
+    let run = module
+        .allocate(&["--resource", "widget", "--devices", "w0", "--json"])
+        .await;
+    run.succeeded();
+    let json = run.json();
+    let container = &json["containers"][0];
+    assert_eq!(container["device_nodes"], serde_json::json!([]));
+    assert!(
+        strings(&container["cdi_devices"]).contains(&"example.com/widget=w0"),
+        "{json}"
+    );
+    assert_eq!(container["envs"]["WIDGET_IDS"], "w0");
+    assert_eq!(json["cdi"]["spec"]["kind"], "example.com/widget");
+}
+
+#[tokio::test]
+async fn validate_refuses_a_cdi_resource_whose_name_is_no_cdi_kind() {
+    let run = widgets("cdi = true\n[resources.widget]\nname = \"1widget\"")
+        .validate(&["--json"])
+        .await;
+    let line = refused(&run, "cdi");
+    assert!(line.contains("example.com/1widget"), "{line}");
+}

@@ -484,6 +484,28 @@ async fn kubelet_dir_is_mounted_from_the_node_where_the_host_looks() {
 }
 
 #[tokio::test]
+async fn cdi_dir_is_the_nodes_mounted_where_the_host_writes_specs() {
+    let flags = run_flags().await;
+    let ds = daemonset();
+    let c = container(&ds);
+    let cdi_dir = effective(&args_of(c, &flags), &flags, "cdi-dir");
+    let (mount, volume) = mount_at(&ds, c, Path::new(&cdi_dir));
+    assert_ne!(
+        mount["readOnly"].as_bool(),
+        Some(true),
+        "the host writes its CDI specs there"
+    );
+    // The runtime reads the node's directory: the same path on the node.
+    assert_eq!(volume["hostPath"]["path"].as_str(), Some(cdi_dir.as_str()));
+    // The host refuses a resource whose spec it cannot write; the volume makes
+    // sure the directory exists.
+    assert_eq!(
+        volume["hostPath"]["type"].as_str(),
+        Some("DirectoryOrCreate")
+    );
+}
+
+#[tokio::test]
 async fn modules_dir_is_the_images_own_by_default() {
     let flags = run_flags().await;
     let ds = daemonset();

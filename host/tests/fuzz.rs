@@ -1107,6 +1107,7 @@ fn settings() -> Settings {
         health_interval: Duration::from_secs(10),
         scan_interval: Duration::from_secs(60),
         limits: Limits::default(),
+        cdi_dir: "/var/run/cdi".into(),
     }
 }
 

@@ -22,6 +22,8 @@ fn host_command(dirs: &Dirs) -> Command {
         .arg(dirs.modules())
         .arg("--kubelet-dir")
         .arg(dirs.kubelet())
+        .arg("--cdi-dir")
+        .arg(dirs.cdi())
         .env("WDP_LOG", "info")
         .kill_on_drop(true);
     command
@@ -290,6 +292,8 @@ async fn a_metrics_port_in_use_stops_the_host_with_the_flag_named() {
         .arg(dirs.modules())
         .arg("--kubelet-dir")
         .arg(dirs.kubelet())
+        .arg("--cdi-dir")
+        .arg(dirs.cdi())
         .output();
     let output = tokio::time::timeout(WAIT, output)
         .await

@@ -443,6 +443,16 @@ async fn demo_serves_the_hardware_guests_on_a_simulated_node() {
     );
     assert!(out.contains("ttyUSB1::1"), "{out}");
     assert!(out.contains("-> /dev/snd/pcmC0D0p (rw)"), "{out}");
+    // Serial goes through CDI: the containers get names, the spec is shown.
+    assert!(
+        out.contains("cdi         example.com/serial=ttyUSB0"),
+        "{out}"
+    );
+    assert!(
+        out.contains("cdi/wasm-device-plugin_example.com_serial.json  (cdiVersion 0.6.0, kind example.com/serial)"),
+        "{out}"
+    );
+    assert!(out.contains("example.com/serial=ttyUSB1: "), "{out}");
     // The operator's directory is left as it was: the demo works on a copy.
     assert!(!modules.join("fpga.toml").exists());
 }

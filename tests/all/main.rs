@@ -3,6 +3,7 @@
 
 mod bad_modules;
 mod bad_requests;
+mod cdi;
 mod exports;
 mod foundation;
 mod fpga;

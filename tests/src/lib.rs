@@ -98,6 +98,7 @@ impl Dirs {
             .expect("temp dir");
         std::fs::create_dir(root.path().join("modules")).expect("modules dir");
         std::fs::create_dir(root.path().join("kubelet")).expect("kubelet dir");
+        std::fs::create_dir(root.path().join("cdi")).expect("CDI dir");
         Self { root }
     }
 
@@ -109,6 +110,11 @@ impl Dirs {
     /// The kubelet directory.
     pub fn kubelet(&self) -> PathBuf {
         self.root.path().join("kubelet")
+    }
+
+    /// The CDI spec directory ([`test_settings`] names it for the host).
+    pub fn cdi(&self) -> PathBuf {
+        self.root.path().join("cdi")
     }
 
     /// Copies `wasm` into the modules directory as `<name>.wasm`.
@@ -177,10 +183,12 @@ fn toml_string(s: &str) -> String {
 }
 
 /// Settings for tests: health checked every 50 ms, no scheduled re-scan during a
-/// test, default limits.
+/// test, default limits, CDI specs in `cdi/` beside the kubelet directory (as
+/// [`Dirs`] lays them out; never the node's `/var/run/cdi`).
 pub fn test_settings(kubelet_dir: &Path) -> Settings {
     Settings {
         kubelet_dir: kubelet_dir.to_path_buf(),
+        cdi_dir: kubelet_dir.with_file_name("cdi"),
         default_domain: "example.com".into(),
         health_interval: Duration::from_millis(50),
         scan_interval: Duration::from_secs(3600),

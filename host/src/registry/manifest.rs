@@ -3,6 +3,7 @@
 //!
 //! ```toml
 //! domain = "vendor.example"          # default: --domain
+//! cdi = true                         # write a CDI spec per resource (default false)
 //! scan-interval = "60s"              # default: --scan-interval
 //! health-interval = "10s"            # default: --health-interval
 //!
@@ -25,6 +26,7 @@
 //! [resources.dev-1]                  # the kind name the module reports
 //! name = "gpu"                       # served as <domain>/gpu (or a full domain/name)
 //! replicas = 4
+//! cdi = false                        # this kind without CDI, whatever the top says
 //! healthy-after = 2
 //! ```
 //!
@@ -72,6 +74,7 @@ pub struct ManifestError {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawManifest {
     domain: Option<String>,
+    cdi: Option<bool>,
     scan_interval: Option<String>,
     health_interval: Option<String>,
     #[serde(default)]
@@ -109,6 +112,7 @@ struct RawResource {
     replicas: Option<u32>,
     unhealthy_after: Option<u32>,
     healthy_after: Option<u32>,
+    cdi: Option<bool>,
 }
 
 /// A `[config]` value: strings as they are; numbers and booleans are handed to
@@ -145,6 +149,9 @@ pub struct ResourcePolicy {
     pub unhealthy_after: u32,
     /// Consecutive healthy answers that bring an unhealthy device back.
     pub healthy_after: u32,
+    /// Whether the host writes a CDI spec for the resource and Allocate names
+    /// its CDI devices (see [`crate::cdi`]).
+    pub cdi: bool,
 }
 
 impl Default for ResourcePolicy {
@@ -154,6 +161,7 @@ impl Default for ResourcePolicy {
             replicas: 1,
             unhealthy_after: 1,
             healthy_after: 1,
+            cdi: false,
         }
     }
 }
@@ -334,6 +342,12 @@ pub fn parse(
         .collect();
 
     let mut resources = raw.resources;
+    // `cdi` at the top is the default of `[resources."*"]`, which is the
+    // default of each kind's entry.
+    let module_base = ResourcePolicy {
+        cdi: raw.cdi.unwrap_or(false),
+        ..ResourcePolicy::default()
+    };
     let base = match resources.remove(ALL_KINDS) {
         Some(all) => {
             if all.name.is_some() {
@@ -342,9 +356,9 @@ pub fn parse(
                     "a name cannot apply to every kind".into(),
                 ));
             }
-            resource_policy("resources.\"*\"", all, &ResourcePolicy::default(), &err)?
+            resource_policy("resources.\"*\"", all, &module_base, &err)?
         }
-        None => ResourcePolicy::default(),
+        None => module_base,
     };
     for (kind, raw) in resources {
         let field = format!("resources.{kind}");
@@ -387,6 +401,7 @@ fn resource_policy(
             base.healthy_after,
             MAX_HYSTERESIS,
         )?,
+        cdi: raw.cdi.unwrap_or(base.cdi),
     })
 }
 
@@ -419,6 +434,7 @@ mod tests {
             health_interval: Duration::from_secs(10),
             scan_interval: Duration::from_secs(60),
             limits: Limits::default(),
+            cdi_dir: "/c".into(),
         }
     }
 
@@ -607,6 +623,26 @@ mod tests {
             parse_ok("scan-interval = \"1year\"").scan_interval,
             MAX_DURATION
         );
+    }
+
+    #[test]
+    fn cdi_is_off_by_default_and_the_nearest_setting_wins() {
+        assert!(!parse_ok("").resource("any").cdi);
+        let all = parse_ok("cdi = true");
+        assert!(all.resource("any").cdi);
+        let m = parse_ok(
+            "cdi = true\n[resources.\"*\"]\nreplicas = 2\n[resources.off]\ncdi = false\n[resources.gpu]\nname = \"g\"",
+        );
+        assert!(
+            m.resource("any").cdi,
+            "the top's value reaches kinds without an entry"
+        );
+        assert!(m.resource("gpu").cdi, "and kinds whose entry does not say");
+        assert!(!m.resource("off").cdi);
+        let m = parse_ok("[resources.\"*\"]\ncdi = true\n[resources.dev]\nreplicas = 2");
+        assert!(m.resource("dev").cdi && m.resource("other").cdi);
+        assert_eq!(parse_err("cdi = \"yes\"").field, "line 1");
+        assert_eq!(parse_err("[resources.x]\ncdi = 1").field, "line 2");
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! health checks and re-scans, replacement and reconfiguration, stop), and
 //! publishing each of its resources to a frontend as one snapshot per change
 //! (`resource`), allocating through the module version that scanned it
-//! (`backend`). Names no protocol type: resources are served through
-//! [`crate::frontend::Frontend`].
+//! (`backend`), with the CDI spec of each resource that opts in written
+//! before its snapshots go out ([`crate::cdi`]). Names no protocol type:
+//! resources are served through [`crate::frontend::Frontend`].
 
 pub mod backend;
 pub mod load;
@@ -21,6 +22,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
+use crate::cdi::{CdiDir, CdiError};
 use crate::domain::ResourceName;
 use crate::frontend::Frontend;
 use crate::metrics::{MODULE_STATES, Metrics};
@@ -58,6 +62,15 @@ pub enum RegistryError {
         /// Why.
         error: ScanError,
     },
+    /// A resource's CDI spec could not be built or written: the resource is
+    /// not served (at start), or keeps its last good state (after a scan).
+    #[error("{error}")]
+    Cdi {
+        /// The resource.
+        resource: ResourceName,
+        /// Why.
+        error: CdiError,
+    },
     /// A periodic check of a serving module started failing (recorded once per
     /// run of failures); the module keeps its last good state.
     #[error("{check} failed, keeping {keeping}: {reason}")]
@@ -87,6 +100,12 @@ pub struct Context {
     pub refusals: tokio::sync::watch::Sender<Refusals>,
     /// The files each loaded module runs from.
     pub versions: tokio::sync::watch::Sender<ModuleVersions>,
+    /// Where resources served with CDI write their specs.
+    pub cdi: Arc<CdiDir>,
+    /// Cancelled when the whole host stops (not when one module is removed):
+    /// resources then keep their CDI specs for containers that restart
+    /// meanwhile.
+    pub host_stopping: CancellationToken,
 }
 
 impl Context {
@@ -162,6 +181,8 @@ pub struct Settings {
     pub scan_interval: Duration,
     /// Limits of every guest call.
     pub limits: Limits,
+    /// Where the CDI specs of resources served with `cdi` are written.
+    pub cdi_dir: PathBuf,
 }
 
 /// Where a module is in its lifecycle.

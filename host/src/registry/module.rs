@@ -30,7 +30,7 @@
 //! regular interval, until it succeeds. `scan` and `health` always run in a
 //! fresh instance, so nothing a trapped check left behind is seen by the next.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +38,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Interval, MissedTickBehavior, interval_at};
 use tokio_util::sync::CancellationToken;
 
+use crate::cdi::CdiError;
 use crate::domain::ResourceName;
 use crate::frontend::Backend;
 use crate::policy::{self, ScannedResource};
@@ -142,7 +143,10 @@ pub async fn run(
         }
     }
     if let Some(m) = module {
-        m.stop().await;
+        // Removed (its file deleted) rather than the host stopping: its
+        // resources are withdrawn for good, CDI specs included.
+        let withdrawn = !ctx.host_stopping.is_cancelled();
+        m.stop(withdrawn).await;
     }
     ctx.metrics().forget_module(&name);
     ctx.versions
@@ -295,6 +299,7 @@ async fn apply_files(
                             manifest_hash,
                             settings,
                             resources: BTreeMap::new(),
+                            cdi_refused: BTreeSet::new(),
                             token: token.clone(),
                             scan_retry: Retry::default(),
                             health_retry: Retry::default(),
@@ -334,6 +339,9 @@ struct Module {
     manifest_hash: Option<String>,
     settings: ModuleSettings,
     resources: BTreeMap<ResourceName, Resource>,
+    /// Resources whose CDI spec could not be written at the last try (logged
+    /// once per run of failures).
+    cdi_refused: BTreeSet<ResourceName>,
     token: CancellationToken,
     scan_retry: Retry,
     health_retry: Retry,
@@ -407,12 +415,18 @@ impl Module {
             let policy = self.settings.resource(&found.kind).clone();
             if let Some(resource) = self.resources.get_mut(&found.name) {
                 if resource.kind() == found.kind {
-                    resource.update(found, policy, &self.backend);
+                    let name = found.name.clone();
+                    match resource.update(found, policy, &self.backend) {
+                        Ok(()) => {
+                            self.cdi_refused.remove(&name);
+                        }
+                        Err(error) => self.cdi_failed(name, error, "keeping its last good state"),
+                    }
                     continue;
                 }
                 // Another kind renamed onto this name: serve it afresh.
                 if let Some(old) = self.resources.remove(&found.name) {
-                    old.stop().await;
+                    old.stop(true).await;
                 }
             }
             let claim = match self.ctx.claims.claim(&found.name, &self.name) {
@@ -429,18 +443,26 @@ impl Module {
             };
             let token = self.token.child_token();
             let metrics = self.ctx.metrics().resource(found.name.as_str());
-            let (name, devices) = (found.name.clone(), found.devices.len());
-            tracing::info!(module = %self.name, resource = %name, devices, replicas = policy.replicas, "serving resource");
-            let resource = Resource::start(
+            let (name, devices, replicas) =
+                (found.name.clone(), found.devices.len(), policy.replicas);
+            let started = Resource::start(
                 &*self.ctx.frontend,
                 found,
                 policy,
                 self.backend.clone(),
+                &self.ctx.cdi,
                 metrics,
                 token,
                 claim,
             );
-            self.resources.insert(name, resource);
+            match started {
+                Ok(resource) => {
+                    tracing::info!(module = %self.name, resource = %name, devices, replicas, "serving resource");
+                    self.cdi_refused.remove(&name);
+                    self.resources.insert(name, resource);
+                }
+                Err(error) => self.cdi_failed(name, error, "not serving it"),
+            }
         }
         let gone: Vec<ResourceName> = self
             .resources
@@ -451,9 +473,24 @@ impl Module {
         for name in gone {
             if let Some(resource) = self.resources.remove(&name) {
                 tracing::info!(module = %self.name, resource = %name, "resource no longer reported; unregistering");
-                resource.stop().await;
+                resource.stop(true).await;
             }
         }
+    }
+
+    /// A resource's CDI spec could not be written: one log line and a
+    /// refusal to branch on, once per run of failures (each scan tries again).
+    fn cdi_failed(&mut self, resource: ResourceName, error: CdiError, outcome: &'static str) {
+        if !self.cdi_refused.insert(resource.clone()) {
+            tracing::debug!(module = %self.name, resource = %resource, cause = %error, "CDI spec still not written; {outcome}");
+            return;
+        }
+        tracing::error!(module = %self.name, resource = %resource, cause = %error, "CDI spec not written; {outcome}");
+        record_refusal(
+            &self.ctx,
+            &self.name,
+            RegistryError::Cdi { resource, error },
+        );
     }
 
     async fn rescan(&mut self) {
@@ -543,8 +580,13 @@ impl Module {
         }
     }
 
-    async fn stop(self) {
-        futures::future::join_all(self.resources.into_values().map(Resource::stop)).await;
+    async fn stop(self, withdrawn: bool) {
+        futures::future::join_all(
+            self.resources
+                .into_values()
+                .map(|resource| resource.stop(withdrawn)),
+        )
+        .await;
     }
 }
 

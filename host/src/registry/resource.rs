@@ -8,6 +8,15 @@
 //! module version, same replicas) is not published at all, and one that keeps
 //! the advertised list shares it with the previous snapshot, so that kubelet is
 //! sent a list only when the list changed.
+//!
+//! A resource served with CDI (`cdi` in its manifest) writes its spec before
+//! each snapshot that needs a new one goes out, so that every CDI name an
+//! Allocate answers with resolves in the spec on disk: at start (a spec that
+//! cannot be written refuses the resource), on each scan that changes a
+//! device's edits (a spec that cannot be written keeps the last good state,
+//! as a failed scan does), and it is removed when the resource is withdrawn
+//! (not when the host stops: containers that restart meanwhile still resolve
+//! their names, and the next start sweeps what is no longer served).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,6 +24,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::cdi::{self, CdiDir, CdiError, CdiNames};
 use crate::domain::{Device, DeviceSet, Health, HealthTracker, ResourceName};
 use crate::frontend::{Backend, Frontend, ServeRequest, Served};
 use crate::metrics::ResourceMetrics;
@@ -32,6 +42,9 @@ pub(super) struct Resource {
     real: Arc<DeviceSet>,
     tracker: HealthTracker,
     allocations: Arc<DeviceAllocations>,
+    /// With CDI on: the names in the spec written for `real` and `allocations`.
+    cdi: Option<Arc<CdiNames>>,
+    cdi_dir: Arc<CdiDir>,
     backend: Arc<dyn Backend>,
     /// The replicas the policy asked for when the current snapshot was built
     /// (the snapshot may advertise fewer, see [`build_snapshot`]).
@@ -64,6 +77,7 @@ pub fn build_snapshot(parts: SnapshotParts) -> ResourceSnapshot {
         kind: parts.kind.clone(),
         real: parts.real.clone(),
         allocations: parts.allocations.clone(),
+        cdi: parts.cdi.clone(),
         backend: parts.backend.clone(),
         generation: parts.generation,
     };
@@ -81,20 +95,77 @@ pub fn build_snapshot(parts: SnapshotParts) -> ResourceSnapshot {
     }
 }
 
+/// The spec `policy` asks for of `real` with `allocations`, built and written
+/// to `dir` (or, with CDI off, the spec of `name` removed if `had_spec`);
+/// returns the names to publish, `current` itself when they did not change.
+///
+/// # Errors
+/// [`CdiError`]: the spec cannot be built or written; nothing changed.
+pub fn write_spec(
+    dir: &CdiDir,
+    name: &ResourceName,
+    policy: &ResourcePolicy,
+    real: &DeviceSet,
+    allocations: &DeviceAllocations,
+    current: Option<&Arc<CdiNames>>,
+) -> Result<Option<Arc<CdiNames>>, CdiError> {
+    if !policy.cdi {
+        if current.is_some() {
+            dir.remove(name)?;
+        }
+        return Ok(None);
+    }
+    let built = spec_of(name, real, allocations)?;
+    dir.write(name, built.spec.as_ref())?;
+    Ok(Some(match current {
+        Some(names) if **names == built.names => names.clone(),
+        _ => Arc::new(built.names),
+    }))
+}
+
+/// The CDI spec of resource `name` with devices `real` whose allocations are
+/// `allocations`: each device's nodes and mounts ([`cdi::device_plugin_edits`]).
+///
+/// # Errors
+/// As [`cdi::build`].
+pub fn spec_of(
+    name: &ResourceName,
+    real: &DeviceSet,
+    allocations: &DeviceAllocations,
+) -> Result<cdi::ResourceSpec, CdiError> {
+    let edits: Vec<_> = real
+        .devices()
+        .iter()
+        .filter_map(|d| {
+            allocations
+                .get(&d.id)
+                .map(|a| (d.id.as_str(), cdi::device_plugin_edits(a)))
+        })
+        .collect();
+    cdi::build(name, edits.iter().map(|(id, a)| (*id, a)))
+}
+
 impl Resource {
-    /// Starts serving `found` through `frontend` with `backend`.
+    /// Starts serving `found` through `frontend` with `backend`, once its CDI
+    /// spec is written to `cdi_dir` when `policy` asks for one.
+    ///
+    /// # Errors
+    /// [`CdiError`]: the spec cannot be built or written; nothing is served.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn start(
         frontend: &dyn Frontend,
         found: ScannedResource,
         policy: ResourcePolicy,
         backend: Arc<dyn Backend>,
+        cdi_dir: &Arc<CdiDir>,
         metrics: ResourceMetrics,
         token: CancellationToken,
         claim: Claim,
-    ) -> Self {
+    ) -> Result<Self, CdiError> {
         let policy_replicas = policy.replicas;
         let real = Arc::new(found.devices);
         let allocations = Arc::new(found.allocations);
+        let cdi = write_spec(cdi_dir, &found.name, &policy, &real, &allocations, None)?;
         let snapshot = build_snapshot(SnapshotParts {
             name: found.name.clone(),
             kind: found.kind.clone(),
@@ -102,6 +173,7 @@ impl Resource {
             replicas: policy.replicas,
             real: real.clone(),
             allocations: allocations.clone(),
+            cdi: cdi.clone(),
             backend: backend.clone(),
         });
         set_device_counts(&metrics, snapshot.advertised());
@@ -111,13 +183,15 @@ impl Resource {
             metrics: metrics.clone(),
             shutdown: token.clone(),
         });
-        Self {
+        Ok(Self {
             name: found.name,
             kind: found.kind,
             policy,
             real,
             tracker: HealthTracker::default(),
             allocations,
+            cdi,
+            cdi_dir: cdi_dir.clone(),
             backend,
             published_replicas: policy_replicas,
             snapshots,
@@ -125,7 +199,7 @@ impl Resource {
             served,
             metrics,
             _claim: claim,
-        }
+        })
     }
 
     /// The module's kind name.
@@ -147,6 +221,11 @@ impl Resource {
             let unchanged = replicas_unchanged
                 && Arc::ptr_eq(current.real_arc(), &self.real)
                 && Arc::ptr_eq(current.allocations(), &self.allocations)
+                && match (current.cdi(), &self.cdi) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    _ => false,
+                }
                 && Arc::ptr_eq(current.backend(), &self.backend);
             if unchanged {
                 return false;
@@ -158,6 +237,7 @@ impl Resource {
                 replicas: self.policy.replicas,
                 real: self.real.clone(),
                 allocations: self.allocations.clone(),
+                cdi: self.cdi.clone(),
                 backend: self.backend.clone(),
             })
             .sharing_list_with(current);
@@ -172,13 +252,18 @@ impl Resource {
     /// Takes a scan's devices, allocations and policy, and the backend of the
     /// module version that scanned: the ids and NUMA nodes as scanned; for
     /// devices already known, the scanned health counts as one more health
-    /// answer. Publishes the result as one snapshot.
+    /// answer. With CDI, writes the spec of the result first. Publishes the
+    /// result as one snapshot.
+    ///
+    /// # Errors
+    /// [`CdiError`]: the spec cannot be written; the resource keeps its last
+    /// good state (and its spec on disk still matches it).
     pub(super) fn update(
         &mut self,
         scanned: ScannedResource,
         policy: ResourcePolicy,
         backend: &Arc<dyn Backend>,
-    ) {
+    ) -> Result<(), CdiError> {
         let merged: Vec<Device> = scanned
             .devices
             .devices()
@@ -199,16 +284,38 @@ impl Resource {
             .collect();
         // Same ids as a valid set, so this cannot fail; keep the scan if it did.
         let real = DeviceSet::new(merged).unwrap_or(scanned.devices);
-        if real != *self.real {
-            self.real = Arc::new(real);
+        let real = if real == *self.real {
+            self.real.clone()
+        } else {
+            Arc::new(real)
+        };
+        let allocations = if *self.allocations == scanned.allocations {
+            self.allocations.clone()
+        } else {
+            Arc::new(scanned.allocations)
+        };
+        // Health alone never changes a spec: rewritten only when what it is
+        // built from changed (a write of the same bytes is skipped anyway).
+        let spec_inputs_changed = !Arc::ptr_eq(&real, &self.real)
+            || !Arc::ptr_eq(&allocations, &self.allocations)
+            || policy.cdi != self.cdi.is_some();
+        if spec_inputs_changed {
+            self.cdi = write_spec(
+                &self.cdi_dir,
+                &self.name,
+                &policy,
+                &real,
+                &allocations,
+                self.cdi.as_ref(),
+            )?;
         }
+        self.real = real;
         self.tracker.retain(&self.real);
-        if *self.allocations != scanned.allocations {
-            self.allocations = Arc::new(scanned.allocations);
-        }
+        self.allocations = allocations;
         self.policy = policy;
         self.backend = backend.clone();
         self.publish();
+        Ok(())
     }
 
     /// Feeds one health answer per real device, in order, through the
@@ -238,12 +345,23 @@ impl Resource {
     }
 
     /// Stops serving: the frontend ends its streams and removes its endpoint.
-    pub(super) async fn stop(self) {
+    /// Then, with `withdrawn` (the resource or its module is gone, not the
+    /// host stopping), its CDI spec is removed: only once nothing can answer
+    /// with its names any more.
+    pub(super) async fn stop(self, withdrawn: bool) {
         self.token.cancel();
         // Dropping the sender ends the streams; the task ends when the frontend
         // has stopped serving and removed its endpoint.
         drop(self.snapshots);
         let _ = self.served.task.await;
         self.metrics.forget_devices();
+        if withdrawn && self.cdi.is_some() {
+            match self.cdi_dir.remove(&self.name) {
+                Ok(()) => tracing::info!(resource = %self.name, "CDI spec removed"),
+                Err(err) => {
+                    tracing::warn!(resource = %self.name, cause = %err, "cannot remove the CDI spec")
+                }
+            }
+        }
     }
 }

@@ -172,6 +172,7 @@ mod tests {
             replicas,
             real: Arc::new(real(devices)),
             allocations: Arc::default(),
+            cdi: None,
             backend: Arc::new(Nothing),
         })
         .expect("snapshot")

@@ -313,7 +313,8 @@ impl DevicePlugin for PluginService {
 
 impl PluginService {
     /// Checks the request against the current snapshot, allocates through that
-    /// snapshot's backend, and builds the answer: one snapshot throughout, so
+    /// snapshot's backend (with the CDI names of a resource served with CDI),
+    /// and builds the answer: one snapshot throughout, so
     /// every device that passed the check is allocated as that snapshot has it.
     async fn answer_allocate(&self, request: AllocateRequest) -> Result<AllocateResponse, Status> {
         let snapshot = self.snapshots.borrow().clone();
@@ -326,14 +327,10 @@ impl PluginService {
             .plan(&containers)
             .map_err(|err| request_status(&self.resource, err))?;
         let count = containers.len();
-        let allocations = snapshot
-            .backend()
-            .allocate(&snapshot, &plan)
-            .await
-            .map_err(|err| {
-                tracing::warn!(resource = %self.resource, cause = %err, "Allocate failed");
-                Status::from(err)
-            })?;
+        let allocations = snapshot.allocate(&plan).await.map_err(|err| {
+            tracing::warn!(resource = %self.resource, cause = %err, "Allocate failed");
+            Status::from(err)
+        })?;
         if allocations.len() != count {
             return Err(Status::internal(format!(
                 "resource {}: backend answered {} containers for {count} requested",
