@@ -146,7 +146,7 @@ pub fn e2e(args: &[String]) -> Result<(), String> {
     let mut cluster = Cluster::start(&bins, &images, &logs)?;
     eprintln!("e2e: cluster up in {:.1?}", cluster_started.elapsed());
     let modules = dist.join(crate::DIST_MODULES);
-    let (mut passed, mut skipped) = (0, 0);
+    let mut passed = 0;
     let mut failure = None;
     {
         let mut ctx = Context::new(&mut cluster, modules, HOST_IMAGE_2.to_string());
@@ -156,10 +156,6 @@ pub fn e2e(args: &[String]) -> Result<(), String> {
                 Ok(Outcome::Passed(saw)) => {
                     passed += 1;
                     eprintln!("e2e: PASS {name} ({:.1?}): {saw}", began.elapsed());
-                }
-                Ok(Outcome::Skipped(why)) => {
-                    skipped += 1;
-                    eprintln!("e2e: SKIP {name}: {why}");
                 }
                 Err(e) => {
                     eprintln!("e2e: FAIL {name} ({:.1?}): {e}", began.elapsed());
@@ -174,9 +170,9 @@ pub fn e2e(args: &[String]) -> Result<(), String> {
     }
     let problems = cluster.teardown();
     drop(cluster);
-    let not_run = SCENARIOS.len() - passed - skipped - usize::from(failure.is_some());
+    let not_run = SCENARIOS.len() - passed - usize::from(failure.is_some());
     println!(
-        "e2e: {passed} passed, {} failed, {skipped} skipped",
+        "e2e: {passed} passed, {} failed",
         usize::from(failure.is_some())
     );
     if not_run > 0 {

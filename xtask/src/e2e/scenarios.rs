@@ -34,7 +34,6 @@ const ROLLOUT_BOUND: Duration = Duration::from_secs(45);
 
 pub enum Outcome {
     Passed(String),
-    Skipped(String),
 }
 
 /// What the scenarios share.
@@ -389,14 +388,217 @@ fn metrics(ctx: &mut Context) -> Result<Outcome, String> {
     )))
 }
 
-/// A container gets its device node through containerd's CDI injection. The host's CDI
-/// writer is issue 17 (branch `cdi`); containerd already runs with CDI on and
-/// `cdi_spec_dirs` set (cluster.rs). To turn this on: deploy a module whose allocation
-/// names CDI devices, run a pod asking for one, and check the device node in it.
-fn cdi(_ctx: &mut Context) -> Result<Outcome, String> {
-    Ok(Outcome::Skipped(
-        "needs issue 17 (the host's CDI writer); containerd here has enable_cdi and cdi_spec_dirs set".into(),
-    ))
+/// A container gets its device node through containerd's CDI injection (containerd
+/// runs with CDI on and `cdi_spec_dirs` set, cluster.rs): the generic guest, served
+/// from the ConfigMap with `cdi = true`, reports the node's `/dev/fuse`; the host writes
+/// its CDI spec into the node's `/var/run/cdi` and answers Allocate with the CDI name
+/// only; the pod sees the node with the node's device numbers.
+fn cdi(ctx: &mut Context) -> Result<Outcome, String> {
+    // A node no container has by default (runc adds null, zero, full, random,
+    // urandom, tty, ptmx and console): the generic guest reports it, the host
+    // writes it into a CDI spec and answers Allocate with its CDI name only.
+    const NODE_PATH: &str = "/dev/fuse";
+    const RESOURCE: &str = "cdi.example.com/fuse";
+    const POD: &str = "cdi-fuse";
+    let rdev = std::os::unix::fs::MetadataExt::rdev(
+        &std::fs::metadata(NODE_PATH)
+            .map_err(|e| format!("this scenario needs the node's {NODE_PATH}: {e}"))?,
+    );
+    let (major, minor) = ((rdev >> 8) & 0xfff, (rdev & 0xff) | ((rdev >> 12) & !0xff));
+
+    // The ConfigMap's modules as the ConfigMap scenario left them, plus the generic
+    // guest with `cdi = true`.
+    let dir = ctx.cluster.dir.join("cdi-modules");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let generic_toml = dir.join("generic.toml");
+    std::fs::write(
+        &generic_toml,
+        format!(
+            "domain = \"cdi.example.com\"\ncdi = true\n\n[grants]\nread-only-dirs = [\"/dev\"]\n\n\
+             [config]\nkinds = \"fuse\"\n\"fuse.paths\" = \"{NODE_PATH}\"\n"
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let changed = ctx.cluster.dir.join("configmap/virtual_devices.toml");
+    let virtual_toml = if changed.is_file() {
+        changed
+    } else {
+        ctx.modules.join("virtual_devices.toml")
+    };
+    let files = [
+        ctx.modules.join("virtual_devices.wasm"),
+        virtual_toml,
+        ctx.modules.join("generic.wasm"),
+        generic_toml,
+    ];
+    let mut args: Vec<String> = ["-n", NAMESPACE, "create", "configmap", CONFIGMAP]
+        .map(str::to_string)
+        .to_vec();
+    args.extend(files.iter().map(|f| format!("--from-file={}", f.display())));
+    args.extend(["--dry-run=client", "-o", "yaml"].map(str::to_string));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let yaml = ctx.cluster.kubectl(&args)?;
+    ctx.cluster
+        .kubectl_stdin(&["replace", "-f", "-"], Some(&yaml))?;
+    ctx.expected.insert(RESOURCE.into(), 1);
+    wait_allocatable(ctx.cluster, &ctx.expected)?;
+
+    // The spec on the node, as the host wrote it (the DaemonSet mounts the node's
+    // /var/run/cdi, which containerd reads).
+    let spec_path = Path::new("/var/run/cdi").join(format!(
+        "wasm-device-plugin_{}.json",
+        RESOURCE.replace('/', "_")
+    ));
+    let spec: Value = serde_json::from_str(
+        &std::fs::read_to_string(&spec_path)
+            .map_err(|e| format!("the host wrote no CDI spec at {}: {e}", spec_path.display()))?,
+    )
+    .map_err(|e| format!("{}: {e}", spec_path.display()))?;
+    let device = &spec["devices"][0];
+    if spec["kind"] != RESOURCE
+        || device["name"] != "fuse"
+        || device["containerEdits"]["deviceNodes"][0]["path"] != NODE_PATH
+    {
+        return Err(format!(
+            "{} does not name {RESOURCE}=fuse with the node {NODE_PATH}: {spec}",
+            spec_path.display()
+        ));
+    }
+
+    let pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {POD}\nspec:\n  restartPolicy: Never\n  \
+         terminationGracePeriodSeconds: 5\n  containers:\n    - name: show-node\n      \
+         image: busybox:1.36\n      command: [\"sh\", \"-c\", \"stat -c 'node %t %T' {NODE_PATH}; \
+         while true; do sleep 3600; done\"]\n      resources:\n        limits:\n          \
+         {RESOURCE}: 1\n"
+    );
+    ctx.cluster
+        .kubectl_stdin(&["apply", "-f", "-"], Some(&pod))?;
+    wait_pod_ready(ctx.cluster, POD)?;
+    let want = format!("node {major:x} {minor:x}");
+    let seen = poll(&format!("{POD}'s output"), POD_TIMEOUT, || {
+        let logs = ctx.cluster.kubectl(&["logs", POD])?;
+        Ok((!logs.trim().is_empty()).then(|| logs.trim().to_string()))
+    })?;
+    if seen != want {
+        return Err(format!(
+            "{POD} sees {NODE_PATH} as {seen:?}, not the node's {want:?}"
+        ));
+    }
+    // What kubelet was answered (its checkpoint keeps every container's Allocate
+    // response): the CDI name, and no device node of the plugin's own, so the
+    // container's node came from containerd's CDI injection.
+    let (cdi_names, nodes) = checkpointed_answer(RESOURCE)?;
+    if cdi_names != [format!("{RESOURCE}=fuse")] || nodes != 0 {
+        return Err(format!(
+            "kubelet was answered CDI names {cdi_names:?} and {nodes} device nodes for {RESOURCE}; \
+             expected only {RESOURCE}=fuse"
+        ));
+    }
+    ctx.cluster
+        .kubectl(&["delete", "pod", POD, "--wait=true", "--timeout=60s"])?;
+    Ok(Outcome::Passed(format!(
+        "{} holds {RESOURCE}=fuse; Allocate answered only that CDI name; {POD} sees {NODE_PATH} ({want}) through containerd's CDI injection",
+        spec_path.display()
+    )))
+}
+
+/// The CDI names and the number of device nodes in the Allocate response kubelet
+/// checkpointed for `resource` (kubelet's `kubelet_internal_checkpoint`: JSON, each
+/// response a base64 `ContainerAllocateResponse`: `devices` is field 3,
+/// `cdi_devices` field 5, a `CDIDevice` whose `name` is field 1).
+fn checkpointed_answer(resource: &str) -> Result<(Vec<String>, usize), String> {
+    let path = Path::new(DEVICE_PLUGIN_DIR).join("kubelet_internal_checkpoint");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let checkpoint: Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let entry = checkpoint["Data"]["PodDeviceEntries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["ResourceName"] == resource)
+        .ok_or_else(|| format!("{} holds no allocation of {resource}", path.display()))?;
+    let bytes = base64_decode(entry["AllocResp"].as_str().unwrap_or_default())
+        .ok_or_else(|| format!("{}: AllocResp is not base64", path.display()))?;
+    let mut names = Vec::new();
+    let mut nodes = 0;
+    for (field, value) in protobuf_fields(&bytes)? {
+        match field {
+            3 => nodes += 1,
+            5 => {
+                for (inner, name) in protobuf_fields(value)? {
+                    if inner == 1 {
+                        names.push(String::from_utf8_lossy(name).into_owned());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok((names, nodes))
+}
+
+/// The top-level length-delimited fields of a protobuf message (every field of
+/// `ContainerAllocateResponse` is one): (number, bytes).
+fn protobuf_fields(mut bytes: &[u8]) -> Result<Vec<(u64, &[u8])>, String> {
+    fn varint(bytes: &mut &[u8]) -> Result<u64, String> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = bytes.split_first().ok_or("truncated varint")?;
+            *bytes = rest;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err("varint too long".into())
+    }
+    let mut fields = Vec::new();
+    while !bytes.is_empty() {
+        let key = varint(&mut bytes)?;
+        if key & 7 != 2 {
+            return Err(format!("field {} is not length-delimited", key >> 3));
+        }
+        let len = usize::try_from(varint(&mut bytes)?).map_err(|e| e.to_string())?;
+        if len > bytes.len() {
+            return Err("truncated field".into());
+        }
+        let (value, rest) = bytes.split_at(len);
+        fields.push((key >> 3, value));
+        bytes = rest;
+    }
+    Ok(fields)
+}
+
+/// Standard base64 (with padding), as Go's encoding/json writes `[]byte`.
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let value = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let text = text.trim_end_matches('=').as_bytes();
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    for chunk in text.chunks(4) {
+        let mut acc = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            acc |= value(c)? << (18 - 6 * i);
+        }
+        let bytes = acc.to_be_bytes();
+        match chunk.len() {
+            4 => out.extend_from_slice(&bytes[1..4]),
+            3 => out.extend_from_slice(&bytes[1..3]),
+            2 => out.push(bytes[1]),
+            _ => return None,
+        }
+    }
+    Some(out)
 }
 
 /// What the scenarios read about the host's pod.
