@@ -903,4 +903,25 @@ mod tests {
         assert_eq!(metric(text, "wdp_kubelet_restarts_total", &[]), Some(3.0));
         assert_eq!(metric(text, "wdp_allocations", &[]), None);
     }
+
+    #[test]
+    fn reads_an_allocate_response_as_kubelet_checkpoints_it() {
+        // ContainerAllocateResponse { devices: [DeviceSpec { container_path: "/d" }],
+        // cdi_devices: [CdiDevice { name: "a.b/c=d" }] }, protobuf then base64.
+        let mut bytes = vec![0x1a, 4, 0x0a, 2, b'/', b'd'];
+        bytes.extend([0x2a, 9, 0x0a, 7]);
+        bytes.extend(b"a.b/c=d");
+        let encoded = "GgQKAi9kKgkKB2EuYi9jPWQ=";
+        assert_eq!(base64_decode(encoded), Some(bytes.clone()));
+        assert_eq!(base64_decode("YQ=="), Some(b"a".to_vec()));
+        assert_eq!(base64_decode("YWI="), Some(b"ab".to_vec()));
+        assert_eq!(base64_decode("a!"), None);
+        let fields = protobuf_fields(&bytes).expect("valid");
+        assert_eq!(fields.iter().map(|f| f.0).collect::<Vec<_>>(), [3, 5]);
+        assert_eq!(
+            protobuf_fields(fields[1].1).expect("valid"),
+            [(1, &b"a.b/c=d"[..])]
+        );
+        assert!(protobuf_fields(&[0x2a, 9, 0x0a]).is_err());
+    }
 }
