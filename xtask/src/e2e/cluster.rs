@@ -678,18 +678,53 @@ impl Drop for Cluster {
     }
 }
 
+/// Whether our unreaped child `pid` exits within `timeout`: its pidfd (Linux 5.3)
+/// turns readable when it does; the child is left for `wait` to reap.
+fn exits_within(pid: i32, timeout: Duration) -> bool {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let Ok(fd) = i32::try_from(fd) else {
+        return false;
+    };
+    if fd < 0 {
+        eprintln!(
+            "e2e: pidfd_open({pid}): {}",
+            std::io::Error::last_os_error()
+        );
+        return false;
+    }
+    let deadline = Instant::now() + timeout;
+    let exited = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd, for the length given.
+        match unsafe { libc::poll(&mut pfd, 1, ms) } {
+            n if n > 0 => break true,
+            0 => break false,
+            // A signal (Ctrl-C) interrupted the wait: wait on for the time left.
+            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => break false,
+        }
+    };
+    // SAFETY: `fd` is ours and closed once.
+    unsafe { libc::close(fd) };
+    exited
+}
+
 /// SIGTERM, up to 20 s to exit, then SIGKILL; reaped either way.
 fn stop_process(mut process: Process) {
     let pid = process.child.id() as i32;
     // SAFETY: kill(2) has no memory effects; `pid` is our unreaped child, so it cannot
     // have been reused.
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = process.child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    if exits_within(pid, Duration::from_secs(20)) {
+        let _ = process.child.wait();
+        return;
     }
     eprintln!(
         "e2e: {} (pid {pid}) ignored SIGTERM for 20 s: killing it",

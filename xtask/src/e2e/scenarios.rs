@@ -3,10 +3,8 @@
 //! saw, or an error that fails the run; none can pass without its condition being met.
 //! Talks to the cluster only through kubectl, the pod IP and the device-plugin directory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -288,11 +286,7 @@ fn kubelet_restart(ctx: &mut Context) -> Result<Outcome, String> {
 /// most one socket per resource in kubelet's directory), and allocatable is back soon.
 fn rolling_update(ctx: &mut Context) -> Result<Outcome, String> {
     let old = host_pod(ctx.cluster)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let stop = Arc::clone(&stop);
-        std::thread::spawn(move || watch_sockets(&stop))
-    };
+    let sockets = SocketWatch::start()?;
     let started = Instant::now();
     let set = ctx.cluster.kubectl(&[
         "-n",
@@ -305,10 +299,7 @@ fn rolling_update(ctx: &mut Context) -> Result<Outcome, String> {
     let rolled = set.and_then(|_| rollout(ctx.cluster));
     let back = rolled.and_then(|_| wait_allocatable(ctx.cluster, &ctx.expected));
     let took = started.elapsed();
-    stop.store(true, Ordering::SeqCst);
-    let watch = watcher
-        .join()
-        .map_err(|_| "the socket watcher panicked".to_string())?;
+    let watch = sockets.finish();
     let allocatable = back?;
     let watch = watch?;
     if let Some((resource, sockets)) = &watch.doubled {
@@ -335,11 +326,11 @@ fn rolling_update(ctx: &mut Context) -> Result<Outcome, String> {
         }
     }
     Ok(Outcome::Passed(format!(
-        "{} → {} ({}); at most one socket per resource in {} samples; longest gap without a socket {:.1?}; allocatable {} {took:.1?} after the update started",
+        "{} → {} ({}); at most one socket per resource over {} directory events; longest gap without a socket {:.1?}; allocatable {} {took:.1?} after the update started",
         old.name,
         new.name,
         new.image,
-        watch.samples,
+        watch.events,
         watch.longest_gap,
         show(&allocatable)
     )))
@@ -812,60 +803,151 @@ fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     })
 }
 
-/// What [`watch_sockets`] saw.
-struct SocketWatch {
-    samples: u64,
+/// What [`SocketWatch`] saw.
+struct Watched {
+    /// Directory events seen.
+    events: u64,
     /// A resource and its sockets at a moment more than one host served it.
     doubled: Option<(String, Vec<String>)>,
     /// The longest time some resource had no socket.
     longest_gap: Duration,
 }
 
-/// Samples kubelet's device-plugin directory every 20 ms until `stop`, grouping the
-/// host's sockets (`<resource>-<millis>-<n>.sock`) by resource.
-fn watch_sockets(stop: &AtomicBool) -> Result<SocketWatch, String> {
-    let mut watch = SocketWatch {
-        samples: 0,
+/// What reaches the watcher's thread: an inotify event, or the end.
+enum SocketEvent {
+    Fs(notify::Result<notify::Event>),
+    Stop,
+}
+
+/// Kubelet's device-plugin directory, watched with inotify from before a change until
+/// [`SocketWatch::finish`]: every socket created and removed is seen, in order, so
+/// two sockets of one resource at once are seen however briefly they overlap.
+struct SocketWatch {
+    _watcher: notify::RecommendedWatcher,
+    events: std::sync::mpsc::Sender<SocketEvent>,
+    thread: std::thread::JoinHandle<Result<Watched, String>>,
+}
+
+impl SocketWatch {
+    fn start() -> Result<Self, String> {
+        use notify::Watcher;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let fs = tx.clone();
+        let mut watcher = notify::recommended_watcher(move |e| {
+            let _ = fs.send(SocketEvent::Fs(e));
+        })
+        .map_err(|e| format!("cannot watch {DEVICE_PLUGIN_DIR}: {e}"))?;
+        watcher
+            .watch(
+                Path::new(DEVICE_PLUGIN_DIR),
+                notify::RecursiveMode::NonRecursive,
+            )
+            .map_err(|e| format!("cannot watch {DEVICE_PLUGIN_DIR}: {e}"))?;
+        // Listed once the watch is set up: a change after the listing is an event.
+        let sockets = list_sockets()?;
+        let thread = std::thread::spawn(move || follow_sockets(sockets, &rx));
+        Ok(Self {
+            _watcher: watcher,
+            events: tx,
+            thread,
+        })
+    }
+
+    fn finish(self) -> Result<Watched, String> {
+        let _ = self.events.send(SocketEvent::Stop);
+        self.thread
+            .join()
+            .map_err(|_| "the socket watcher panicked".to_string())?
+    }
+}
+
+/// The host's sockets in kubelet's directory.
+fn list_sockets() -> Result<BTreeSet<String>, String> {
+    Ok(std::fs::read_dir(DEVICE_PLUGIN_DIR)
+        .map_err(|e| format!("cannot read {DEVICE_PLUGIN_DIR}: {e}"))?
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|file| socket_resource(file).is_some())
+        .collect())
+}
+
+/// Applies each event to `sockets` until [`SocketEvent::Stop`], grouping the host's
+/// sockets (`<resource>-<millis>-<n>.sock`) by resource after each.
+fn follow_sockets(
+    mut sockets: BTreeSet<String>,
+    events: &std::sync::mpsc::Receiver<SocketEvent>,
+) -> Result<Watched, String> {
+    use notify::EventKind;
+    let mut watched = Watched {
+        events: 0,
         doubled: None,
         longest_gap: Duration::ZERO,
     };
     let mut missing_since: BTreeMap<String, Instant> = BTreeMap::new();
-    let mut known: Vec<String> = Vec::new();
-    while !stop.load(Ordering::SeqCst) {
+    let mut known: BTreeSet<String> = BTreeSet::new();
+    let mut observe = |sockets: &BTreeSet<String>, watched: &mut Watched| {
         let mut by_resource: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let entries = std::fs::read_dir(DEVICE_PLUGIN_DIR)
-            .map_err(|e| format!("cannot read {DEVICE_PLUGIN_DIR}: {e}"))?;
-        for entry in entries.flatten() {
-            let file = entry.file_name().to_string_lossy().into_owned();
-            if let Some(resource) = socket_resource(&file) {
-                by_resource.entry(resource).or_default().push(file);
+        for file in sockets {
+            if let Some(resource) = socket_resource(file) {
+                by_resource.entry(resource).or_default().push(file.clone());
             }
         }
-        watch.samples += 1;
-        for (resource, sockets) in &by_resource {
-            if sockets.len() > 1 && watch.doubled.is_none() {
-                watch.doubled = Some((resource.clone(), sockets.clone()));
+        for (resource, files) in &by_resource {
+            if files.len() > 1 && watched.doubled.is_none() {
+                watched.doubled = Some((resource.clone(), files.clone()));
             }
-            if !known.contains(resource) {
-                known.push(resource.clone());
-            }
+            known.insert(resource.clone());
         }
         let now = Instant::now();
         for resource in &known {
             if by_resource.contains_key(resource) {
                 if let Some(since) = missing_since.remove(resource) {
-                    watch.longest_gap = watch.longest_gap.max(now - since);
+                    watched.longest_gap = watched.longest_gap.max(now - since);
                 }
             } else {
                 missing_since.entry(resource.clone()).or_insert(now);
             }
         }
-        std::thread::sleep(Duration::from_millis(20));
+    };
+    observe(&sockets, &mut watched);
+    while let Ok(SocketEvent::Fs(event)) = events.recv() {
+        let event = event.map_err(|e| format!("watching {DEVICE_PLUGIN_DIR}: {e}"))?;
+        watched.events += 1;
+        if event.need_rescan() {
+            // The kernel's queue overflowed: events were lost; read the directory.
+            sockets = list_sockets()?;
+        } else {
+            for path in &event.paths {
+                let Some(file) = path.file_name().map(|f| f.to_string_lossy().into_owned()) else {
+                    continue;
+                };
+                if socket_resource(&file).is_none() {
+                    continue;
+                }
+                match event.kind {
+                    EventKind::Create(_) => {
+                        sockets.insert(file);
+                    }
+                    EventKind::Remove(_) => {
+                        sockets.remove(&file);
+                    }
+                    // A rename or anything else: what is there now decides.
+                    _ => {
+                        if path.exists() {
+                            sockets.insert(file);
+                        } else {
+                            sockets.remove(&file);
+                        }
+                    }
+                }
+            }
+        }
+        observe(&sockets, &mut watched);
     }
     if let Some(resource) = missing_since.keys().next() {
         return Err(format!("{resource} had no socket when the rollout ended"));
     }
-    Ok(watch)
+    Ok(watched)
 }
 
 /// The resource part of a host socket's name (`example.com_dev-1-<millis>-<n>.sock`).
