@@ -63,54 +63,9 @@ pub fn container<'a>(
         let Some(allocation) = allocation else {
             continue;
         };
-        for node in &allocation.devices {
-            match merged
-                .devices
-                .iter()
-                .position(|d| d.container_path == node.container_path)
-            {
-                Some(at) if merged.devices[at] == *node => {}
-                Some(at) => {
-                    return Err(Box::new(MergeConflict {
-                        container,
-                        what: "device node",
-                        path: node.container_path.clone(),
-                        first: node_owner[at].to_string(),
-                        first_host: describe_node(&merged.devices[at]),
-                        second: id.to_string(),
-                        second_host: describe_node(node),
-                    }));
-                }
-                None => {
-                    merged.devices.push(node.clone());
-                    node_owner.push(id);
-                }
-            }
-        }
-        for mount in &allocation.mounts {
-            match merged
-                .mounts
-                .iter()
-                .position(|m| m.container_path == mount.container_path)
-            {
-                Some(at) if merged.mounts[at] == *mount => {}
-                Some(at) => {
-                    return Err(Box::new(MergeConflict {
-                        container,
-                        what: "mount",
-                        path: mount.container_path.clone(),
-                        first: mount_owner[at].to_string(),
-                        first_host: describe_mount(&merged.mounts[at]),
-                        second: id.to_string(),
-                        second_host: describe_mount(mount),
-                    }));
-                }
-                None => {
-                    merged.mounts.push(mount.clone());
-                    mount_owner.push(id);
-                }
-            }
-        }
+        let at_path = AtPath { container, id };
+        at_path.keep(&mut merged.devices, &mut node_owner, &allocation.devices)?;
+        at_path.keep(&mut merged.mounts, &mut mount_owner, &allocation.mounts)?;
         for name in &allocation.cdi_devices {
             if !merged.cdi_devices.contains(name) {
                 merged.cdi_devices.push(name.clone());
@@ -122,20 +77,81 @@ pub fn container<'a>(
     Ok(merged)
 }
 
-fn describe_node(d: &DeviceNode) -> String {
-    format!("`{}` {}", d.host_path, d.permissions)
+/// What one container path holds: a device node or a mount.
+trait Placed: Clone + PartialEq {
+    /// `device node` or `mount`, for a conflict.
+    const WHAT: &'static str;
+    fn container_path(&self) -> &str;
+    /// Its host path and permissions or read-only flag, for a conflict.
+    fn describe(&self) -> String;
 }
 
-fn describe_mount(m: &Mount) -> String {
-    format!(
-        "`{}` {}",
-        m.host_path,
-        if m.read_only {
+impl Placed for DeviceNode {
+    const WHAT: &'static str = "device node";
+    fn container_path(&self) -> &str {
+        &self.container_path
+    }
+    fn describe(&self) -> String {
+        format!("`{}` {}", self.host_path, self.permissions)
+    }
+}
+
+impl Placed for Mount {
+    const WHAT: &'static str = "mount";
+    fn container_path(&self) -> &str {
+        &self.container_path
+    }
+    fn describe(&self) -> String {
+        let mode = if self.read_only {
             "read-only"
         } else {
             "read-write"
+        };
+        format!("`{}` {mode}", self.host_path)
+    }
+}
+
+/// Device `id`'s entries for container number `container`.
+struct AtPath<'a> {
+    container: usize,
+    id: &'a str,
+}
+
+impl<'a> AtPath<'a> {
+    /// Adds each of `entries` that `kept` does not hold yet (recording `id` as its
+    /// owner in `owners`); an entry at a container path that a different one
+    /// already holds is a conflict.
+    fn keep<T: Placed>(
+        &self,
+        kept: &mut Vec<T>,
+        owners: &mut Vec<&'a str>,
+        entries: &[T],
+    ) -> Result<(), Box<MergeConflict>> {
+        for entry in entries {
+            match kept
+                .iter()
+                .position(|k| k.container_path() == entry.container_path())
+            {
+                Some(at) if kept[at] == *entry => {}
+                Some(at) => {
+                    return Err(Box::new(MergeConflict {
+                        container: self.container,
+                        what: T::WHAT,
+                        path: entry.container_path().to_string(),
+                        first: owners[at].to_string(),
+                        first_host: kept[at].describe(),
+                        second: self.id.to_string(),
+                        second_host: entry.describe(),
+                    }));
+                }
+                None => {
+                    kept.push(entry.clone());
+                    owners.push(self.id);
+                }
+            }
         }
-    )
+        Ok(())
+    }
 }
 
 /// Adds `more` to `map`: a new key is added; a key already there gets the
