@@ -1,6 +1,7 @@
 //! End-to-end tests: the host driven through the kubelet simulator over real unix
 //! sockets. One binary, a module per area.
 
+mod apiserver;
 mod bad_modules;
 mod bad_requests;
 mod cdi;
