@@ -5,6 +5,7 @@ mod apiserver;
 mod bad_modules;
 mod bad_requests;
 mod cdi;
+mod dra;
 mod exports;
 mod foundation;
 mod fpga;
