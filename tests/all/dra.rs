@@ -17,7 +17,9 @@ use wasm_device_plugin::kubelet::dra::proto::{v1, v1beta1};
 use wasm_device_plugin::kubelet::dra::simulator;
 use wasm_device_plugin::registry::ModuleState;
 use wdp_tests::apiserver::{Allocated, ApiServer, Session, attributes};
-use wdp_tests::{Dirs, WAIT, guests, host_config, init_logging, manifest_with_config, test_settings};
+use wdp_tests::{
+    Dirs, WAIT, guests, host_config, init_logging, manifest_with_config, test_settings,
+};
 
 /// The module's name in the modules directory.
 const MODULE: &str = "virtual";
@@ -136,14 +138,20 @@ impl DraHost {
 
     /// Registers the driver as kubelet's plugin watcher does; its DRA client.
     async fn register(&self) -> v1::dra_plugin_client::DraPluginClient<tonic::transport::Channel> {
-        let registered = tokio::time::timeout(WAIT, simulator::register(&self.registration_socket()))
-            .await
-            .expect("registration in time")
-            .expect("kubelet registers the driver");
+        let registered =
+            tokio::time::timeout(WAIT, simulator::register(&self.registration_socket()))
+                .await
+                .expect("registration in time")
+                .expect("kubelet registers the driver");
         assert_eq!(registered.driver, DRIVER);
         assert_eq!(
             registered.endpoint,
-            self.dirs.root.path().join("plugins").join(DRIVER).join("dra.sock")
+            self.dirs
+                .root
+                .path()
+                .join("plugins")
+                .join(DRIVER)
+                .join("dra.sock")
         );
         assert!(registered.versions.iter().any(|v| v == "v1.DRAPlugin"));
         assert!(registered.versions.iter().any(|v| v == "v1beta1.DRAPlugin"));
@@ -151,7 +159,11 @@ impl DraHost {
     }
 
     /// Waits until the driver's slices on this node satisfy `condition`.
-    async fn slices(&self, what: &str, condition: impl FnMut(&[ResourceSlice]) -> bool) -> Vec<ResourceSlice> {
+    async fn slices(
+        &self,
+        what: &str,
+        condition: impl FnMut(&[ResourceSlice]) -> bool,
+    ) -> Vec<ResourceSlice> {
         self.api
             .wait_slices(DRIVER, &self.node, WAIT, what, condition)
             .await
@@ -171,7 +183,13 @@ impl DraHost {
                 device,
             })
             .collect();
-        self.api.allocate(name, &results, &[("pod", "6a9c5c1e-0000-4000-8000-00000000000a")]).await;
+        self.api
+            .allocate(
+                name,
+                &results,
+                &[("pod", "6a9c5c1e-0000-4000-8000-00000000000a")],
+            )
+            .await;
         claim.metadata.uid.expect("claim uid")
     }
 
@@ -221,7 +239,9 @@ async fn prepare(
     let uid = claim.uid.clone();
     let mut answer = tokio::time::timeout(
         WAIT,
-        client.node_prepare_resources(v1::NodePrepareResourcesRequest { claims: vec![claim] }),
+        client.node_prepare_resources(v1::NodePrepareResourcesRequest {
+            claims: vec![claim],
+        }),
     )
     .await
     .expect("prepare answers in time")
@@ -241,7 +261,9 @@ async fn unprepare(
     let uid = claim.uid.clone();
     let mut answer = tokio::time::timeout(
         WAIT,
-        client.node_unprepare_resources(v1::NodeUnprepareResourcesRequest { claims: vec![claim] }),
+        client.node_unprepare_resources(v1::NodeUnprepareResourcesRequest {
+            claims: vec![claim],
+        }),
     )
     .await
     .expect("unprepare answers in time")
@@ -363,7 +385,9 @@ async fn dra_rescan_republishes_with_a_higher_generation() {
         return;
     };
     fixture.register().await;
-    let before = fixture.slices("two devices", |s| device_names(s).len() == 2).await;
+    let before = fixture
+        .slices("two devices", |s| device_names(s).len() == 2)
+        .await;
     let first = generation(&before);
     fixture.dirs.write_manifest(MODULE, &manifest(3, &[]));
     let after = fixture
@@ -379,7 +403,9 @@ async fn dra_unhealthy_device_leaves_the_slice() {
         return;
     };
     fixture.register().await;
-    let before = fixture.slices("three devices", |s| device_names(s).len() == 3).await;
+    let before = fixture
+        .slices("three devices", |s| device_names(s).len() == 3)
+        .await;
     let sick = device_of(&before, "/node1/dev1/2");
     fixture
         .dirs
@@ -398,7 +424,9 @@ async fn dra_claim_prepared_idempotently_and_unprepared() {
         return;
     };
     let mut client = fixture.register().await;
-    let slices = fixture.slices("four devices", |s| device_names(s).len() == 4).await;
+    let slices = fixture
+        .slices("four devices", |s| device_names(s).len() == 4)
+        .await;
     let device = device_of(&slices, "/node1/dev1/3");
     let uid = fixture.allocated_claim("claim", &[("gpu", &device)]).await;
 
@@ -426,7 +454,13 @@ async fn dra_claim_prepared_idempotently_and_unprepared() {
 
     let again = prepare(&mut client, fixture.claim_ref("claim", &uid)).await;
     assert_eq!(again, answer, "preparing twice answers the same");
-    let endpoint = fixture.dirs.root.path().join("plugins").join(DRIVER).join("dra.sock");
+    let endpoint = fixture
+        .dirs
+        .root
+        .path()
+        .join("plugins")
+        .join(DRIVER)
+        .join("dra.sock");
     let mut beta = simulator::client_v1beta1(&endpoint).expect("v1beta1 client");
     let claim = fixture.claim_ref("claim", &uid);
     let beta_answer = tokio::time::timeout(
@@ -446,17 +480,37 @@ async fn dra_claim_prepared_idempotently_and_unprepared() {
     let beta_devices: Vec<(Vec<String>, String, String, Vec<String>)> = beta_answer.claims[&uid]
         .devices
         .iter()
-        .map(|d| (d.request_names.clone(), d.pool_name.clone(), d.device_name.clone(), d.cdi_device_ids.clone()))
+        .map(|d| {
+            (
+                d.request_names.clone(),
+                d.pool_name.clone(),
+                d.device_name.clone(),
+                d.cdi_device_ids.clone(),
+            )
+        })
         .collect();
     let v1_devices: Vec<(Vec<String>, String, String, Vec<String>)> = answer
         .devices
         .iter()
-        .map(|d| (d.request_names.clone(), d.pool_name.clone(), d.device_name.clone(), d.cdi_device_ids.clone()))
+        .map(|d| {
+            (
+                d.request_names.clone(),
+                d.pool_name.clone(),
+                d.device_name.clone(),
+                d.cdi_device_ids.clone(),
+            )
+        })
         .collect();
     assert_eq!(beta_devices, v1_devices, "v1beta1 answers as v1");
 
-    assert_eq!(unprepare(&mut client, fixture.claim_ref("claim", &uid)).await, "");
-    assert!(!fixture.spec_file(&uid).exists(), "unprepare removes the spec");
+    assert_eq!(
+        unprepare(&mut client, fixture.claim_ref("claim", &uid)).await,
+        ""
+    );
+    assert!(
+        !fixture.spec_file(&uid).exists(),
+        "unprepare removes the spec"
+    );
     assert_eq!(
         unprepare(&mut client, fixture.claim_ref("claim", &uid)).await,
         "",
@@ -471,7 +525,9 @@ async fn dra_prepared_claim_survives_a_host_restart() {
         return;
     };
     let mut client = fixture.register().await;
-    let slices = fixture.slices("two devices", |s| device_names(s).len() == 2).await;
+    let slices = fixture
+        .slices("two devices", |s| device_names(s).len() == 2)
+        .await;
     let device = device_of(&slices, "/node1/dev1/1");
     let uid = fixture.allocated_claim("claim", &[("gpu", &device)]).await;
     let answer = prepare(&mut client, fixture.claim_ref("claim", &uid)).await;
@@ -480,14 +536,23 @@ async fn dra_prepared_claim_survives_a_host_restart() {
 
     let fixture = fixture.restart().await;
     let mut client = fixture.register().await;
-    assert!(fixture.spec_file(&uid).exists(), "the spec outlives the restart");
+    assert!(
+        fixture.spec_file(&uid).exists(),
+        "the spec outlives the restart"
+    );
     assert_eq!(
         prepare(&mut client, fixture.claim_ref("claim", &uid)).await,
         answer,
         "the restarted host answers as it prepared"
     );
-    assert_eq!(unprepare(&mut client, fixture.claim_ref("claim", &uid)).await, "");
-    assert!(!fixture.spec_file(&uid).exists(), "unprepare after a restart removes the spec");
+    assert_eq!(
+        unprepare(&mut client, fixture.claim_ref("claim", &uid)).await,
+        ""
+    );
+    assert!(
+        !fixture.spec_file(&uid).exists(),
+        "unprepare after a restart removes the spec"
+    );
     fixture.stop().await;
 }
 
@@ -497,7 +562,9 @@ async fn dra_module_removal_deletes_its_slices() {
         return;
     };
     fixture.register().await;
-    fixture.slices("two devices", |s| device_names(s).len() == 2).await;
+    fixture
+        .slices("two devices", |s| device_names(s).len() == 2)
+        .await;
     fixture.dirs.remove_module(MODULE);
     fixture.slices("none", <[ResourceSlice]>::is_empty).await;
     assert!(
@@ -513,11 +580,15 @@ async fn dra_claim_for_a_device_the_guest_no_longer_has_fails_naming_it() {
         return;
     };
     let mut client = fixture.register().await;
-    let slices = fixture.slices("three devices", |s| device_names(s).len() == 3).await;
+    let slices = fixture
+        .slices("three devices", |s| device_names(s).len() == 3)
+        .await;
     let device = device_of(&slices, "/node1/dev1/3");
     let uid = fixture.allocated_claim("claim", &[("gpu", &device)]).await;
     fixture.dirs.write_manifest(MODULE, &manifest(2, &[]));
-    fixture.slices("two devices", |s| device_names(s).len() == 2).await;
+    fixture
+        .slices("two devices", |s| device_names(s).len() == 2)
+        .await;
     let answer = prepare(&mut client, fixture.claim_ref("claim", &uid)).await;
     assert!(answer.devices.is_empty());
     assert!(answer.error.contains(&device), "{}", answer.error);
@@ -533,7 +604,9 @@ async fn dra_claim_with_another_uid_is_refused() {
         return;
     };
     let mut client = fixture.register().await;
-    let slices = fixture.slices("two devices", |s| device_names(s).len() == 2).await;
+    let slices = fixture
+        .slices("two devices", |s| device_names(s).len() == 2)
+        .await;
     let device = device_of(&slices, "/node1/dev1/1");
     let uid = fixture.allocated_claim("claim", &[("gpu", &device)]).await;
     let stale = "00000000-0000-4000-8000-000000000000";
@@ -557,7 +630,9 @@ async fn dra_annotations_in_a_guest_answer_fail_the_claim() {
         return;
     };
     let mut client = fixture.register().await;
-    let slices = fixture.slices("two devices", |s| device_names(s).len() == 2).await;
+    let slices = fixture
+        .slices("two devices", |s| device_names(s).len() == 2)
+        .await;
     let device = device_of(&slices, "/node1/dev1/1");
     let uid = fixture.allocated_claim("claim", &[("gpu", &device)]).await;
     let answer = prepare(&mut client, fixture.claim_ref("claim", &uid)).await;
@@ -573,7 +648,9 @@ async fn dra_host_stop_deletes_its_slices() {
         return;
     };
     fixture.register().await;
-    fixture.slices("two devices", |s| device_names(s).len() == 2).await;
+    fixture
+        .slices("two devices", |s| device_names(s).len() == 2)
+        .await;
     let node = fixture.node.clone();
     let api = fixture.stop().await;
     assert!(
@@ -604,16 +681,30 @@ async fn dra_rolling_update_keeps_the_new_hosts_slices() {
 
     let (old, old_shutdown) = DraHost::start_host(&dirs, &node, Some("old-pod"));
     serving(&old).await;
-    let old_socket = dirs.root.path().join("registry").join(format!("{DRIVER}-old-pod-reg.sock"));
-    simulator::register(&old_socket).await.expect("old pod registers");
+    let old_socket = dirs
+        .root
+        .path()
+        .join("registry")
+        .join(format!("{DRIVER}-old-pod-reg.sock"));
+    simulator::register(&old_socket)
+        .await
+        .expect("old pod registers");
     let first = api
-        .wait_slices(DRIVER, &node, WAIT, "two devices", |s| device_names(s).len() == 2)
+        .wait_slices(DRIVER, &node, WAIT, "two devices", |s| {
+            device_names(s).len() == 2
+        })
         .await;
 
     let (new, new_shutdown) = DraHost::start_host(&dirs, &node, Some("new-pod"));
     serving(&new).await;
-    let new_socket = dirs.root.path().join("registry").join(format!("{DRIVER}-new-pod-reg.sock"));
-    simulator::register(&new_socket).await.expect("new pod registers");
+    let new_socket = dirs
+        .root
+        .path()
+        .join("registry")
+        .join(format!("{DRIVER}-new-pod-reg.sock"));
+    simulator::register(&new_socket)
+        .await
+        .expect("new pod registers");
     api.wait_slices(DRIVER, &node, WAIT, "republished by the new pod", |s| {
         device_names(s).len() == 2 && generation(s) > generation(&first)
     })
