@@ -642,8 +642,11 @@ async fn dra_annotations_in_a_guest_answer_fail_the_claim() {
     fixture.stop().await;
 }
 
+/// A stopping host leaves its pool to the host that takes over (a rolling update's
+/// new pod, or the next start), as upstream's helper does; kubelet deletes the slices
+/// of a driver that does not come back. Module removal deletes them (tested above).
 #[tokio::test]
-async fn dra_host_stop_deletes_its_slices() {
+async fn dra_host_stop_leaves_its_slices_to_the_next_host() {
     let Some(fixture) = DraHost::start("stop", &manifest(2, &[])).await else {
         return;
     };
@@ -653,9 +656,11 @@ async fn dra_host_stop_deletes_its_slices() {
         .await;
     let node = fixture.node.clone();
     let api = fixture.stop().await;
-    assert!(
-        api.slices(DRIVER, &node).await.is_empty(),
-        "a stopped host leaves no slices"
+    let left = api.slices(DRIVER, &node).await;
+    assert_eq!(
+        device_names(&left).len(),
+        2,
+        "a stopped host leaves its slices: {left:?}"
     );
 }
 
@@ -663,7 +668,6 @@ async fn dra_host_stop_deletes_its_slices() {
 /// same node and publishes; the old one then stops. The new pod's devices must stay
 /// published.
 #[tokio::test]
-#[ignore = "fails: a stopping host deletes every slice of the pool, the new pod's too (slices.rs delete_all), and the new pod does not republish"]
 async fn dra_rolling_update_keeps_the_new_hosts_slices() {
     let Some(server) = ApiServer::shared() else {
         return;
