@@ -1158,7 +1158,7 @@ fn dra_device_name(id: &str) -> String {
         .map(|b| format!("{b:02x}"))
         .collect();
     let mut cleaned = String::new();
-    for c in id.to_lowercase().chars() {
+    for c in id.chars().map(|c| c.to_ascii_lowercase()) {
         let c = if c.is_ascii_lowercase() || c.is_ascii_digit() {
             c
         } else {
@@ -1169,6 +1169,8 @@ fn dra_device_name(id: &str) -> String {
         }
     }
     let cleaned: String = cleaned.trim_matches('-').chars().take(54).collect();
+    // A cut may end in `-`: dropped, so the hash follows a single `-`.
+    let cleaned = cleaned.trim_end_matches('-');
     if cleaned.is_empty() {
         format!("dev-{hash}")
     } else {
@@ -1781,6 +1783,8 @@ mod tests {
         assert!(hash.bytes().all(|b| b.is_ascii_hexdigit()));
         assert!(dra_device_name("///").starts_with("dev-"));
         assert_eq!(dra_device_name(&"A".repeat(80)).len(), 54 + 9);
+        let cut = dra_device_name(&format!("{}/x", "a".repeat(53)));
+        assert!(cut.starts_with(&format!("{}-", "a".repeat(53))) && !cut.contains("--"));
         assert_ne!(dra_device_name("/a/b"), dra_device_name("/a-b"));
     }
 
