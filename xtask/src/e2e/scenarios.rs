@@ -1193,8 +1193,11 @@ struct Prepared {
 /// the claim is on the node, of kind `<driver>/claim`, with that env.
 fn prepared_claim(c: &Cluster, pod: &str) -> Result<Prepared, String> {
     let json = pod_json(c, "default", pod)?;
-    let claim = json["status"]["resourceClaimStatuses"][0]["resourceClaimName"]
+    // A claim named in the spec; one made from a template, named in the status; or
+    // the scheduler's for an extended resource.
+    let claim = json["spec"]["resourceClaims"][0]["resourceClaimName"]
         .as_str()
+        .or(json["status"]["resourceClaimStatuses"][0]["resourceClaimName"].as_str())
         .or(json["status"]["extendedResourceClaimStatus"]["resourceClaimName"].as_str())
         .ok_or_else(|| format!("{pod} has no claim in its status: {}", json["status"]))?
         .to_string();
