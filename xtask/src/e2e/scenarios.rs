@@ -1,7 +1,11 @@
 //! The e2e's scenarios, run in order against one cluster (each builds on the state the
 //! one before left: the DaemonSet deployed, pods holding devices). Each returns what it
 //! saw, or an error that fails the run; none can pass without its condition being met.
-//! Talks to the cluster only through kubectl, the pod IP and the device-plugin directory.
+//! Talks to the cluster only through kubectl and the pod IP, and looks at the node's
+//! files the host writes (the device-plugin and plugin-watcher directories, CDI specs,
+//! the DRA state directory) and at kubelet's log. The DRA scenarios serve the virtual
+//! guest with `examples/modules/virtual_dra.toml` from the ConfigMap and apply
+//! `examples/dra`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
