@@ -183,6 +183,7 @@ async fn start(
         cache_dir: cache.map(Path::to_path_buf),
         settle: TEST_SETTLE,
         settings,
+        dra: wasm_device_plugin::app::DraConfig::default(),
     };
     let started = Instant::now();
     let host = Host::start(config, &shutdown).expect("host starts");

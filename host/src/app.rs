@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cdi::CdiDir;
+use crate::frontend::{Frontend, Frontends, ServeAs};
 use crate::gauge::Gauge;
 use crate::kubelet::dataplane::DataPlane;
 use crate::kubelet::deviceplugin::{PluginStatus, Plugins, Registrations};
@@ -43,6 +44,97 @@ pub struct HostConfig {
     pub settle: Duration,
     /// Registry settings (kubelet directory, intervals, limits, domain).
     pub settings: Settings,
+    /// What resources served through DRA need.
+    pub dra: DraConfig,
+}
+
+/// What resources served through DRA need (the `run` flags; see `config`).
+/// Nothing of DRA starts until a resource asks for it.
+#[derive(Debug, Clone)]
+pub struct DraConfig {
+    /// This node's name (`--node-name`); DRA resources are refused without it.
+    pub node_name: Option<String>,
+    /// The kubeconfig (`--kubeconfig`); `None`: in-cluster, then the usual places.
+    pub kubeconfig: Option<PathBuf>,
+    /// kubelet's plugin-watcher directory.
+    pub registry_dir: PathBuf,
+    /// kubelet's plugins directory.
+    pub plugins_dir: PathBuf,
+    /// Where prepared claims are checkpointed.
+    pub state_dir: PathBuf,
+    /// The host pod's UID, for rolling-update socket names.
+    pub pod_uid: Option<String>,
+}
+
+/// kubelet's plugin-watcher directory, by default.
+pub const DEFAULT_REGISTRY_DIR: &str = "/var/lib/kubelet/plugins_registry";
+/// kubelet's plugins directory, by default.
+pub const DEFAULT_PLUGINS_DIR: &str = "/var/lib/kubelet/plugins";
+/// The host's state directory, by default.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/wasm-device-plugin";
+
+impl Default for DraConfig {
+    fn default() -> Self {
+        Self {
+            node_name: None,
+            kubeconfig: None,
+            registry_dir: DEFAULT_REGISTRY_DIR.into(),
+            plugins_dir: DEFAULT_PLUGINS_DIR.into(),
+            state_dir: DEFAULT_STATE_DIR.into(),
+            pod_uid: None,
+        }
+    }
+}
+
+/// The host's frontends: the device-plugin one, always running, and the DRA
+/// one, created when a resource first asks for it.
+struct HostFrontends {
+    device_plugin: Arc<Plugins>,
+    dra: DraConfig,
+    cdi: Arc<CdiDir>,
+    #[cfg(feature = "dra")]
+    dra_frontend: std::sync::OnceLock<Arc<crate::kubelet::dra::Dra>>,
+}
+
+impl Frontends for HostFrontends {
+    fn frontend(&self, serve_as: &ServeAs) -> Result<Arc<dyn Frontend>, String> {
+        match serve_as {
+            ServeAs::DevicePlugin => Ok(self.device_plugin.clone()),
+            ServeAs::Dra { .. } => self.dra(),
+        }
+    }
+}
+
+impl HostFrontends {
+    #[cfg(feature = "dra")]
+    fn dra(&self) -> Result<Arc<dyn Frontend>, String> {
+        let node_name = self.dra.node_name.clone().ok_or_else(|| {
+            "serving through DRA needs this node's name: pass --node-name or set NODE_NAME (deploy/ sets it from spec.nodeName)".to_string()
+        })?;
+        let dra = self.dra_frontend.get_or_init(|| {
+            tracing::info!(node = %node_name, "starting the DRA frontend");
+            Arc::new(crate::kubelet::dra::Dra::new(
+                crate::kubelet::dra::DraSettings {
+                    node_name,
+                    kubeconfig: self.dra.kubeconfig.clone(),
+                    registry_dir: self.dra.registry_dir.clone(),
+                    plugins_dir: self.dra.plugins_dir.clone(),
+                    state_dir: self.dra.state_dir.clone(),
+                    pod_uid: self.dra.pod_uid.clone(),
+                },
+                self.cdi.clone(),
+                self.device_plugin.data_plane.clone(),
+                self.device_plugin.registrations.clone(),
+            ))
+        });
+        Ok(dra.clone())
+    }
+
+    #[cfg(not(feature = "dra"))]
+    fn dra(&self) -> Result<Arc<dyn Frontend>, String> {
+        let _ = (&self.dra, &self.cdi);
+        Err("this host was built without DRA (the `dra` cargo feature); serve the resource through the device-plugin API".into())
+    }
 }
 
 /// A running host: one lifecycle task per module file.
@@ -100,7 +192,13 @@ impl Host {
             runtime,
             settings,
             claims: Claims::default(),
-            frontend: plugins.clone(),
+            frontends: Arc::new(HostFrontends {
+                device_plugin: plugins.clone(),
+                dra: config.dra,
+                cdi: cdi.clone(),
+                #[cfg(feature = "dra")]
+                dra_frontend: std::sync::OnceLock::new(),
+            }),
             states: states_tx,
             refusals: watch::channel(Refusals::new()).0,
             versions: watch::channel(ModuleVersions::new()).0,

@@ -246,7 +246,8 @@ pub fn edits(allocation: &ContainerAllocation) -> ContainerEdits {
 }
 
 impl ContainerEdits {
-    fn is_empty(&self) -> bool {
+    /// Whether there is nothing to inject.
+    pub fn is_empty(&self) -> bool {
         self.env.is_empty() && self.device_nodes.is_empty() && self.mounts.is_empty()
     }
 }
@@ -401,6 +402,64 @@ pub fn substitute<'a>(
         .retain(|m| !mounts.contains(m.container_path.as_str()));
 }
 
+/// The file name prefix of the specs written per DRA claim. Not
+/// [`FILE_PREFIX`]: the start-up sweep leaves these alone, because a claim's
+/// spec belongs to the claim (the DRA frontend's checkpoint), not to a
+/// resource, and lives until kubelet unprepares the claim.
+pub const CLAIM_FILE_PREFIX: &str = "wasm-device-plugin-claim_";
+
+/// The annotation naming the claim (its UID) a claim spec was written for.
+pub const CLAIM_ANNOTATION: &str = "wasm-device-plugin/claim";
+
+/// The CDI kind of the specs of DRA driver `driver`'s claims: `<driver>/claim`.
+///
+/// # Errors
+/// The driver name does not make a CDI vendor (it must start with a letter);
+/// says so.
+pub fn claim_kind(driver: &str) -> Result<String, String> {
+    let kind = format!("{driver}/claim");
+    if is_qualified_name(&format!("{kind}=x")) {
+        Ok(kind)
+    } else {
+        Err(format!(
+            "DRA driver `{driver}` cannot be a CDI vendor (it must start with a letter); choose another `driver`"
+        ))
+    }
+}
+
+/// The spec of one prepared DRA claim: kind [`claim_kind`], one CDI device per
+/// (name, edits) in `devices` with something to inject, marked with the
+/// claim's UID. `None` when nothing has edits (CDI allows no empty spec).
+pub fn claim_spec(
+    kind: &str,
+    claim_uid: &str,
+    devices: impl IntoIterator<Item = (String, ContainerEdits)>,
+) -> Option<Spec> {
+    let devices: Vec<SpecDevice> = devices
+        .into_iter()
+        .filter(|(_, edits)| !edits.is_empty())
+        .map(|(name, container_edits)| SpecDevice {
+            name,
+            container_edits,
+        })
+        .collect();
+    (!devices.is_empty()).then(|| Spec {
+        cdi_version: SPEC_VERSION.to_string(),
+        kind: kind.to_string(),
+        annotations: [(CLAIM_ANNOTATION.to_string(), claim_uid.to_string())].into(),
+        devices,
+    })
+}
+
+/// The file name of the spec of claim `claim_uid` of driver `driver`.
+pub fn claim_file_name(driver: &str, claim_uid: &str) -> String {
+    let safe: String = claim_uid
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .collect();
+    format!("{CLAIM_FILE_PREFIX}{driver}_{safe}.json")
+}
+
 /// The CDI spec directory, and the specs this host has written to it since
 /// it started.
 #[derive(Debug)]
@@ -452,7 +511,15 @@ impl CdiDir {
             self.remove(resource)?;
             return Ok(None);
         };
-        let name = file_name(resource);
+        self.write_file(file_name(resource), spec).map(Some)
+    }
+
+    /// Writes `spec` to the file `name` in the directory, as [`CdiDir::write`]
+    /// does; returns the file written.
+    ///
+    /// # Errors
+    /// [`CdiError::Write`]; the file is as it was.
+    pub fn write_file(&self, name: String, spec: &Spec) -> Result<PathBuf, CdiError> {
         let path = self.dir.join(&name);
         let mut bytes = serde_json::to_vec_pretty(spec).map_err(|e| CdiError::Write {
             path: path.clone(),
@@ -461,7 +528,7 @@ impl CdiDir {
         bytes.push(b'\n');
         let mut written = self.written();
         if written.contains(&name) && std::fs::read(&path).is_ok_and(|current| current == bytes) {
-            return Ok(Some(path));
+            return Ok(path);
         }
         let tmp = self.dir.join(format!(".{name}.tmp"));
         let result = (|| {
@@ -482,7 +549,7 @@ impl CdiDir {
             return Err(CdiError::Write { path, cause });
         }
         written.insert(name);
-        Ok(Some(path))
+        Ok(path)
     }
 
     /// Removes the spec of `resource`, if there is one.
@@ -490,15 +557,22 @@ impl CdiDir {
     /// # Errors
     /// [`CdiError::Remove`]: it exists and cannot be removed.
     pub fn remove(&self, resource: &ResourceName) -> Result<(), CdiError> {
-        let name = file_name(resource);
-        let path = self.dir.join(&name);
+        self.remove_file(&file_name(resource))
+    }
+
+    /// Removes the file `name` from the directory, if it is there.
+    ///
+    /// # Errors
+    /// [`CdiError::Remove`]: it exists and cannot be removed.
+    pub fn remove_file(&self, name: &str) -> Result<(), CdiError> {
+        let path = self.dir.join(name);
         let mut written = self.written();
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(cause) => return Err(CdiError::Remove { path, cause }),
         }
-        written.remove(&name);
+        written.remove(name);
         Ok(())
     }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::app::{DEFAULT_SETTLE, HostConfig};
+use crate::app::{DEFAULT_SETTLE, DraConfig, HostConfig};
 use crate::registry::Settings;
 use crate::registry::manifest::MAX_DURATION;
 use crate::runtime::Limits;
@@ -175,6 +175,59 @@ pub struct RunArgs {
     /// Host settings.
     #[command(flatten)]
     pub host: HostArgs,
+    /// DRA settings.
+    #[command(flatten)]
+    pub dra: DraArgs,
+}
+
+/// What resources served through DRA (`api = "dra"` in a manifest) need. Unused,
+/// and nothing of DRA started, while no resource asks for it.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Dynamic Resource Allocation (resources with api = \"dra\")")]
+pub struct DraArgs {
+    /// This node's name, as the API server knows it: the pool name of every DRA
+    /// driver's ResourceSlices, and the Node that owns them. Required once a
+    /// resource is served through DRA; deploy/ sets NODE_NAME from the pod's
+    /// spec.nodeName.
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// Kubeconfig for the API server (ResourceSlices, ResourceClaims, the Node).
+    /// Without it: the pod's service account when in a cluster, else
+    /// $KUBECONFIG or ~/.kube/config.
+    #[arg(long, env = "KUBECONFIG", value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// kubelet's plugin-watcher directory, where each DRA driver's registration
+    /// socket goes (<kubelet root>/plugins_registry).
+    #[arg(long, default_value = crate::app::DEFAULT_REGISTRY_DIR, env = "WDP_KUBELET_REGISTRY_DIR", value_name = "DIR")]
+    pub kubelet_registry_dir: PathBuf,
+    /// kubelet's plugins directory: each DRA driver listens in
+    /// <dir>/<driver>/dra.sock (<kubelet root>/plugins).
+    #[arg(long, default_value = crate::app::DEFAULT_PLUGINS_DIR, env = "WDP_KUBELET_PLUGINS_DIR", value_name = "DIR")]
+    pub kubelet_plugins_dir: PathBuf,
+    /// Where the host keeps state across restarts: the claims each DRA driver
+    /// has prepared (dra/<driver>.json), so that kubelet can unprepare them
+    /// after a restart. Created if missing; keep it on the node (a hostPath).
+    #[arg(long, default_value = crate::app::DEFAULT_STATE_DIR, env = "WDP_STATE_DIR", value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// The host pod's UID. When set, socket names carry it (as upstream's DRA
+    /// helper does for rolling updates), so a new host pod can register beside
+    /// the old one; deploy/ sets POD_UID from metadata.uid.
+    #[arg(long, env = "POD_UID", value_name = "UID")]
+    pub pod_uid: Option<String>,
+}
+
+impl DraArgs {
+    /// As the host takes them.
+    pub fn dra_config(&self) -> DraConfig {
+        DraConfig {
+            node_name: self.node_name.clone().filter(|n| !n.is_empty()),
+            kubeconfig: self.kubeconfig.clone().filter(|p| !p.as_os_str().is_empty()),
+            registry_dir: self.kubelet_registry_dir.clone(),
+            plugins_dir: self.kubelet_plugins_dir.clone(),
+            state_dir: self.state_dir.clone(),
+            pod_uid: self.pod_uid.clone().filter(|u| !u.is_empty()),
+        }
+    }
 }
 
 /// `demo` arguments.
@@ -345,6 +398,7 @@ impl RunArgs {
             settings: self
                 .host
                 .settings(self.kubelet_dir.clone(), self.cdi_dir.clone()),
+            dra: self.dra.dra_config(),
         }
     }
 }

@@ -40,6 +40,7 @@ pub async fn run(args: &DemoArgs, out: &mut impl Write) -> anyhow::Result<()> {
         cache_dir: None,
         settle: crate::app::DEFAULT_SETTLE,
         settings: args.host.settings(kubelet_dir, cdi_dir.clone()),
+        dra: crate::app::DraConfig::default(),
     };
     let host = Host::start(config, &shutdown)?;
     let result = report(&host, &kubelet, args, &simulated, out).await;

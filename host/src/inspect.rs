@@ -422,7 +422,7 @@ fn cdi_report(
     settings: &ModuleSettings,
     cdi_dir: &Path,
 ) -> Result<Option<(CdiReport, Arc<CdiNames>)>, InspectError> {
-    if !settings.resource(&found.kind).cdi {
+    if !settings.resource(&found.kind).resource_spec() {
         return Ok(None);
     }
     let built =

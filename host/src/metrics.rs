@@ -203,6 +203,61 @@ pub struct Metrics {
     refusals: Family<ModuleLabels, Counter>,
     streams: Gauge,
     calls_in_flight: Gauge,
+    dra: DraFamilies,
+}
+
+/// The DRA frontend's metrics.
+struct DraFamilies {
+    prepares: Family<OutcomeLabels, Counter>,
+    prepare_duration: Histograms<ResourceLabels>,
+    unprepares: Family<OutcomeLabels, Counter>,
+    unprepare_duration: Histograms<ResourceLabels>,
+    prepared_claims: Family<ResourceLabels, Gauge>,
+    slice_publications: Family<OutcomeLabels, Counter>,
+}
+
+impl DraFamilies {
+    fn register(registry: &mut Registry) -> Self {
+        let dra = Self {
+            prepares: Family::default(),
+            prepare_duration: Family::new_with_constructor(latency_histogram),
+            unprepares: Family::default(),
+            unprepare_duration: Family::new_with_constructor(latency_histogram),
+            prepared_claims: Family::default(),
+            slice_publications: Family::default(),
+        };
+        registry.register(
+            "dra_prepares",
+            "Claims NodePrepareResources was asked to prepare, by resource and outcome (ok, error)",
+            dra.prepares.clone(),
+        );
+        registry.register(
+            "dra_prepare_duration_seconds",
+            "Time to prepare one claim (API-server fetch, guest allocation, CDI spec, checkpoint), by resource",
+            dra.prepare_duration.clone(),
+        );
+        registry.register(
+            "dra_unprepares",
+            "Claims NodeUnprepareResources was asked to unprepare, by resource and outcome (ok, error)",
+            dra.unprepares.clone(),
+        );
+        registry.register(
+            "dra_unprepare_duration_seconds",
+            "Time to unprepare one claim, by resource",
+            dra.unprepare_duration.clone(),
+        );
+        registry.register(
+            "dra_prepared_claims",
+            "Claims prepared now (checkpointed until unprepared), by resource",
+            dra.prepared_claims.clone(),
+        );
+        registry.register(
+            "dra_slice_publications",
+            "Attempts to publish a resource's ResourceSlices, by outcome (ok, error)",
+            dra.slice_publications.clone(),
+        );
+        dra
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -306,6 +361,7 @@ impl Metrics {
             "The host's version",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
+        let dra = DraFamilies::register(&mut registry);
         for state in MODULE_STATES {
             modules.get_or_create(&StateLabels { state }).set(0);
         }
@@ -324,6 +380,7 @@ impl Metrics {
             refusals,
             streams,
             calls_in_flight,
+            dra,
         }
     }
 
@@ -498,6 +555,55 @@ impl ResourceMetrics {
                     health,
                 })
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Records one claim prepared (`ok`) or refused (`error`) in `elapsed`.
+    pub fn prepared(&self, elapsed: Duration, outcome: &'static str) {
+        let dra = &self.metrics.dra;
+        dra.prepare_duration
+            .get_or_create(&ResourceLabels {
+                resource: self.resource.clone(),
+            })
+            .observe(elapsed.as_secs_f64());
+        dra.prepares.get_or_create(&self.outcome(outcome)).inc();
+    }
+
+    /// Records one claim unprepared (`ok`) or not (`error`) in `elapsed`.
+    pub fn unprepared(&self, elapsed: Duration, outcome: &'static str) {
+        let dra = &self.metrics.dra;
+        dra.unprepare_duration
+            .get_or_create(&ResourceLabels {
+                resource: self.resource.clone(),
+            })
+            .observe(elapsed.as_secs_f64());
+        dra.unprepares.get_or_create(&self.outcome(outcome)).inc();
+    }
+
+    /// Sets how many claims are prepared now.
+    pub fn set_prepared_claims(&self, claims: usize) {
+        self.metrics
+            .dra
+            .prepared_claims
+            .get_or_create(&ResourceLabels {
+                resource: self.resource.clone(),
+            })
+            .set(i64::try_from(claims).unwrap_or(i64::MAX));
+    }
+
+    /// Counts an attempt to publish the resource's ResourceSlices.
+    pub fn slices_published(&self, outcome: &'static str) {
+        self.metrics
+            .dra
+            .slice_publications
+            .get_or_create(&self.outcome(outcome))
+            .inc();
+    }
+
+    fn outcome(&self, outcome: &'static str) -> OutcomeLabels {
+        OutcomeLabels {
+            resource: self.resource.clone(),
+            outcome,
         }
     }
 

@@ -207,6 +207,7 @@ pub fn host_config(dirs: &Dirs, settings: Settings) -> HostConfig {
         cache_dir: None,
         settle: TEST_SETTLE,
         settings,
+        dra: wasm_device_plugin::app::DraConfig::default(),
     }
 }
 

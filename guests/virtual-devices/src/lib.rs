@@ -4,12 +4,17 @@
 //! - `kinds`: comma-separated `name=count`, default `dev-1=4,dev-2=2`;
 //! - `node`: the node segment of the ids, default `node1`;
 //! - `unhealthy`: comma-separated device ids that `health` reports unhealthy;
-//! - `numa-nodes`: spread the devices round-robin over this many NUMA nodes.
+//! - `numa-nodes`: spread the devices round-robin over this many NUMA nodes;
+//! - `annotation`: `on` (default) or `off`: whether `allocate` sets the
+//!   annotation below. Served through DRA, set it `off`: a claim reaches its
+//!   container through CDI, which carries no annotations, and the host fails
+//!   a claim rather than drop part of the module's answer.
 //!
 //! Ids look like `/node1/dev1/3` (kind `dev-1`, device 3). `allocate` sets
 //! `DEV_<kind>_ID_<n>=<id>` for the n-th device of the container (kind with every
-//! character outside `[A-Za-z0-9]` made `_`) and the annotation
-//! `virtual.example.com/devices` listing the container's ids.
+//! character outside `[A-Za-z0-9]` made `_`) and, unless `annotation` is `off`,
+//! the annotation `virtual.example.com/devices` listing the container's ids.
+//! Served through DRA, each request of a claim is one "container".
 //!
 //! Exports `scan`, `health` (the `unhealthy` list is checked every health
 //! interval, cheaper than a scan) and `allocate` (numbering is per container, so
@@ -111,18 +116,28 @@ impl Allocate for VirtualDevices {
     fn allocate(request: AllocateRequest) -> Result<Vec<ContainerResponse>, ModuleError> {
         // Numbered per container, so not from scan: the host's merge would not do.
         let kind = env_safe(&request.kind);
+        let annotate = match config::get_or("annotation", "on").as_str() {
+            "on" => true,
+            "off" => false,
+            other => {
+                return Err(ModuleError::InvalidRequest(format!(
+                    "config `annotation`: `{other}` is neither on nor off"
+                )));
+            }
+        };
         Ok(request
             .containers
             .iter()
             .map(|container| {
-                container
-                    .device_ids
-                    .iter()
-                    .enumerate()
-                    .fold(ContainerResponse::new(), |response, (n, id)| {
-                        response.env(&format!("DEV_{kind}_ID_{n}"), id)
-                    })
-                    .annotation(ANNOTATION, &container.device_ids.join(","))
+                let response = container.device_ids.iter().enumerate().fold(
+                    ContainerResponse::new(),
+                    |response, (n, id)| response.env(&format!("DEV_{kind}_ID_{n}"), id),
+                );
+                if annotate {
+                    response.annotation(ANNOTATION, &container.device_ids.join(","))
+                } else {
+                    response
+                }
             })
             .collect())
     }

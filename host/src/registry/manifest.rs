@@ -4,6 +4,8 @@
 //! ```toml
 //! domain = "vendor.example"          # default: --domain
 //! cdi = true                         # write a CDI spec per resource (default false)
+//! api = "device-plugin"              # which kubelet API serves each kind: "device-plugin"
+//!                                    # (the default) or "dra"
 //! scan-interval = "60s"              # default: --scan-interval
 //! health-interval = "10s"            # default: --health-interval
 //!
@@ -27,6 +29,10 @@
 //! name = "gpu"                       # served as <domain>/gpu (or a full domain/name)
 //! replicas = 4
 //! cdi = false                        # this kind without CDI, whatever the top says
+//!
+//! [resources.dev-2]
+//! api = "dra"                        # served as a DRA driver instead
+//! driver = "dev-2.vendor.example"    # its driver name (default: <name>.<domain>)
 //! healthy-after = 2
 //! ```
 //!
@@ -75,6 +81,7 @@ pub struct ManifestError {
 struct RawManifest {
     domain: Option<String>,
     cdi: Option<bool>,
+    api: Option<Api>,
     scan_interval: Option<String>,
     health_interval: Option<String>,
     #[serde(default)]
@@ -113,6 +120,8 @@ struct RawResource {
     unhealthy_after: Option<u32>,
     healthy_after: Option<u32>,
     cdi: Option<bool>,
+    api: Option<Api>,
+    driver: Option<String>,
 }
 
 /// A `[config]` value: strings as they are; numbers and booleans are handed to
@@ -152,6 +161,32 @@ pub struct ResourcePolicy {
     /// Whether the host writes a CDI spec for the resource and Allocate names
     /// its CDI devices (see [`crate::cdi`]).
     pub cdi: bool,
+    /// Which kubelet API serves the resource.
+    pub api: Api,
+    /// With [`Api::Dra`]: the driver name, when the manifest sets one (the
+    /// default is derived from the resource name, [`crate::frontend::default_driver`]).
+    pub driver: Option<String>,
+}
+
+impl ResourcePolicy {
+    /// Whether the host writes a CDI spec for the resource as a whole: with
+    /// `cdi` on, through the device-plugin API (DRA writes a spec per claim).
+    pub fn resource_spec(&self) -> bool {
+        self.cdi && self.api == Api::DevicePlugin
+    }
+}
+
+/// Which kubelet API serves a resource (the manifest's `api`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Api {
+    /// The v1beta1 device-plugin API: the host registers the resource with
+    /// kubelet, which advertises it as an extended resource.
+    #[default]
+    DevicePlugin,
+    /// Dynamic Resource Allocation: the host publishes ResourceSlices and
+    /// prepares ResourceClaims as a DRA kubelet plugin.
+    Dra,
 }
 
 impl Default for ResourcePolicy {
@@ -162,6 +197,8 @@ impl Default for ResourcePolicy {
             unhealthy_after: 1,
             healthy_after: 1,
             cdi: false,
+            api: Api::DevicePlugin,
+            driver: None,
         }
     }
 }
@@ -346,6 +383,7 @@ pub fn parse(
     // default of each kind's entry.
     let module_base = ResourcePolicy {
         cdi: raw.cdi.unwrap_or(false),
+        api: raw.api.unwrap_or_default(),
         ..ResourcePolicy::default()
     };
     let base = match resources.remove(ALL_KINDS) {
@@ -354,6 +392,12 @@ pub fn parse(
                 return Err(err(
                     "resources.\"*\".name",
                     "a name cannot apply to every kind".into(),
+                ));
+            }
+            if all.driver.is_some() {
+                return Err(err(
+                    "resources.\"*\".driver",
+                    "a DRA driver name cannot apply to every kind".into(),
                 ));
             }
             resource_policy("resources.\"*\"", all, &module_base, &err)?
@@ -386,9 +430,32 @@ fn resource_policy(
             format!("{v} is outside 1 to {max}"),
         )),
     };
+    let api = raw.api.unwrap_or(base.api);
+    if let Some(driver) = &raw.driver {
+        if api != Api::Dra {
+            return Err(err(
+                &format!("{field}.driver"),
+                "a driver name needs api = \"dra\"".into(),
+            ));
+        }
+        crate::frontend::check_driver_name(driver)
+            .map_err(|e| err(&format!("{field}.driver"), e))?;
+    }
+    let replicas = bounded("replicas", raw.replicas, base.replicas, MAX_REPLICAS)?;
+    if api == Api::Dra && replicas > 1 {
+        return Err(err(
+            &format!("{field}.replicas"),
+            format!(
+                "{replicas} replicas cannot be served through DRA: a claim gets a whole device \
+                 (serve the kind through the device-plugin API to share it)"
+            ),
+        ));
+    }
     Ok(ResourcePolicy {
         name: raw.name,
-        replicas: bounded("replicas", raw.replicas, base.replicas, MAX_REPLICAS)?,
+        api,
+        driver: raw.driver,
+        replicas,
         unhealthy_after: bounded(
             "unhealthy-after",
             raw.unhealthy_after,
@@ -623,6 +690,37 @@ mod tests {
             parse_ok("scan-interval = \"1year\"").scan_interval,
             MAX_DURATION
         );
+    }
+
+    #[test]
+    fn the_device_plugin_api_is_the_default_and_the_nearest_api_wins() {
+        assert_eq!(parse_ok("").resource("any").api, Api::DevicePlugin);
+        let m = parse_ok(
+            "api = \"dra\"\n[resources.old]\napi = \"device-plugin\"\nreplicas = 2\n[resources.gpu]\ndriver = \"gpu.vendor.example\"",
+        );
+        assert_eq!(m.resource("any").api, Api::Dra);
+        assert_eq!(m.resource("old").api, Api::DevicePlugin);
+        let gpu = m.resource("gpu");
+        assert_eq!((gpu.api, gpu.driver.as_deref()), (Api::Dra, Some("gpu.vendor.example")));
+        // DRA delivers through a spec per claim: a resource spec would be unused.
+        assert!(!parse_ok("cdi = true\napi = \"dra\"").resource("x").resource_spec());
+        let m = parse_ok("cdi = true\napi = \"dra\"\n[resources.dp]\napi = \"device-plugin\"");
+        assert!(m.resource("dp").resource_spec());
+        assert_eq!(parse_err("api = \"grpc\"").field, "line 1");
+    }
+
+    #[test]
+    fn dra_settings_that_cannot_work_are_refused_naming_the_field() {
+        let err = parse_err("[resources.gpu]\ndriver = \"gpu.vendor.example\"");
+        assert_eq!(err.field, "resources.gpu.driver");
+        assert!(err.message.contains("api = \"dra\""), "{err}");
+        let err = parse_err("api = \"dra\"\n[resources.gpu]\ndriver = \"GPU_1\"");
+        assert_eq!(err.field, "resources.gpu.driver");
+        let err = parse_err("api = \"dra\"\n[resources.gpu]\nreplicas = 4");
+        assert_eq!(err.field, "resources.gpu.replicas");
+        assert!(err.message.contains("DRA"), "{err}");
+        let err = parse_err("api = \"dra\"\n[resources.\"*\"]\ndriver = \"a.example\"");
+        assert_eq!(err.field, "resources.\"*\".driver");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cdi::{CdiDir, CdiError};
 use crate::domain::ResourceName;
-use crate::frontend::Frontend;
+use crate::frontend::Frontends;
 use crate::metrics::{MODULE_STATES, Metrics};
 use crate::registry::load::ScanError;
 use crate::registry::manifest::ManifestError;
@@ -71,6 +71,15 @@ pub enum RegistryError {
         /// Why.
         error: CdiError,
     },
+    /// A resource could not be served through the API its manifest asks for
+    /// (the host lacks it, or the frontend refused the resource).
+    #[error("{resource}: {reason}")]
+    Serve {
+        /// The resource.
+        resource: ResourceName,
+        /// Why.
+        reason: String,
+    },
     /// A periodic check of a serving module started failing (recorded once per
     /// run of failures); the module keeps its last good state.
     #[error("{check} failed, keeping {keeping}: {reason}")]
@@ -92,8 +101,8 @@ pub struct Context {
     pub settings: Arc<Settings>,
     /// Which module serves which resource name.
     pub claims: Claims,
-    /// The kubelet API every resource is served through.
-    pub frontend: Arc<dyn Frontend>,
+    /// The kubelet APIs resources are served through.
+    pub frontends: Arc<dyn Frontends>,
     /// Every module's state.
     pub states: tokio::sync::watch::Sender<ModuleStates>,
     /// Refused files and failing checks, newest last (see [`Refusal`]).

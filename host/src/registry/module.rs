@@ -38,14 +38,13 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Interval, MissedTickBehavior, interval_at};
 use tokio_util::sync::CancellationToken;
 
-use crate::cdi::CdiError;
 use crate::domain::ResourceName;
-use crate::frontend::Backend;
+use crate::frontend::{Backend, ServeAs, default_driver};
 use crate::policy::{self, ScannedResource};
 use crate::registry::backend::GuestBackend;
 use crate::registry::load;
-use crate::registry::manifest::{self, ManifestError, ModuleSettings};
-use crate::registry::resource::Resource;
+use crate::registry::manifest::{self, Api, ManifestError, ModuleSettings, ResourcePolicy};
+use crate::registry::resource::{Resource, StartError};
 use crate::registry::watch::ModuleFiles;
 use crate::registry::{Context, MAX_REFUSALS, ModuleState, ModuleVersion, Refusal, RegistryError};
 use crate::runtime::Guest;
@@ -339,8 +338,9 @@ struct Module {
     manifest_hash: Option<String>,
     settings: ModuleSettings,
     resources: BTreeMap<ResourceName, Resource>,
-    /// Resources whose CDI spec could not be written at the last try (logged
-    /// once per run of failures).
+    /// Resources that could not be served as asked at the last try (their CDI
+    /// spec not written, their frontend refused them; logged once per run of
+    /// failures).
     cdi_refused: BTreeSet<ResourceName>,
     token: CancellationToken,
     scan_retry: Retry,
@@ -392,6 +392,22 @@ impl Retry {
     }
 }
 
+/// Which API serves the resource `name` under `policy`.
+///
+/// # Errors
+/// A DRA resource without a `driver` whose name makes no driver name.
+fn serve_as(policy: &ResourcePolicy, name: &ResourceName) -> Result<ServeAs, String> {
+    Ok(match policy.api {
+        Api::DevicePlugin => ServeAs::DevicePlugin,
+        Api::Dra => ServeAs::Dra {
+            driver: match &policy.driver {
+                Some(driver) => driver.clone(),
+                None => default_driver(name)?,
+            },
+        },
+    })
+}
+
 /// Waits until `at`, or forever when there is no retry due.
 async fn retry_due(at: Option<Instant>) {
     match at {
@@ -413,19 +429,37 @@ impl Module {
         for found in scanned {
             seen.push(found.name.clone());
             let policy = self.settings.resource(&found.kind).clone();
+            let serve_as = match serve_as(&policy, &found.name) {
+                Ok(serve_as) => serve_as,
+                Err(reason) => {
+                    let name = found.name.clone();
+                    if let Some(old) = self.resources.remove(&name) {
+                        old.stop(true).await;
+                    }
+                    self.serve_failed(name, StartError::Frontend(reason), "not serving it");
+                    continue;
+                }
+            };
             if let Some(resource) = self.resources.get_mut(&found.name) {
-                if resource.kind() == found.kind {
+                if resource.kind() == found.kind && *resource.serve_as() == serve_as {
                     let name = found.name.clone();
                     match resource.update(found, policy, &self.backend) {
                         Ok(()) => {
                             self.cdi_refused.remove(&name);
                         }
-                        Err(error) => self.cdi_failed(name, error, "keeping its last good state"),
+                        Err(error) => self.serve_failed(
+                            name,
+                            StartError::Cdi(error),
+                            "keeping its last good state",
+                        ),
                     }
                     continue;
                 }
-                // Another kind renamed onto this name: serve it afresh.
+                // Another kind renamed onto this name, or the manifest moved it
+                // to another API: serve it afresh (the old API stops serving it
+                // first, so the name is never served through both).
                 if let Some(old) = self.resources.remove(&found.name) {
+                    tracing::info!(module = %self.name, resource = %found.name, from = %old.serve_as(), to = %serve_as, "serving resource afresh");
                     old.stop(true).await;
                 }
             }
@@ -445,8 +479,16 @@ impl Module {
             let metrics = self.ctx.metrics().resource(found.name.as_str());
             let (name, devices, replicas) =
                 (found.name.clone(), found.devices.len(), policy.replicas);
+            let frontend = match self.ctx.frontends.frontend(&serve_as) {
+                Ok(frontend) => frontend,
+                Err(reason) => {
+                    self.serve_failed(found.name, StartError::Frontend(reason), "not serving it");
+                    continue;
+                }
+            };
             let started = Resource::start(
-                &*self.ctx.frontend,
+                &*frontend,
+                serve_as.clone(),
                 found,
                 policy,
                 self.backend.clone(),
@@ -457,11 +499,11 @@ impl Module {
             );
             match started {
                 Ok(resource) => {
-                    tracing::info!(module = %self.name, resource = %name, devices, replicas, "serving resource");
+                    tracing::info!(module = %self.name, resource = %name, devices, replicas, api = %serve_as, "serving resource");
                     self.cdi_refused.remove(&name);
                     self.resources.insert(name, resource);
                 }
-                Err(error) => self.cdi_failed(name, error, "not serving it"),
+                Err(error) => self.serve_failed(name, error, "not serving it"),
             }
         }
         let gone: Vec<ResourceName> = self
@@ -478,19 +520,25 @@ impl Module {
         }
     }
 
-    /// A resource's CDI spec could not be written: one log line and a
-    /// refusal to branch on, once per run of failures (each scan tries again).
-    fn cdi_failed(&mut self, resource: ResourceName, error: CdiError, outcome: &'static str) {
+    /// A resource could not be served (its CDI spec not written, or its
+    /// frontend refused it): one log line and a refusal to branch on, once per
+    /// run of failures (each scan tries again).
+    fn serve_failed(&mut self, resource: ResourceName, error: StartError, outcome: &'static str) {
         if !self.cdi_refused.insert(resource.clone()) {
-            tracing::debug!(module = %self.name, resource = %resource, cause = %error, "CDI spec still not written; {outcome}");
+            tracing::debug!(module = %self.name, resource = %resource, cause = %error, "resource still not served as asked; {outcome}");
             return;
         }
-        tracing::error!(module = %self.name, resource = %resource, cause = %error, "CDI spec not written; {outcome}");
-        record_refusal(
-            &self.ctx,
-            &self.name,
-            RegistryError::Cdi { resource, error },
-        );
+        let error = match error {
+            StartError::Cdi(error) => {
+                tracing::error!(module = %self.name, resource = %resource, cause = %error, "CDI spec not written; {outcome}");
+                RegistryError::Cdi { resource, error }
+            }
+            StartError::Frontend(reason) => {
+                tracing::error!(module = %self.name, resource = %resource, cause = %reason, "cannot serve the resource; {outcome}");
+                RegistryError::Serve { resource, reason }
+            }
+        };
+        record_refusal(&self.ctx, &self.name, error);
     }
 
     async fn rescan(&mut self) {

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cdi::{self, CdiDir, CdiError, CdiNames};
 use crate::domain::{Device, DeviceSet, Health, HealthTracker, ResourceName};
-use crate::frontend::{Backend, Frontend, ServeRequest, Served};
+use crate::frontend::{Backend, Frontend, ServeAs, ServeRequest, Served};
 use crate::metrics::ResourceMetrics;
 use crate::policy::ScannedResource;
 use crate::registry::Claim;
@@ -37,6 +37,8 @@ use crate::snapshot::{DeviceAllocations, ResourceSnapshot, SnapshotParts};
 pub(super) struct Resource {
     name: ResourceName,
     kind: String,
+    /// The API serving it; a manifest that changes it serves the resource afresh.
+    serve_as: ServeAs,
     policy: ResourcePolicy,
     /// The module's devices, health after hysteresis.
     real: Arc<DeviceSet>,
@@ -56,6 +58,17 @@ pub(super) struct Resource {
     /// Dropped last, when `stop` returns: the name is free only once the
     /// frontend has stopped serving it.
     _claim: Claim,
+}
+
+/// Why a resource could not be served.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum StartError {
+    /// Its CDI spec cannot be built or written.
+    #[error(transparent)]
+    Cdi(#[from] CdiError),
+    /// The frontend refused it; why.
+    #[error("{0}")]
+    Frontend(String),
 }
 
 /// Sets the advertised device counts of a resource, by health.
@@ -109,7 +122,7 @@ pub fn write_spec(
     allocations: &DeviceAllocations,
     current: Option<&Arc<CdiNames>>,
 ) -> Result<Option<Arc<CdiNames>>, CdiError> {
-    if !policy.cdi {
+    if !policy.resource_spec() {
         if current.is_some() {
             dir.remove(name)?;
         }
@@ -146,14 +159,17 @@ pub fn spec_of(
 }
 
 impl Resource {
-    /// Starts serving `found` through `frontend` with `backend`, once its CDI
-    /// spec is written to `cdi_dir` when `policy` asks for one.
+    /// Starts serving `found` through `frontend` (the one of `serve_as`) with
+    /// `backend`, once its CDI spec is written to `cdi_dir` when `policy` asks
+    /// for one.
     ///
     /// # Errors
-    /// [`CdiError`]: the spec cannot be built or written; nothing is served.
+    /// [`StartError`]: the spec cannot be built or written, or the frontend
+    /// refused the resource; nothing is served.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn start(
         frontend: &dyn Frontend,
+        serve_as: ServeAs,
         found: ScannedResource,
         policy: ResourcePolicy,
         backend: Arc<dyn Backend>,
@@ -161,7 +177,7 @@ impl Resource {
         metrics: ResourceMetrics,
         token: CancellationToken,
         claim: Claim,
-    ) -> Result<Self, CdiError> {
+    ) -> Result<Self, StartError> {
         let policy_replicas = policy.replicas;
         let real = Arc::new(found.devices);
         let allocations = Arc::new(found.allocations);
@@ -178,14 +194,24 @@ impl Resource {
         });
         set_device_counts(&metrics, snapshot.advertised());
         let (snapshots, rx) = watch::channel(Arc::new(snapshot));
-        let served = frontend.serve(ServeRequest {
-            snapshots: rx,
-            metrics: metrics.clone(),
-            shutdown: token.clone(),
-        });
+        let served = frontend
+            .serve(ServeRequest {
+                serve_as: serve_as.clone(),
+                snapshots: rx,
+                metrics: metrics.clone(),
+                shutdown: token.clone(),
+            })
+            .map_err(|reason| {
+                if cdi.is_some() {
+                    let _ = cdi_dir.remove(&found.name);
+                }
+                metrics.forget_devices();
+                StartError::Frontend(reason)
+            })?;
         Ok(Self {
             name: found.name,
             kind: found.kind,
+            serve_as,
             policy,
             real,
             tracker: HealthTracker::default(),
@@ -205,6 +231,11 @@ impl Resource {
     /// The module's kind name.
     pub(super) fn kind(&self) -> &str {
         &self.kind
+    }
+
+    /// The API serving it.
+    pub(super) fn serve_as(&self) -> &ServeAs {
+        &self.serve_as
     }
 
     /// The real devices.
@@ -298,7 +329,7 @@ impl Resource {
         // built from changed (a write of the same bytes is skipped anyway).
         let spec_inputs_changed = !Arc::ptr_eq(&real, &self.real)
             || !Arc::ptr_eq(&allocations, &self.allocations)
-            || policy.cdi != self.cdi.is_some();
+            || policy.resource_spec() != self.cdi.is_some();
         if spec_inputs_changed {
             self.cdi = write_spec(
                 &self.cdi_dir,

@@ -11,7 +11,6 @@ pub mod registration;
 pub mod server;
 pub mod simulator;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,37 +45,7 @@ pub enum PluginError {
     Registration(#[from] RegistrationError),
 }
 
-/// Where a served resource stands with kubelet.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PluginStatus {
-    /// Not registered: kubelet is absent, restarting or refused; retrying.
-    Waiting,
-    /// Registered, served on this socket file name.
-    Registered(String),
-}
-
-/// Where every served resource stands with kubelet: an entry from the moment it
-/// is served until its socket is removed. Readiness is read off it.
-#[derive(Debug, Clone, Default)]
-pub struct Registrations(Arc<watch::Sender<BTreeMap<ResourceName, PluginStatus>>>);
-
-impl Registrations {
-    fn set(&self, resource: &ResourceName, status: PluginStatus) {
-        self.0.send_if_modified(|all| {
-            all.insert(resource.clone(), status.clone()).as_ref() != Some(&status)
-        });
-    }
-
-    fn remove(&self, resource: &ResourceName) {
-        self.0
-            .send_if_modified(|all| all.remove(resource).is_some());
-    }
-
-    /// Every served resource's status now, and each change.
-    pub fn watch(&self) -> watch::Receiver<BTreeMap<ResourceName, PluginStatus>> {
-        self.0.subscribe()
-    }
-}
+pub use crate::kubelet::registrations::{PluginStatus, Registrations};
 
 /// What the plugin tasks of every resource share.
 #[derive(Debug, Clone)]
@@ -113,6 +82,7 @@ const RECHECK: Duration = Duration::from_secs(5);
 /// once the request's token is cancelled.
 pub fn serve(plugins: &Plugins, request: ServeRequest) -> Served {
     let ServeRequest {
+        serve_as: _,
         snapshots,
         metrics,
         shutdown,
@@ -137,8 +107,8 @@ pub fn serve(plugins: &Plugins, request: ServeRequest) -> Served {
 }
 
 impl Frontend for Plugins {
-    fn serve(&self, request: ServeRequest) -> Served {
-        serve(self, request)
+    fn serve(&self, request: ServeRequest) -> Result<Served, String> {
+        Ok(serve(self, request))
     }
 }
 
