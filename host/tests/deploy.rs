@@ -778,7 +778,10 @@ fn service_account_has_only_what_dra_needs() {
                 "deletecollection",
             ]),
         ),
-        ("resource.k8s.io/resourceclaims".to_string(), sorted(&["get"])),
+        (
+            "resource.k8s.io/resourceclaims".to_string(),
+            sorted(&["get"]),
+        ),
         ("/nodes".to_string(), sorted(&["get"])),
     ]);
     assert_eq!(granted, wanted);
@@ -1090,12 +1093,13 @@ async fn example_modules_validate_with_their_guests() {
                 .into_owned()
         })
         .collect();
-    assert_eq!(names, ["fpga", "generic", "virtual_devices"]);
+    assert_eq!(names, ["fpga", "generic", "virtual_devices", "virtual_dra"]);
     for (name, manifest) in names.iter().zip(&manifests) {
         let guest = match name.as_str() {
             "fpga" => guests::FPGA,
             "generic" => guests::GENERIC,
-            "virtual_devices" => guests::VIRTUAL_DEVICES,
+            // The same guest, served through DRA (a copy named virtual_dra.wasm).
+            "virtual_devices" | "virtual_dra" => guests::VIRTUAL_DEVICES,
             other => panic!("no shipped guest is named {other}"),
         };
         let manifest = manifest.to_str().expect("UTF-8 path");
@@ -1151,4 +1155,56 @@ async fn waiting_pod_fits_alone_but_not_beside_the_hog() {
         held + wants > available,
         "both fit ({held} + {wants} of {available} {resource}): the waiting pod would not wait"
     );
+}
+
+/// DRA: kubelet's plugin watcher directory, the DRA sockets' directory and the state
+/// directory are the node's, each mounted writable where the host looks for it, at
+/// the node's own path (kubelet dials the endpoint path the host hands it).
+#[tokio::test]
+async fn dra_directories_are_the_nodes_where_the_host_uses_them() {
+    let flags = run_flags().await;
+    let ds = daemonset();
+    let c = container(&ds);
+    let given = args_of(c, &flags);
+    for (flag, node_path, kind) in [
+        (
+            "kubelet-registry-dir",
+            "/var/lib/kubelet/plugins_registry",
+            "DirectoryOrCreate",
+        ),
+        (
+            "kubelet-plugins-dir",
+            "/var/lib/kubelet/plugins",
+            "DirectoryOrCreate",
+        ),
+        (
+            "state-dir",
+            "/var/lib/wasm-device-plugin",
+            "DirectoryOrCreate",
+        ),
+    ] {
+        let dir = effective(&given, &flags, flag);
+        assert_eq!(dir, node_path, "--{flag}");
+        let (mount, volume) = mount_at(&ds, c, Path::new(&dir));
+        assert_ne!(mount["readOnly"].as_bool(), Some(true), "--{flag}");
+        assert_eq!(
+            volume["hostPath"]["path"].as_str(),
+            Some(node_path),
+            "--{flag}"
+        );
+        assert_eq!(volume["hostPath"]["type"].as_str(), Some(kind), "--{flag}");
+    }
+}
+
+/// The variables the DaemonSet sets are the ones `run` reads.
+#[tokio::test]
+async fn downward_api_variables_are_the_ones_run_reads() {
+    let (code, help) = wdp(&["run", "--help"]).await;
+    assert_eq!(code, Some(0));
+    for var in ["NODE_NAME", "POD_UID"] {
+        assert!(
+            help.contains(&format!("[env: {var}")),
+            "run --help names no {var}"
+        );
+    }
 }
