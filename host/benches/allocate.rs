@@ -405,6 +405,7 @@ impl NativeServer {
         let served = deviceplugin::serve(
             &plugins,
             ServeRequest {
+                serve_as: wasm_device_plugin::frontend::ServeAs::DevicePlugin,
                 snapshots: rx,
                 metrics: metrics.resource(RESOURCE),
                 shutdown: token.clone(),

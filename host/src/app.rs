@@ -92,6 +92,7 @@ struct HostFrontends {
     device_plugin: Arc<Plugins>,
     dra: DraConfig,
     cdi: Arc<CdiDir>,
+    host_stopping: CancellationToken,
     #[cfg(feature = "dra")]
     dra_frontend: std::sync::OnceLock<Arc<crate::kubelet::dra::Dra>>,
 }
@@ -125,6 +126,7 @@ impl HostFrontends {
                 self.cdi.clone(),
                 self.device_plugin.data_plane.clone(),
                 self.device_plugin.registrations.clone(),
+                self.host_stopping.clone(),
             ))
         });
         Ok(dra.clone())
@@ -132,7 +134,7 @@ impl HostFrontends {
 
     #[cfg(not(feature = "dra"))]
     fn dra(&self) -> Result<Arc<dyn Frontend>, String> {
-        let _ = (&self.dra, &self.cdi);
+        let _ = (&self.dra, &self.cdi, &self.host_stopping);
         Err("this host was built without DRA (the `dra` cargo feature); serve the resource through the device-plugin API".into())
     }
 }
@@ -196,6 +198,7 @@ impl Host {
                 device_plugin: plugins.clone(),
                 dra: config.dra,
                 cdi: cdi.clone(),
+                host_stopping: token.clone(),
                 #[cfg(feature = "dra")]
                 dra_frontend: std::sync::OnceLock::new(),
             }),

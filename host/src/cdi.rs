@@ -455,7 +455,13 @@ pub fn claim_spec(
 pub fn claim_file_name(driver: &str, claim_uid: &str) -> String {
     let safe: String = claim_uid
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("{CLAIM_FILE_PREFIX}{driver}_{safe}.json")
 }

@@ -221,7 +221,10 @@ impl DraArgs {
     pub fn dra_config(&self) -> DraConfig {
         DraConfig {
             node_name: self.node_name.clone().filter(|n| !n.is_empty()),
-            kubeconfig: self.kubeconfig.clone().filter(|p| !p.as_os_str().is_empty()),
+            kubeconfig: self
+                .kubeconfig
+                .clone()
+                .filter(|p| !p.as_os_str().is_empty()),
             registry_dir: self.kubelet_registry_dir.clone(),
             plugins_dir: self.kubelet_plugins_dir.clone(),
             state_dir: self.state_dir.clone(),

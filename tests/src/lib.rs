@@ -2,6 +2,8 @@
 //! that runs the real host against the kubelet simulator over real unix sockets in
 //! a temporary directory.
 
+pub mod apiserver;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -5,7 +5,9 @@
 //!   venv at `target/py` componentize-py for the Python guest and grpcio with
 //!   grpcio-tools for the Python gRPC client) and runs every
 //!   test: the test crate (which builds the guests itself), the guests' own unit
-//!   tests, and the walkthrough of `docs/writing-a-guest.md` (`guide`). With `CI`
+//!   tests, and the walkthrough of `docs/writing-a-guest.md` (`guide`). It builds
+//!   kube-apiserver and etcd with Go too (as `e2e` does, into the same cache) for the
+//!   tests that run the host against a real API server. With `CI`
 //!   set it also checks formatting and denies clippy warnings;
 //! - `guests`: builds the shipped guests into `target/modules/`;
 //! - `dist OUT [--release] [--locked]`: builds the host and the shipped guests and
@@ -24,7 +26,8 @@
 //!
 //! Needs rustup and cargo; `test` and `fuzz` also need `python3` with its `venv`
 //! module (the test crate builds the Python guest, and `test` runs a Python gRPC
-//! client).
+//! client); `test` also needs Go and openssl (the API server's build and certificates;
+//! without Go, outside CI, the tests that need the API server skip, saying so).
 
 mod e2e;
 
@@ -43,6 +46,10 @@ const PY_VENV: &str = "target/py";
 /// about) has changed between releases. grpcio-tools generates its stubs from
 /// `proto/` with its bundled protoc, and is released in step with grpcio.
 const GRPCIO_VERSION: &str = "1.85.1";
+/// Name the kube-apiserver and etcd binaries the test crate's `ApiServer` fixture
+/// runs (`tests/src/apiserver.rs` reads them); `test` sets them unless they are set.
+const KUBE_APISERVER_ENV: &str = "WDP_KUBE_APISERVER";
+const ETCD_ENV: &str = "WDP_ETCD";
 /// How long `cargo xtask fuzz` runs without `--seconds`.
 const FUZZ_SECONDS: u64 = 180;
 
@@ -184,6 +191,32 @@ fn ensure_grpcio() -> Result<(), String> {
         &format!("grpcio=={GRPCIO_VERSION}"),
         &format!("grpcio-tools=={GRPCIO_VERSION}"),
     ])
+}
+
+/// The kube-apiserver and etcd for the tests, as (variable, path) pairs to run
+/// `cargo test` with: those `WDP_KUBE_APISERVER` and `WDP_ETCD` name, else built with
+/// Go into the e2e's cache ([`e2e::build_control_plane`]). Without Go the answer is
+/// empty and the tests that need them skip, saying so, unless `ci` (then an error).
+fn ensure_control_plane(ci: bool) -> Result<Vec<(&'static str, PathBuf)>, String> {
+    if let (Some(apiserver), Some(etcd)) = (
+        std::env::var_os(KUBE_APISERVER_ENV),
+        std::env::var_os(ETCD_ENV),
+    ) {
+        return Ok(vec![
+            (KUBE_APISERVER_ENV, apiserver.into()),
+            (ETCD_ENV, etcd.into()),
+        ]);
+    }
+    if !ci && Command::new("go").arg("version").output().is_err() {
+        eprintln!(
+            "test: Go is not installed, so kube-apiserver and etcd cannot be built: \
+             the tests that need an API server will skip (set {KUBE_APISERVER_ENV} and \
+             {ETCD_ENV} to run them with binaries built elsewhere)"
+        );
+        return Ok(Vec::new());
+    }
+    let (apiserver, etcd) = e2e::build_control_plane()?;
+    Ok(vec![(KUBE_APISERVER_ENV, apiserver), (ETCD_ENV, etcd)])
 }
 
 /// Installs `packages` into the venv at `target/py`, creating it if needed.
@@ -495,7 +528,11 @@ fn test(extra: &[String]) -> Result<(), String> {
             ]))?;
         }
     }
-    run(cargo().args(["test", "--workspace"]).args(extra))?;
+    let control_plane = ensure_control_plane(ci)?;
+    run(cargo()
+        .args(["test", "--workspace"])
+        .args(extra)
+        .envs(control_plane))?;
     // What the image ships, staged from the dev profile (a release build would
     // double the time) and checked by the staged binary itself.
     let staged = root().join(TEST_DIST);

@@ -701,9 +701,16 @@ mod tests {
         assert_eq!(m.resource("any").api, Api::Dra);
         assert_eq!(m.resource("old").api, Api::DevicePlugin);
         let gpu = m.resource("gpu");
-        assert_eq!((gpu.api, gpu.driver.as_deref()), (Api::Dra, Some("gpu.vendor.example")));
+        assert_eq!(
+            (gpu.api, gpu.driver.as_deref()),
+            (Api::Dra, Some("gpu.vendor.example"))
+        );
         // DRA delivers through a spec per claim: a resource spec would be unused.
-        assert!(!parse_ok("cdi = true\napi = \"dra\"").resource("x").resource_spec());
+        assert!(
+            !parse_ok("cdi = true\napi = \"dra\"")
+                .resource("x")
+                .resource_spec()
+        );
         let m = parse_ok("cdi = true\napi = \"dra\"\n[resources.dp]\napi = \"device-plugin\"");
         assert!(m.resource("dp").resource_spec());
         assert_eq!(parse_err("api = \"grpc\"").field, "line 1");

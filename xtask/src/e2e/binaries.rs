@@ -1,6 +1,10 @@
 //! The cluster's programs: the Go binaries built from the modules in `e2e/cluster/`
 //! (cached under `target/e2e/bin/`, keyed by version and by the module's files), and the
 //! Debian packages the node needs. Owns no running process.
+//!
+//! `cargo xtask test` builds two of them too ([`build_control_plane`]: kube-apiserver and
+//! etcd, for the test crate's `ApiServer` fixture) into the same cache directory, so
+//! whichever task runs first builds what they share and the other builds only the rest.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -117,8 +121,8 @@ pub fn ensure_packages() -> Result<(), String> {
 
 /// Builds both modules' commands unless their cache directories hold them already.
 pub fn build() -> Result<Binaries, String> {
-    let (kubernetes, kubernetes_version) = build_module(&KUBERNETES)?;
-    let (containerd, containerd_version) = build_module(&CONTAINERD)?;
+    let (kubernetes, kubernetes_version) = build_module(&KUBERNETES, KUBERNETES.packages)?;
+    let (containerd, containerd_version) = build_module(&CONTAINERD, CONTAINERD.packages)?;
     Ok(Binaries {
         kubernetes,
         containerd,
@@ -127,10 +131,27 @@ pub fn build() -> Result<Binaries, String> {
     })
 }
 
-/// Builds `module`'s packages into `target/e2e/bin/<prefix>-<version>/` with one `go
-/// build` (so shared packages compile once), unless a stamp there records a build of
-/// the same module files. Returns the directory and the version.
-fn build_module(module: &GoModule) -> Result<(PathBuf, String), String> {
+/// The packages of [`KUBERNETES`] that [`build_control_plane`] builds.
+const CONTROL_PLANE: [&str; 2] = ["k8s.io/kubernetes/cmd/kube-apiserver", "./etcd"];
+
+/// The control plane the test crate's `ApiServer` fixture runs (no kubelet, no
+/// scheduler), built into the e2e's cache unless it is there already: the paths of
+/// kube-apiserver and etcd. A cold build takes minutes (kube-apiserver is most of
+/// Kubernetes' shared packages); the e2e then builds only its other binaries.
+pub fn build_control_plane() -> Result<(PathBuf, PathBuf), String> {
+    let (dir, _) = build_module(&KUBERNETES, &CONTROL_PLANE)?;
+    Ok((dir.join("kube-apiserver"), dir.join("etcd")))
+}
+
+/// Builds `wanted` (some of `module`'s packages) into
+/// `target/e2e/bin/<prefix>-<version>/` with one `go build` (so shared packages compile
+/// once), except those a stamp there records as built from the same module files.
+/// Returns the directory and the version.
+///
+/// The stamp holds the key of the module files every binary in the directory was built
+/// from: when the files change, the old binaries are deleted before anything is built,
+/// so a directory never mixes builds of two versions.
+fn build_module(module: &GoModule, wanted: &[&str]) -> Result<(PathBuf, String), String> {
     let dir = root().join("e2e/cluster").join(module.dir);
     let go_mod = read(&dir.join("go.mod"))?;
     let version = required_version(&go_mod, module.versioned_by).ok_or_else(|| {
@@ -145,11 +166,21 @@ fn build_module(module: &GoModule) -> Result<(PathBuf, String), String> {
         .join(format!("{}-{version}", module.cache_prefix));
     let stamp = out.join(".stamp");
     let key = module_key(&dir)?;
-    let complete = module
-        .packages
+    if !std::fs::read_to_string(&stamp).is_ok_and(|s| s == key) {
+        for package in module.packages {
+            let stale = out.join(binary_name(package));
+            if stale.exists() {
+                std::fs::remove_file(&stale)
+                    .map_err(|e| format!("cannot remove {}: {e}", stale.display()))?;
+            }
+        }
+    }
+    let missing: Vec<&str> = wanted
         .iter()
-        .all(|p| out.join(binary_name(p)).is_file());
-    if complete && std::fs::read_to_string(&stamp).is_ok_and(|s| s == key) {
+        .copied()
+        .filter(|p| !out.join(binary_name(p)).is_file())
+        .collect();
+    if missing.is_empty() {
         return Ok((out, version));
     }
     std::fs::create_dir_all(&out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
@@ -157,7 +188,12 @@ fn build_module(module: &GoModule) -> Result<(PathBuf, String), String> {
         format!("the e2e builds Kubernetes and containerd with Go, and `go` cannot run: {e}")
     })?;
     eprintln!(
-        "e2e: building {} {version} into {} ({}; the first build takes several minutes)",
+        "building {} of {} {version} into {} ({}; the first build takes several minutes)",
+        missing
+            .iter()
+            .map(|p| binary_name(p))
+            .collect::<Vec<_>>()
+            .join(", "),
         module.dir,
         out.display(),
         String::from_utf8_lossy(&go.stdout).trim()
@@ -171,7 +207,7 @@ fn build_module(module: &GoModule) -> Result<(PathBuf, String), String> {
         .args(GO_BUILD_FLAGS)
         .arg("-o")
         .arg(out_arg)
-        .args(module.packages)
+        .args(&missing)
         // go.mod and go.sum decide every dependency: a build never edits them. No VCS
         // stamp: the binaries are Kubernetes' and containerd's, not this repository's
         // (and a checkout owned by another user would make the stamp fail the build).
@@ -180,7 +216,8 @@ fn build_module(module: &GoModule) -> Result<(PathBuf, String), String> {
         .env("GOTOOLCHAIN", "local")
         .env("CGO_ENABLED", "1"))?;
     eprintln!(
-        "e2e: built {} {version} in {:.0?}",
+        "built {} of {} {version} in {:.0?}",
+        missing.len(),
         module.dir,
         started.elapsed()
     );

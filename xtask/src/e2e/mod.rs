@@ -16,6 +16,8 @@ mod image;
 mod machine;
 mod scenarios;
 
+pub use binaries::build_control_plane;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 

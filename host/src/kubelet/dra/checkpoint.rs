@@ -222,6 +222,9 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("dra")).expect("dir");
         std::fs::write(dir.path().join("dra/d.example.com.json"), "{not json").expect("write");
         let err = Checkpoint::open(dir.path(), "d.example.com").expect_err("refused");
-        assert!(err.contains("d.example.com.json") && err.contains("forgetting"), "{err}");
+        assert!(
+            err.contains("d.example.com.json") && err.contains("forgetting"),
+            "{err}"
+        );
     }
 }

@@ -68,7 +68,9 @@ impl ApiClient {
     /// Not found, not allowed, or the API server unreachable; says which.
     pub async fn claim(&self, namespace: &str, name: &str) -> Result<ResourceClaim, String> {
         let api: Api<ResourceClaim> = Api::namespaced(self.client().await?, namespace);
-        api.get(name).await.map_err(|e| describe("get the ResourceClaim", e))
+        api.get(name)
+            .await
+            .map_err(|e| describe("get the ResourceClaim", e))
     }
 
     /// The Node `name`'s UID.

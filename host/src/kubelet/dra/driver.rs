@@ -115,8 +115,10 @@ impl Driver {
     pub async fn prepare(&self, claim: &ClaimRef) -> Result<Vec<PreparedDevice>, String> {
         let started = Instant::now();
         let result = self.prepare_timed(claim).await;
-        self.metrics
-            .prepared(started.elapsed(), if result.is_ok() { "ok" } else { "error" });
+        self.metrics.prepared(
+            started.elapsed(),
+            if result.is_ok() { "ok" } else { "error" },
+        );
         match &result {
             Ok(devices) => {
                 tracing::info!(driver = %self.name, claim = %claim, devices = devices.len(), "claim prepared")
@@ -159,8 +161,10 @@ impl Driver {
     pub async fn unprepare(&self, claim: &ClaimRef) -> Result<(), String> {
         let started = Instant::now();
         let result = self.unprepare_timed(claim).await;
-        self.metrics
-            .unprepared(started.elapsed(), if result.is_ok() { "ok" } else { "error" });
+        self.metrics.unprepared(
+            started.elapsed(),
+            if result.is_ok() { "ok" } else { "error" },
+        );
         if let Err(error) = &result {
             tracing::warn!(driver = %self.name, claim = %claim, cause = %error, "claim not unprepared");
         }
@@ -324,7 +328,10 @@ fn request_error(error: &RequestError, requests: &[(String, Vec<(String, String)
     let request = |at: usize| requests.get(at).map_or("?", |(r, _)| r.as_str());
     match error {
         RequestError::Unhealthy { id, container } => {
-            format!("device `{id}` (request `{}`) is unhealthy", request(*container))
+            format!(
+                "device `{id}` (request `{}`) is unhealthy",
+                request(*container)
+            )
         }
         RequestError::UnknownDevice { id, container } => format!(
             "device `{id}` (request `{}`) is not served any more",

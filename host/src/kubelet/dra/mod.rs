@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::cdi::{self, CdiDir};
 use crate::frontend::{Frontend, ServeAs, ServeRequest, Served};
@@ -74,6 +75,8 @@ pub struct Dra {
     /// Where each resource stands with kubelet: registered once kubelet
     /// registered its driver and its slices are published.
     registrations: Registrations,
+    /// Cancelled when the whole host stops (not when one resource goes).
+    host_stopping: CancellationToken,
 }
 
 impl Dra {
@@ -84,6 +87,7 @@ impl Dra {
         cdi: Arc<CdiDir>,
         data_plane: Arc<DataPlane>,
         registrations: Registrations,
+        host_stopping: CancellationToken,
     ) -> Self {
         let client = Arc::new(ApiClient::new(settings.kubeconfig.clone()));
         Self {
@@ -93,6 +97,7 @@ impl Dra {
             data_plane,
             drivers: Arc::default(),
             registrations,
+            host_stopping,
         }
     }
 }
@@ -115,7 +120,10 @@ impl Drop for DriverHold {
 impl Frontend for Dra {
     fn serve(&self, request: ServeRequest) -> Result<Served, String> {
         let ServeAs::Dra { driver: name } = &request.serve_as else {
-            return Err(format!("the DRA frontend cannot serve as {}", request.serve_as));
+            return Err(format!(
+                "the DRA frontend cannot serve as {}",
+                request.serve_as
+            ));
         };
         let name = name.clone();
         let resource = request.snapshots.borrow().name().clone();
@@ -145,9 +153,8 @@ impl Frontend for Dra {
             )
         })?;
         let (dra_listener, dra_socket) =
-            socket::bind(&plugin_dir, &registration::dra_socket(pod_uid)).map_err(|e| {
-                format!("cannot listen in {}: {e}", plugin_dir.display())
-            })?;
+            socket::bind(&plugin_dir, &registration::dra_socket(pod_uid))
+                .map_err(|e| format!("cannot listen in {}: {e}", plugin_dir.display()))?;
         let registration_name =
             registration::registration_socket(&settings.registry_dir, &name, pod_uid);
         let (registration_listener, registration_socket) =
@@ -225,6 +232,7 @@ impl Frontend for Dra {
             snapshots,
             slices_tx,
             shutdown.clone(),
+            self.host_stopping.clone(),
         ));
         tracing::info!(driver = %name, resource = %resource, socket = %dra_socket.path().display(), registration = %registration_socket.path().display(), "serving DRA driver");
 
@@ -256,8 +264,12 @@ impl Frontend for Dra {
             for (what, server) in [("registration", registration_server), ("DRA", dra_server)] {
                 match server.await {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::warn!(driver = %name, server = what, cause = %e, "gRPC server failed"),
-                    Err(e) => tracing::warn!(driver = %name, server = what, cause = %e, "gRPC server task failed"),
+                    Ok(Err(e)) => {
+                        tracing::warn!(driver = %name, server = what, cause = %e, "gRPC server failed")
+                    }
+                    Err(e) => {
+                        tracing::warn!(driver = %name, server = what, cause = %e, "gRPC server task failed")
+                    }
                 }
             }
             drop(dra_socket);

@@ -36,7 +36,11 @@ pub enum RegistrationState {
 /// `<driver>-<base64(sha256(uid)[..8])>-reg.sock` and
 /// `dra-<base64(sha256(driver NUL uid)[..16])>-reg.sock`, as upstream's
 /// `RollingUpdateRegistrarSocketFile`.
-pub fn registration_socket(registry_dir: &std::path::Path, driver: &str, pod_uid: Option<&str>) -> String {
+pub fn registration_socket(
+    registry_dir: &std::path::Path,
+    driver: &str,
+    pod_uid: Option<&str>,
+) -> String {
     let Some(uid) = pod_uid else {
         return format!("{driver}-reg.sock");
     };
@@ -112,7 +116,10 @@ mod tests {
     #[test]
     fn socket_names_follow_upstreams_helper() {
         let dir = Path::new("/var/lib/kubelet/plugins_registry");
-        assert_eq!(registration_socket(dir, "d.example.com", None), "d.example.com-reg.sock");
+        assert_eq!(
+            registration_socket(dir, "d.example.com", None),
+            "d.example.com-reg.sock"
+        );
         let uid = "0b7a6c2e-1f1d-4c55-9a43-7a3f1e5c9d21";
         assert_eq!(
             registration_socket(dir, "d.example.com", Some(uid)),
@@ -120,7 +127,10 @@ mod tests {
         );
         let long_driver = format!("{}.example.com", "d".repeat(40));
         let name = registration_socket(dir, &long_driver, Some(uid));
-        assert!(name.starts_with(&format!("{long_driver}-")) && !name.contains(uid), "{name}");
+        assert!(
+            name.starts_with(&format!("{long_driver}-")) && !name.contains(uid),
+            "{name}"
+        );
         assert!(dir.as_os_str().len() + 1 + name.len() < UNIX_PATH_MAX);
         assert_eq!(dra_socket(None), "dra.sock");
         assert_eq!(dra_socket(Some("u")), "dra-u.sock");

@@ -35,7 +35,9 @@ impl DraService {
             if claim.uid.is_empty() || claim.name.is_empty() || claim.namespace.is_empty() {
                 return (
                     claim.uid.clone(),
-                    Err(format!("claim {claim}: namespace, name and UID are required")),
+                    Err(format!(
+                        "claim {claim}: namespace, name and UID are required"
+                    )),
                 );
             }
             let result = driver.prepare(&claim).await;
@@ -96,7 +98,9 @@ macro_rules! dra_service {
                         (uid, response)
                     })
                     .collect();
-                Ok(Response::new($version::NodePrepareResourcesResponse { claims }))
+                Ok(Response::new($version::NodePrepareResourcesResponse {
+                    claims,
+                }))
             }
 
             async fn node_unprepare_resources(
@@ -121,7 +125,9 @@ macro_rules! dra_service {
                         )
                     })
                     .collect();
-                Ok(Response::new($version::NodeUnprepareResourcesResponse { claims }))
+                Ok(Response::new($version::NodeUnprepareResourcesResponse {
+                    claims,
+                }))
             }
         }
     };

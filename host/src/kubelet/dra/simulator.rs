@@ -51,7 +51,10 @@ pub async fn register(path: &Path) -> Result<Registered, String> {
             v1beta1::SERVICE
         ))
     } else if !Path::new(&info.endpoint).is_absolute() {
-        Err(format!("endpoint {:?} is not an absolute path", info.endpoint))
+        Err(format!(
+            "endpoint {:?} is not an absolute path",
+            info.endpoint
+        ))
     } else {
         socket::check_accepting(Path::new(&info.endpoint))
             .await

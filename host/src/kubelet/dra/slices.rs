@@ -11,7 +11,10 @@
 //! that 1.35 clusters do not enable by default). At start the generation
 //! continues from the highest one already published for the pool (an earlier
 //! run's), since the scheduler ignores slices of an older generation. When the
-//! resource is withdrawn (or the host stops), the pool's slices are deleted.
+//! resource is withdrawn (its module removed, or the kind gone or moved to the
+//! device-plugin API), the pool's slices are deleted; when the whole host
+//! stops they are left to the host that takes over, as upstream's helper
+//! does: in a rolling update the new pod publishes the same pool already.
 //! A failed publication is retried with backoff (1 s doubling to 60 s),
 //! logged once per run of failures.
 
@@ -113,12 +116,16 @@ fn slice_name(node: &str, driver: &str, index: usize) -> String {
 }
 
 /// Keeps `driver`'s slices matching its snapshots until `shutdown`, then
-/// deletes them. `status` follows where they stand.
+/// deletes them, unless the whole host is stopping (`host_stopping`): then a
+/// host taking over (a rolling update's new pod, already publishing the same
+/// pool, or the next start) owns them, and kubelet deletes the slices of a
+/// driver that does not come back. `status` follows where they stand.
 pub async fn publish(
     driver: Arc<Driver>,
     mut snapshots: Snapshots,
     status: watch::Sender<SliceStatus>,
     shutdown: CancellationToken,
+    host_stopping: CancellationToken,
 ) {
     let mut publisher = Publisher {
         driver: driver.clone(),
@@ -176,8 +183,12 @@ pub async fn publish(
             () = retry => {}
         }
     }
-    // Bounded: a host stopping with the API server away must still stop in
-    // time (kubelet deletes the slices of a driver that is gone anyway).
+    if host_stopping.is_cancelled() {
+        tracing::info!(driver = %driver.name, "host stopping: leaving the ResourceSlices to the host that takes over (kubelet deletes them if none does)");
+        return;
+    }
+    // Bounded: withdrawing with the API server away must still finish (kubelet
+    // deletes the slices of a driver that is gone anyway).
     if tokio::time::timeout(DELETE_TIMEOUT, publisher.delete_all())
         .await
         .is_err()
@@ -308,7 +319,9 @@ impl Publisher {
         }
         for name in names {
             match driver.client.delete_slice(&name).await {
-                Ok(()) => tracing::info!(driver = %driver.name, slice = %name, "ResourceSlice deleted"),
+                Ok(()) => {
+                    tracing::info!(driver = %driver.name, slice = %name, "ResourceSlice deleted")
+                }
                 Err(error) => {
                     tracing::warn!(driver = %driver.name, slice = %name, cause = %error, "cannot delete ResourceSlice (kubelet removes a gone driver's slices too)")
                 }
@@ -323,8 +336,15 @@ mod tests {
 
     #[test]
     fn slice_names_are_dns_subdomains_even_for_long_parts() {
-        assert_eq!(slice_name("node-1", "dev-1.example.com", 0), "node-1-dev-1.example.com-0");
-        let long = slice_name(&"n".repeat(60), &format!("{}.example.com", "d".repeat(50)), 3);
+        assert_eq!(
+            slice_name("node-1", "dev-1.example.com", 0),
+            "node-1-dev-1.example.com-0"
+        );
+        let long = slice_name(
+            &"n".repeat(60),
+            &format!("{}.example.com", "d".repeat(50)),
+            3,
+        );
         assert!(crate::domain::is_dns_subdomain(&long), "{long}");
         assert!(long.starts_with("wdp-") && long.ends_with("-3"), "{long}");
     }
