@@ -386,6 +386,8 @@ fn every_yaml_file_in_deploy_and_examples_parses() {
         "examples/pods/gpu-share.yaml",
         "examples/pods/nic-hog.yaml",
         "examples/pods/nic-waiting.yaml",
+        "deploy/rbac.yaml",
+        "examples/dra/deviceclass.yaml",
     ] {
         assert!(
             files.contains(&root().join(expected)),
@@ -710,10 +712,209 @@ fn host_runs_as_root_without_capabilities() {
             "{host_namespace}"
         );
     }
-    assert_eq!(
+}
+
+/// The API access is for DRA alone: the DaemonSet's ServiceAccount may write
+/// ResourceSlices, read ResourceClaims and Nodes, and nothing else.
+#[test]
+fn service_account_has_only_what_dra_needs() {
+    let k = load_one("deploy/kustomization.yaml");
+    assert!(strings(&k["resources"]).contains(&"rbac.yaml".to_string()));
+    let docs = load("deploy/rbac.yaml");
+    let of_kind = |kind: &str| -> &Yaml {
+        let found: Vec<&Yaml> = docs
+            .iter()
+            .filter(|d| d["kind"].as_str() == Some(kind))
+            .collect();
+        assert_eq!(found.len(), 1, "one {kind} in deploy/rbac.yaml");
+        found[0]
+    };
+    let account = of_kind("ServiceAccount");
+    let role = of_kind("ClusterRole");
+    let binding = of_kind("ClusterRoleBinding");
+    assert_eq!(docs.len(), 3, "deploy/rbac.yaml holds more than the three");
+
+    let ds = daemonset();
+    let pod = &ds["spec"]["template"]["spec"];
+    let name = account["metadata"]["name"].as_str().expect("a name");
+    assert_eq!(pod["serviceAccountName"].as_str(), Some(name));
+    assert_ne!(
         pod["automountServiceAccountToken"].as_bool(),
         Some(false),
-        "the host needs no API access"
+        "DRA talks to the API server with the ServiceAccount's token"
+    );
+
+    let mut granted = BTreeMap::new();
+    for rule in role["rules"].as_vec().expect("rules") {
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                let mut verbs = strings(&rule["verbs"]);
+                verbs.sort();
+                assert!(
+                    granted
+                        .insert(format!("{group}/{resource}"), verbs)
+                        .is_none(),
+                    "{group}/{resource} in two rules"
+                );
+            }
+        }
+    }
+    let sorted = |verbs: &[&str]| {
+        let mut v: Vec<String> = verbs.iter().map(|v| v.to_string()).collect();
+        v.sort();
+        v
+    };
+    let wanted = BTreeMap::from([
+        (
+            "resource.k8s.io/resourceslices".to_string(),
+            sorted(&[
+                "get",
+                "list",
+                "watch",
+                "create",
+                "update",
+                "patch",
+                "delete",
+                "deletecollection",
+            ]),
+        ),
+        (
+            "resource.k8s.io/resourceclaims".to_string(),
+            sorted(&["get"]),
+        ),
+        ("/nodes".to_string(), sorted(&["get"])),
+    ]);
+    assert_eq!(granted, wanted);
+
+    assert_eq!(binding["roleRef"]["kind"].as_str(), Some("ClusterRole"));
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    let subjects = binding["subjects"].as_vec().expect("subjects");
+    assert_eq!(subjects.len(), 1, "{subjects:?}");
+    assert_eq!(subjects[0]["kind"].as_str(), Some("ServiceAccount"));
+    assert_eq!(subjects[0]["name"].as_str(), Some(name));
+    // Left to kustomize, which gives it the ServiceAccount's namespace: a namespace
+    // written here would stay behind when an overlay moves the DaemonSet.
+    assert!(subjects[0]["namespace"].is_badvalue(), "subject namespace");
+}
+
+/// The DRA frontend takes the node's name and the pod's UID from the environment
+/// (`NODE_NAME`, `POD_UID`); the downward API supplies both.
+#[test]
+fn node_name_and_pod_uid_come_from_the_downward_api() {
+    let ds = daemonset();
+    let env = container(&ds)["env"].as_vec().expect("env");
+    for (name, field) in [("NODE_NAME", "spec.nodeName"), ("POD_UID", "metadata.uid")] {
+        let var = env
+            .iter()
+            .find(|e| e["name"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("no {name} in env"));
+        assert_eq!(
+            var["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+            Some(field),
+            "{name}"
+        );
+    }
+}
+
+/// `examples/dra`: the DeviceClass selects the virtual guest's dev-1 devices by
+/// driver and kind and names the extended resource; the claims, the template and
+/// the pods use what the others define.
+#[test]
+fn dra_examples_refer_to_each_other() {
+    let class = load_one("examples/dra/deviceclass.yaml");
+    assert_eq!(class["kind"].as_str(), Some("DeviceClass"));
+    let class_name = class["metadata"]["name"].as_str().expect("name");
+    assert_eq!(class_name, "dev-1.example.com");
+    let selectors = class["spec"]["selectors"].as_vec().expect("selectors");
+    let expression = selectors[0]["cel"]["expression"]
+        .as_str()
+        .expect("a CEL expression");
+    for part in [
+        "device.driver == \"dev-1.example.com\"",
+        "device.attributes[\"dev-1.example.com\"].kind == \"dev-1\"",
+    ] {
+        assert!(expression.contains(part), "{expression} lacks {part}");
+    }
+    let extended = class["spec"]["extendedResourceName"]
+        .as_str()
+        .expect("extendedResourceName");
+    assert_eq!(extended, "example.com/dev-1");
+
+    let mut docs = BTreeMap::new();
+    for file in yaml_files(&root().join("examples/dra")) {
+        let path = file.strip_prefix(root()).expect("in the repository");
+        let doc = load_one(path.to_str().expect("UTF-8 path"));
+        assert_eq!(
+            doc["apiVersion"].as_str(),
+            Some(if doc["kind"].as_str() == Some("Pod") {
+                "v1"
+            } else {
+                "resource.k8s.io/v1"
+            }),
+            "{}",
+            path.display()
+        );
+        docs.insert(path.display().to_string(), doc);
+    }
+    let claim_specs: Vec<&Yaml> = docs
+        .values()
+        .filter_map(|d| match d["kind"].as_str() {
+            Some("ResourceClaim") => Some(&d["spec"]),
+            Some("ResourceClaimTemplate") => Some(&d["spec"]["spec"]),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(claim_specs.len(), 2, "a claim and a template");
+    for spec in &claim_specs {
+        for request in spec["devices"]["requests"].as_vec().expect("requests") {
+            assert_eq!(
+                request["exactly"]["deviceClassName"].as_str(),
+                Some(class_name)
+            );
+        }
+    }
+    let named = |kind: &str| -> Vec<String> {
+        docs.values()
+            .filter(|d| d["kind"].as_str() == Some(kind))
+            .filter_map(|d| d["metadata"]["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    let (claims, templates) = (named("ResourceClaim"), named("ResourceClaimTemplate"));
+    let pods: Vec<(&String, &Yaml)> = docs
+        .iter()
+        .filter(|(_, d)| d["kind"].as_str() == Some("Pod"))
+        .collect();
+    let (mut by_template, mut by_claim, mut by_limit) = (0, 0, 0);
+    for (path, pod) in pods {
+        let spec = &pod["spec"];
+        let pod_claims = spec["resourceClaims"].as_vec().cloned().unwrap_or_default();
+        for claim in &pod_claims {
+            if let Some(template) = claim["resourceClaimTemplateName"].as_str() {
+                assert!(templates.contains(&template.to_string()), "{path}");
+                by_template += 1;
+            } else {
+                let name = claim["resourceClaimName"].as_str().expect("a claim name");
+                assert!(claims.contains(&name.to_string()), "{path}");
+                by_claim += 1;
+            }
+        }
+        for c in spec["containers"].as_vec().expect("containers") {
+            for used in c["resources"]["claims"].as_vec().into_iter().flatten() {
+                let used = used["name"].as_str().expect("name");
+                assert!(
+                    pod_claims.iter().any(|p| p["name"].as_str() == Some(used)),
+                    "{path}: container uses claim {used}, which the pod does not list"
+                );
+            }
+            if c["resources"]["limits"][extended].as_i64() == Some(1) {
+                by_limit += 1;
+            }
+        }
+    }
+    assert_eq!(
+        (by_template, by_claim, by_limit),
+        (1, 1, 1),
+        "a pod with a templated claim, one with a claim, one asking {extended}"
     );
 }
 
@@ -892,12 +1093,13 @@ async fn example_modules_validate_with_their_guests() {
                 .into_owned()
         })
         .collect();
-    assert_eq!(names, ["fpga", "generic", "virtual_devices"]);
+    assert_eq!(names, ["fpga", "generic", "virtual_devices", "virtual_dra"]);
     for (name, manifest) in names.iter().zip(&manifests) {
         let guest = match name.as_str() {
             "fpga" => guests::FPGA,
             "generic" => guests::GENERIC,
-            "virtual_devices" => guests::VIRTUAL_DEVICES,
+            // The same guest, served through DRA (a copy named virtual_dra.wasm).
+            "virtual_devices" | "virtual_dra" => guests::VIRTUAL_DEVICES,
             other => panic!("no shipped guest is named {other}"),
         };
         let manifest = manifest.to_str().expect("UTF-8 path");
@@ -953,4 +1155,56 @@ async fn waiting_pod_fits_alone_but_not_beside_the_hog() {
         held + wants > available,
         "both fit ({held} + {wants} of {available} {resource}): the waiting pod would not wait"
     );
+}
+
+/// DRA: kubelet's plugin watcher directory, the DRA sockets' directory and the state
+/// directory are the node's, each mounted writable where the host looks for it, at
+/// the node's own path (kubelet dials the endpoint path the host hands it).
+#[tokio::test]
+async fn dra_directories_are_the_nodes_where_the_host_uses_them() {
+    let flags = run_flags().await;
+    let ds = daemonset();
+    let c = container(&ds);
+    let given = args_of(c, &flags);
+    for (flag, node_path, kind) in [
+        (
+            "kubelet-registry-dir",
+            "/var/lib/kubelet/plugins_registry",
+            "DirectoryOrCreate",
+        ),
+        (
+            "kubelet-plugins-dir",
+            "/var/lib/kubelet/plugins",
+            "DirectoryOrCreate",
+        ),
+        (
+            "state-dir",
+            "/var/lib/wasm-device-plugin",
+            "DirectoryOrCreate",
+        ),
+    ] {
+        let dir = effective(&given, &flags, flag);
+        assert_eq!(dir, node_path, "--{flag}");
+        let (mount, volume) = mount_at(&ds, c, Path::new(&dir));
+        assert_ne!(mount["readOnly"].as_bool(), Some(true), "--{flag}");
+        assert_eq!(
+            volume["hostPath"]["path"].as_str(),
+            Some(node_path),
+            "--{flag}"
+        );
+        assert_eq!(volume["hostPath"]["type"].as_str(), Some(kind), "--{flag}");
+    }
+}
+
+/// The variables the DaemonSet sets are the ones `run` reads.
+#[tokio::test]
+async fn downward_api_variables_are_the_ones_run_reads() {
+    let (code, help) = wdp(&["run", "--help"]).await;
+    assert_eq!(code, Some(0));
+    for var in ["NODE_NAME", "POD_UID"] {
+        assert!(
+            help.contains(&format!("[env: {var}")),
+            "run --help names no {var}"
+        );
+    }
 }

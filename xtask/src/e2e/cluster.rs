@@ -4,8 +4,11 @@
 //! process it started (by PID) and the [`Machine`] record; dropping it stops them and
 //! puts the machine back, so a failing scenario still tears everything down.
 //!
-//! Reusable beyond the device-plugin scenarios: the DRA API (`resource.k8s.io/v1`) is on
-//! by default at this Kubernetes version, and containerd has CDI on.
+//! Ready for DRA as well as the device-plugin API: `resource.k8s.io/v1` is served by
+//! default at this Kubernetes version, every component runs with the feature gate
+//! [`FEATURE_GATE`] (KEP-5004's extended resources through DRA), containerd has CDI on,
+//! kubelet's root directory is its default (where the DaemonSet mounts the plugin
+//! watcher's directory from), and pods reach the API server on the pod network.
 
 use std::fs::File;
 use std::net::TcpListener;
@@ -23,12 +26,32 @@ pub const NODE: &str = "wdp-e2e";
 const NODE_LABEL: &str = "wasm-device-plugin/enabled=true";
 /// Kubelet's device-plugin directory: fixed, whatever its `--root-dir`.
 pub const DEVICE_PLUGIN_DIR: &str = "/var/lib/kubelet/device-plugins";
+/// Kubelet's `--root-dir`: its default, because `deploy/daemonset.yaml` mounts the
+/// plugin watcher's `plugins_registry` and DRA's `plugins` from below it. Removed after
+/// the run (see `machine`); a machine that has it already is refused.
+pub const KUBELET_ROOT: &str = "/var/lib/kubelet";
+/// The kubelet plugin watcher's directory, where a DRA driver's registration socket goes.
+pub const PLUGINS_REGISTRY_DIR: &str = "/var/lib/kubelet/plugins_registry";
+/// Where the DaemonSet's host keeps its prepared DRA claims (`--state-dir`, a hostPath).
+pub const HOST_STATE_DIR: &str = "/var/lib/wasm-device-plugin";
+/// The feature gate every component runs with (`--feature-gates`, kubelet's
+/// `featureGates`): KEP-5004 (alpha in 1.34 and 1.35, default off) lets a DeviceClass's
+/// `extendedResourceName` serve pods that ask for an extended resource. The API server
+/// drops the field without it; the scheduler, the controller-manager (the claims it
+/// manages) and kubelet act on it.
+const FEATURE_GATE: &str = "DRAExtendedResource";
 /// The pod network: the bridge's subnet (only this machine's pods are on it).
 const POD_SUBNET: &str = "10.244.0.0/24";
+/// The pod network's gateway (the bridge's address, host-local's default `.1`), and the
+/// only address the API server listens on: kubectl and the components reach it from
+/// this machine, pods through the bridge. No kube-proxy runs, so the `kubernetes`
+/// Service's address leads nowhere: `e2e/overlay` tells the host's pod this one
+/// (`KUBERNETES_SERVICE_HOST` / `_PORT`), which the certificate names.
+pub const APISERVER_HOST: &str = "10.244.0.1";
 const SERVICE_SUBNET: &str = "10.96.0.0/24";
 const ETCD_CLIENT_PORT: u16 = 23790;
 const ETCD_PEER_PORT: u16 = 23800;
-const APISERVER_PORT: u16 = 16443;
+pub const APISERVER_PORT: u16 = 16443;
 const KUBELET_PORT: u16 = 20250;
 const KUBELET_HEALTHZ_PORT: u16 = 20248;
 /// How long a component may take to answer after it starts (a busy 2-core machine).
@@ -79,6 +102,11 @@ impl Cluster {
             TcpListener::bind(("127.0.0.1", port)).map_err(|e| {
                 format!("port {port} is taken ({e}): is another cluster running on this machine?")
             })?;
+        }
+        if Path::new(KUBELET_ROOT).symlink_metadata().is_ok() {
+            return Err(format!(
+                "{KUBELET_ROOT} exists: this machine has (or had) a kubelet of its own, whose directory the e2e's kubelet would share and then remove; or an earlier run was not cleaned up (then remove it, once nothing is mounted below it)"
+            ));
         }
         let dir = temp_dir()?;
         let mut cluster = Cluster {
@@ -187,9 +215,9 @@ impl Cluster {
             "apiserver",
             "/CN=kube-apiserver",
             "serverAuth",
-            Some(
-                "DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:127.0.0.1,IP:10.96.0.1",
-            ),
+            Some(&format!(
+                "DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:127.0.0.1,IP:10.96.0.1,IP:{APISERVER_HOST}"
+            )),
         )?;
         cert(
             "admin",
@@ -216,7 +244,7 @@ impl Cluster {
             self.write(
                 file,
                 &format!(
-                    "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: https://127.0.0.1:{APISERVER_PORT}\n    certificate-authority: {ca}\nusers:\n- name: {user}\n  user:\n    client-certificate: {crt}\n    client-key: {key}\ncontexts:\n- name: e2e\n  context: {{cluster: e2e, user: {user}}}\ncurrent-context: e2e\n",
+                    "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: https://{APISERVER_HOST}:{APISERVER_PORT}\n    certificate-authority: {ca}\nusers:\n- name: {user}\n  user:\n    client-certificate: {crt}\n    client-key: {key}\ncontexts:\n- name: e2e\n  context: {{cluster: e2e, user: {user}}}\ncurrent-context: e2e\n",
                     ca = self.p("pki/ca.crt"),
                     crt = self.p(&format!("pki/{user}.crt")),
                     key = self.p(&format!("pki/{user}.key")),
@@ -259,16 +287,16 @@ impl Cluster {
             let body = http_get("127.0.0.1", ETCD_CLIENT_PORT, "/health")?;
             Ok(body.contains("\"health\":\"true\"").then_some(()))
         })?;
+        create_bridge()?;
         self.spawn(
             "kube-apiserver",
             &bins.kube("kube-apiserver"),
             &[
                 format!("--etcd-servers={etcd_client}"),
-                "--bind-address=127.0.0.1".into(),
+                format!("--bind-address={APISERVER_HOST}"),
                 format!("--secure-port={APISERVER_PORT}"),
-                // The advertised address is loopback, which an Endpoints object may not
-                // hold: no reconciler (nothing in the cluster reaches the apiserver through
-                // the kubernetes Service; there is no kube-proxy).
+                // No reconciler: there is no kube-proxy, so nothing reaches the apiserver
+                // through the kubernetes Service (pods are given its address instead).
                 "--endpoint-reconciler-type=none".into(),
                 format!("--tls-cert-file={}", self.p("pki/apiserver.crt")),
                 format!("--tls-private-key-file={}", self.p("pki/apiserver.key")),
@@ -287,6 +315,7 @@ impl Cluster {
                 format!("--kubelet-client-key={}", self.p("pki/admin.key")),
                 "--kubelet-preferred-address-types=InternalIP".into(),
                 "--profiling=false".into(),
+                format!("--feature-gates={FEATURE_GATE}=true"),
             ],
             &[],
         )?;
@@ -309,6 +338,7 @@ impl Cluster {
                 ),
                 "--use-service-account-credentials=false".into(),
                 format!("--service-cluster-ip-range={SERVICE_SUBNET}"),
+                format!("--feature-gates={FEATURE_GATE}=true"),
             ],
             &[],
         )?;
@@ -319,6 +349,7 @@ impl Cluster {
                 format!("--kubeconfig={kubeconfig}"),
                 "--leader-elect=false".into(),
                 "--secure-port=0".into(),
+                format!("--feature-gates={FEATURE_GATE}=true"),
             ],
             &[],
         )?;
@@ -466,6 +497,8 @@ imageGCLowThresholdPercent: 99
 # No KUBE-IPTABLES-HINT / KUBE-FIREWALL chains: they are for kube-proxy, which does not
 # run here, and would leave iptables tables behind on a machine that had none.
 makeIPTablesUtilChains: false
+featureGates:
+  {FEATURE_GATE}: true
 "#,
             sock = self.p("containerd/containerd.sock"),
             ca = self.p("pki/ca.crt"),
@@ -476,7 +509,7 @@ makeIPTablesUtilChains: false
             bins.kube("kubelet").display().to_string(),
             format!("--config={}", config.display()),
             format!("--kubeconfig={}", self.p("node.kubeconfig")),
-            format!("--root-dir={}", self.p("kubelet/root")),
+            format!("--root-dir={KUBELET_ROOT}"),
             format!("--hostname-override={NODE}"),
             format!("--node-labels={NODE_LABEL}"),
             "--v=2".into(),
@@ -612,7 +645,17 @@ makeIPTablesUtilChains: false
         let mut problems = Vec::new();
         let running = |name: &str, procs: &[Process]| procs.iter().any(|p| p.name == name);
         if running("kube-apiserver", &self.processes) && running("kubelet", &self.processes) {
-            // Best effort: whatever is left is killed below.
+            // Best effort: whatever is left is killed below. The test pods first, while
+            // the host still runs: a pod holding a DRA claim is finished only once the
+            // host has unprepared it.
+            let _ = self.kubectl(&[
+                "delete",
+                "pods",
+                "--all",
+                "--namespace=default",
+                "--grace-period=1",
+                "--timeout=60s",
+            ]);
             let _ = self.kubectl(&[
                 "delete",
                 "daemonsets",
@@ -748,6 +791,23 @@ fn processes_running(program: &Path) -> Vec<i32> {
         .collect()
 }
 
+/// Creates the pod network's bridge with the gateway address before the API server
+/// starts, so that it can listen there; the CNI bridge plugin takes the bridge over as
+/// it finds it (its address is the one the plugin would give it). Removed by
+/// [`Machine::restore`] like a bridge the plugin made.
+fn create_bridge() -> Result<(), String> {
+    let prefix = POD_SUBNET.split_once('/').map_or("24", |(_, p)| p);
+    let address = format!("{APISERVER_HOST}/{prefix}");
+    for args in [
+        &["link", "add", BRIDGE, "type", "bridge"][..],
+        &["addr", "add", &address, "dev", BRIDGE],
+        &["link", "set", BRIDGE, "up"],
+    ] {
+        command_stdout(Command::new("ip").args(args), None)?;
+    }
+    Ok(())
+}
+
 /// A new directory under the system's temporary directory, mode 0700.
 fn temp_dir() -> Result<PathBuf, String> {
     let nanos = std::time::SystemTime::now()
@@ -828,5 +888,29 @@ pub fn http_get(host: &str, port: u16, path: &str) -> Result<String, String> {
         Ok(body.to_string())
     } else {
         Err(format!("GET http://{address}{path}: {status}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `e2e/overlay` tells the host's pod where the API server listens: the same
+    /// address and port as the cluster's.
+    #[test]
+    fn overlay_gives_pods_the_apiservers_address() {
+        let path = crate::root().join("e2e/overlay/kustomization.yaml");
+        let text = std::fs::read_to_string(&path).expect("the e2e overlay");
+        for (name, value) in [
+            ("KUBERNETES_SERVICE_HOST", APISERVER_HOST.to_string()),
+            ("KUBERNETES_SERVICE_PORT", APISERVER_PORT.to_string()),
+        ] {
+            let entry = format!("name: {name}\n          value: \"{value}\"");
+            assert!(text.contains(&entry), "{} lacks {entry:?}", path.display());
+        }
+        assert!(
+            POD_SUBNET.starts_with(APISERVER_HOST.trim_end_matches('1')),
+            "{APISERVER_HOST} is not {POD_SUBNET}'s gateway"
+        );
     }
 }

@@ -29,10 +29,12 @@ const SYSCTLS: [&str; 8] = [
 ];
 
 /// Paths that a node's programs create whatever their configured directories:
-/// kubelet's device-plugin directory and log links, containerd's shim sockets and
-/// network namespaces, CNI caches, CDI spec directories.
-const FIXED_PATHS: [&str; 12] = [
+/// kubelet's root directory (the e2e's `--root-dir`, see `cluster::KUBELET_ROOT`) and
+/// log links, containerd's shim sockets and network namespaces, CNI caches, CDI spec
+/// directories, and the DaemonSet's hostPath for the host's DRA state.
+const FIXED_PATHS: [&str; 13] = [
     "/var/lib/kubelet",
+    "/var/lib/wasm-device-plugin",
     "/var/log/pods",
     "/var/log/containers",
     "/run/containerd",

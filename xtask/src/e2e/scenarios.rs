@@ -1,7 +1,11 @@
 //! The e2e's scenarios, run in order against one cluster (each builds on the state the
 //! one before left: the DaemonSet deployed, pods holding devices). Each returns what it
 //! saw, or an error that fails the run; none can pass without its condition being met.
-//! Talks to the cluster only through kubectl, the pod IP and the device-plugin directory.
+//! Talks to the cluster only through kubectl and the pod IP, and looks at the node's
+//! files the host writes (the device-plugin and plugin-watcher directories, CDI specs,
+//! the DRA state directory) and at kubelet's log. The DRA scenarios serve the virtual
+//! guest with `examples/modules/virtual_dra.toml` from the ConfigMap and apply
+//! `examples/dra`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -9,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::cluster::{Cluster, DEVICE_PLUGIN_DIR, NODE, http_get};
+use super::cluster::{
+    Cluster, DEVICE_PLUGIN_DIR, HOST_STATE_DIR, NODE, PLUGINS_REGISTRY_DIR, http_get,
+};
 use super::{fatal, poll};
 use crate::root;
 
@@ -29,6 +35,20 @@ const POD_TIMEOUT: Duration = Duration::from_secs(120);
 const ALLOCATABLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How fast allocatable must be back after a rolling update starts.
 const ROLLOUT_BOUND: Duration = Duration::from_secs(45);
+/// The virtual guest served through DRA: its module name in the ConfigMap (a copy of
+/// virtual_devices.wasm beside `examples/modules/virtual_dra.toml`).
+const DRA_MODULE: &str = "virtual_dra";
+/// The DRA driver that serves `example.com/dev-1` (the manifest's default driver name).
+const DRIVER: &str = "dev-1.example.com";
+/// The extended resource the DeviceClass of `examples/dra` serves (KEP-5004).
+const DRA_RESOURCE: &str = "example.com/dev-1";
+/// The DRA examples the scenarios apply.
+const DRA_EXAMPLES: &str = "examples/dra";
+/// The node's CDI spec directory, the host's default `--cdi-dir` (a DaemonSet hostPath).
+const CDI_DIR: &str = "/var/run/cdi";
+/// How long a change may take to reach the DRA driver's ResourceSlices, and a removed
+/// pod's claim to be unprepared (kubelet's ConfigMap sync is 10 s here).
+const DRA_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub enum Outcome {
     Passed(String),
@@ -43,6 +63,12 @@ pub struct Context<'a> {
     pub second_image: String,
     /// The extended resources the node must advertise now.
     expected: BTreeMap<String, u64>,
+    /// The files the ConfigMap holds now (each key is a file's name), once a scenario
+    /// has created it.
+    configmap: Vec<PathBuf>,
+    /// A device the DRA guest reported and no longer does: (device name in the slice,
+    /// guest id).
+    vanished: Option<(String, String)>,
 }
 
 impl<'a> Context<'a> {
@@ -54,6 +80,8 @@ impl<'a> Context<'a> {
             modules,
             second_image,
             expected,
+            configmap: Vec::new(),
+            vanished: None,
         }
     }
 }
@@ -61,7 +89,7 @@ impl<'a> Context<'a> {
 type Scenario = fn(&mut Context) -> Result<Outcome, String>;
 
 /// The scenarios, in the order they run.
-pub const SCENARIOS: [(&str, Scenario); 7] = [
+pub const SCENARIOS: [(&str, Scenario); 15] = [
     ("daemonset-ready", daemonset_ready),
     ("example-pods", example_pods),
     ("configmap-module-replace", configmap_module_replace),
@@ -69,6 +97,14 @@ pub const SCENARIOS: [(&str, Scenario); 7] = [
     ("rolling-update", rolling_update),
     ("metrics", metrics),
     ("cdi", cdi),
+    ("dra-registration", dra_registration),
+    ("dra-slices", dra_slices),
+    ("dra-claims", dra_claims),
+    ("dra-unprepare", dra_unprepare),
+    ("dra-host-restart", dra_host_restart),
+    ("dra-extended-resource", dra_extended_resource),
+    ("dra-vanished-device", dra_vanished_device),
+    ("dra-module-removal", dra_module_removal),
 ];
 
 /// The DaemonSet from `deploy/` (through the overlay) becomes Ready through its own
@@ -202,6 +238,7 @@ fn configmap_module_replace(ctx: &mut Context) -> Result<Outcome, String> {
     ctx.cluster
         .kubectl_stdin(&["replace", "-f", "-"], Some(&yaml))?;
     ctx.expected.insert(NIC.into(), 6);
+    ctx.configmap = vec![wasm.clone(), changed.clone()];
     let allocatable = wait_allocatable(ctx.cluster, &ctx.expected)?;
     let took = replaced.elapsed();
     let after = host_pod(ctx.cluster)?;
@@ -431,6 +468,7 @@ fn cdi(ctx: &mut Context) -> Result<Outcome, String> {
     let yaml = ctx.cluster.kubectl(&args)?;
     ctx.cluster
         .kubectl_stdin(&["replace", "-f", "-"], Some(&yaml))?;
+    ctx.configmap = files.to_vec();
     ctx.expected.insert(RESOURCE.into(), 1);
     wait_allocatable(ctx.cluster, &ctx.expected)?;
 
@@ -492,6 +530,773 @@ fn cdi(ctx: &mut Context) -> Result<Outcome, String> {
         "{} holds {RESOURCE}=fuse; Allocate answered only that CDI name; {POD} sees {NODE_PATH} ({want}) through containerd's CDI injection",
         spec_path.display()
     )))
+}
+
+/// The virtual guest joins the ConfigMap with the DRA manifest
+/// (`examples/modules/virtual_dra.toml`, `api = "dra"`): the host binds its registration
+/// socket in kubelet's plugin watcher directory, named with the pod's UID (the
+/// DaemonSet's POD_UID, upstream's rolling-update naming), and kubelet registers the
+/// driver: its plugin manager starts the registration and connects to the DRA endpoint
+/// the host named (kubelet's log, `-v=2`), with no registration error.
+fn dra_registration(ctx: &mut Context) -> Result<Outcome, String> {
+    let host = host_pod(ctx.cluster)?;
+    let mut files = ctx.configmap.clone();
+    if files.is_empty() {
+        return Err("the ConfigMap scenarios did not run: no ConfigMap to add to".into());
+    }
+    files.extend(dra_module_files(ctx, "dev-1=4")?);
+    replace_configmap(ctx.cluster, &files)?;
+    ctx.configmap = files;
+    let added = Instant::now();
+
+    let socket = Path::new(PLUGINS_REGISTRY_DIR).join(format!("{DRIVER}-{}-reg.sock", host.uid));
+    poll(
+        &format!("the registration socket {}", socket.display()),
+        DRA_TIMEOUT,
+        || {
+            use std::os::unix::fs::FileTypeExt;
+            Ok(std::fs::symlink_metadata(&socket)
+                .is_ok_and(|m| m.file_type().is_socket())
+                .then_some(()))
+        },
+    )?;
+    let bound = added.elapsed();
+    let endpoint = kubelet_connected(ctx.cluster, &host.uid)?;
+    let socket_text = socket.display().to_string();
+    let log = kubelet_log(ctx.cluster)?;
+    if !log
+        .lines()
+        .any(|l| l.contains("OperationExecutor.RegisterPlugin started") && l.contains(&socket_text))
+    {
+        return Err(format!(
+            "kubelet's plugin watcher never started registering {socket_text}"
+        ));
+    }
+    if let Some(error) = log
+        .lines()
+        .find(|l| l.contains("RegisterPlugin error") && l.contains(&socket_text))
+    {
+        return Err(format!("kubelet refused the registration: {error}"));
+    }
+    Ok(Outcome::Passed(format!(
+        "{} bound {bound:.1?} after the ConfigMap replace; kubelet registered driver {DRIVER} and connected to {endpoint} after {:.1?}",
+        socket.display(),
+        added.elapsed()
+    )))
+}
+
+/// The driver's ResourceSlices, as the API server accepted them: one pool named after
+/// the node, on the node, owned by the Node object, with the guest's 4 devices (names
+/// per the host's DNS-label mapping, attributes `kind` and `id`). Shrinking the
+/// manifest's kinds to dev-1=3 in the ConfigMap publishes a new pool generation with 3
+/// devices, the remaining ones under the same names.
+fn dra_slices(ctx: &mut Context) -> Result<Outcome, String> {
+    let node_uid = ctx
+        .cluster
+        .kubectl(&["get", "node", NODE, "-o", "jsonpath={.metadata.uid}"])?;
+    let first = wait_pool(ctx.cluster, node_uid.trim(), 4, None)?;
+    let (gone_name, gone_id) = first
+        .devices
+        .iter()
+        .find(|(_, id)| id.as_str() == "/node1/dev1/4")
+        .cloned()
+        .ok_or_else(|| format!("no device /node1/dev1/4 in the pool: {:?}", first.devices))?;
+
+    let mut files: Vec<PathBuf> = ctx
+        .configmap
+        .iter()
+        .filter(|f| !is_dra_module(f))
+        .cloned()
+        .collect();
+    files.extend(dra_module_files(ctx, "dev-1=3")?);
+    let replaced = Instant::now();
+    replace_configmap(ctx.cluster, &files)?;
+    ctx.configmap = files;
+    let second = wait_pool(ctx.cluster, node_uid.trim(), 3, Some(first.generation))?;
+    let took = replaced.elapsed();
+    for (name, id) in &second.devices {
+        if !first.devices.contains(&(name.clone(), id.clone())) {
+            return Err(format!(
+                "device {id} is {name} after the rescan, not as before: {:?}",
+                first.devices
+            ));
+        }
+    }
+    ctx.vanished = Some((gone_name.clone(), gone_id.clone()));
+    let names: Vec<&str> = first.devices.iter().map(|(n, _)| n.as_str()).collect();
+    Ok(Outcome::Passed(format!(
+        "pool {NODE} generation {} in {} slice(s) owned by Node {NODE}: {} (kind dev-1, ids /node1/dev1/1-4); dev-1=3: generation {} with 3 devices {took:.1?} after the replace ({gone_name} gone)",
+        first.generation,
+        first.slices,
+        names.join(" "),
+        second.generation
+    )))
+}
+
+/// examples/dra: the DeviceClass (its extendedResourceName kept by the API server, so
+/// the feature gate is on), a pod with a claim from the ResourceClaimTemplate and a pod
+/// with the ResourceClaim `dev-1`. Both run; each claim is allocated a device of our
+/// pool; the host wrote the claim's CDI spec, and the container shows the env the guest
+/// gave for exactly the allocated device (containerd applied the spec).
+fn dra_claims(ctx: &mut Context) -> Result<Outcome, String> {
+    let c = &*ctx.cluster;
+    for file in [
+        "deviceclass.yaml",
+        "resourceclaimtemplate.yaml",
+        "resourceclaim.yaml",
+        "template-pod.yaml",
+        "claim-pod.yaml",
+    ] {
+        c.kubectl(&["apply", "-f", &format!("{DRA_EXAMPLES}/{file}")])?;
+    }
+    let extended = c.kubectl(&[
+        "get",
+        "deviceclass",
+        DRIVER,
+        "-o",
+        "jsonpath={.spec.extendedResourceName}",
+    ])?;
+    if extended.trim() != DRA_RESOURCE {
+        return Err(format!(
+            "the API server kept extendedResourceName {extended:?}, not {DRA_RESOURCE}: is DRAExtendedResource on?"
+        ));
+    }
+    let mut seen = Vec::new();
+    let mut devices = BTreeSet::new();
+    for pod in ["dra-template", "dra-claim"] {
+        wait_pod_ready(c, pod)?;
+        let prepared = prepared_claim(c, pod)?;
+        if !devices.insert(prepared.device.clone()) {
+            return Err(format!("two claims hold {}: {devices:?}", prepared.device));
+        }
+        seen.push(format!(
+            "{pod}: claim {} → {} ({}), {}, {}",
+            prepared.claim,
+            prepared.device,
+            prepared.id,
+            prepared.env,
+            prepared.spec.display()
+        ));
+    }
+    Ok(Outcome::Passed(seen.join("; ")))
+}
+
+/// Deleting the pod with the templated claim: kubelet unprepares it, the host removes
+/// the claim's CDI spec, and the claim made for the pod is deleted.
+fn dra_unprepare(ctx: &mut Context) -> Result<Outcome, String> {
+    let c = &*ctx.cluster;
+    let prepared = prepared_claim(c, "dra-template")?;
+    c.kubectl(&[
+        "delete",
+        "pod",
+        "dra-template",
+        "--wait=true",
+        "--timeout=60s",
+    ])?;
+    let deleted = Instant::now();
+    wait_removed(&prepared.spec)?;
+    let removed = deleted.elapsed();
+    poll(
+        &format!("the claim {} to be deleted", prepared.claim),
+        DRA_TIMEOUT,
+        || {
+            let left = c.kubectl(&[
+                "get",
+                "resourceclaims",
+                "--ignore-not-found",
+                "-o",
+                "name",
+                &prepared.claim,
+            ])?;
+            Ok(left.trim().is_empty().then_some(()))
+        },
+    )?;
+    Ok(Outcome::Passed(format!(
+        "dra-template deleted: {} removed within {removed:.1?}; claim {} deleted",
+        prepared.spec.display(),
+        prepared.claim
+    )))
+}
+
+/// The host's pod deleted (the DaemonSet starts another) while dra-claim holds its
+/// prepared claim: the pod keeps running, the new host registers under its own UID,
+/// and deleting dra-claim afterwards is still unprepared (the new host found the claim
+/// in the state directory it checkpointed to).
+fn dra_host_restart(ctx: &mut Context) -> Result<Outcome, String> {
+    let c = &*ctx.cluster;
+    let prepared = prepared_claim(c, "dra-claim")?;
+    let container =
+        pod_json(c, "default", "dra-claim")?["status"]["containerStatuses"][0]["containerID"]
+            .clone();
+    let old = host_pod(c)?;
+    c.kubectl(&[
+        "-n",
+        NAMESPACE,
+        "delete",
+        "pod",
+        &old.name,
+        "--wait=true",
+        "--timeout=60s",
+    ])?;
+    let deleted = Instant::now();
+    let new = poll("a new host pod Ready", POD_TIMEOUT, || {
+        Ok(ready_host_pod(c).ok().filter(|p| p.uid != old.uid))
+    })?;
+    let endpoint = kubelet_connected(c, &new.uid)?;
+    let back = deleted.elapsed();
+    let checkpoints = std::fs::read_dir(Path::new(HOST_STATE_DIR).join("dra"))
+        .map(|entries| entries.flatten().count())
+        .unwrap_or(0);
+    let json = pod_json(c, "default", "dra-claim")?;
+    let status = &json["status"]["containerStatuses"][0];
+    if status["containerID"] != container || status["ready"] != true {
+        return Err(format!(
+            "dra-claim's container did not survive the host's restart: {status}"
+        ));
+    }
+    if !prepared.spec.exists() {
+        return Err(format!(
+            "{} is gone while dra-claim still runs: the host's restart removed a prepared claim's spec",
+            prepared.spec.display()
+        ));
+    }
+    c.kubectl(&["delete", "pod", "dra-claim", "--wait=true", "--timeout=60s"])?;
+    wait_removed(&prepared.spec)?;
+    Ok(Outcome::Passed(format!(
+        "{} → {} (kubelet connected to {endpoint}) {back:.1?} after the delete, {checkpoints} checkpoint file(s) in {HOST_STATE_DIR}/dra; dra-claim kept running; deleted afterwards, its claim {} was unprepared ({} removed)",
+        old.name,
+        new.name,
+        prepared.claim,
+        prepared.spec.display()
+    )))
+}
+
+/// KEP-5004: a pod asking `limits: example.com/dev-1: 1`, which the node does not
+/// advertise as a device plugin, runs with a dev-1 device of the driver: the scheduler
+/// made a claim for it from the DeviceClass's extendedResourceName, and the host
+/// prepared it like any other. Deleted afterwards, the claim is unprepared.
+fn dra_extended_resource(ctx: &mut Context) -> Result<Outcome, String> {
+    let c = &*ctx.cluster;
+    if allocatable(c)?.contains_key(DRA_RESOURCE) {
+        return Err(format!(
+            "the node advertises {DRA_RESOURCE} through a device plugin"
+        ));
+    }
+    c.kubectl(&[
+        "apply",
+        "-f",
+        &format!("{DRA_EXAMPLES}/extended-resource-pod.yaml"),
+    ])?;
+    wait_pod_ready(c, "dra-extended")?;
+    let prepared = prepared_claim(c, "dra-extended")?;
+    c.kubectl(&[
+        "delete",
+        "pod",
+        "dra-extended",
+        "--wait=true",
+        "--timeout=60s",
+    ])?;
+    wait_removed(&prepared.spec)?;
+    Ok(Outcome::Passed(format!(
+        "dra-extended ({DRA_RESOURCE}: 1) ran with the scheduler's claim {} → {} ({}), {}; unprepared after the delete",
+        prepared.claim, prepared.device, prepared.id, prepared.env
+    )))
+}
+
+/// A claim allocated a device the guest no longer reports is refused at prepare, with
+/// the host's error naming the device. The allocation is written by hand (as a
+/// scheduler working from a slice published before the rescan would have): the
+/// device the guest reported until dra-slices shrank its kinds. The scheduler takes
+/// the allocated claim as it is and binds the pod; kubelet's prepare must fail, and
+/// its event carries the host's message.
+fn dra_vanished_device(ctx: &mut Context) -> Result<Outcome, String> {
+    const CLAIM: &str = "dra-gone";
+    let c = &*ctx.cluster;
+    let (device, id) = ctx
+        .vanished
+        .clone()
+        .ok_or("dra-slices did not record a device that went away")?;
+    let current: Vec<Value> = dra_slices_now(c)?;
+    if current
+        .iter()
+        .flat_map(|s| s["spec"]["devices"].as_array().cloned().unwrap_or_default())
+        .any(|d| d["name"] == device.as_str())
+    {
+        return Err(format!("{device} is still published"));
+    }
+    let claim = std::fs::read_to_string(root().join(DRA_EXAMPLES).join("resourceclaim.yaml"))
+        .map_err(|e| format!("cannot read the example claim: {e}"))?
+        .replace("\n  name: dev-1\n", &format!("\n  name: {CLAIM}\n"));
+    c.kubectl_stdin(&["create", "-f", "-"], Some(&claim))?;
+    let allocation = serde_json::json!({"status": {"allocation": {
+        "devices": {"results": [{
+            "request": "dev", "driver": DRIVER, "pool": NODE, "device": device,
+        }]},
+        "nodeSelector": {"nodeSelectorTerms": [{"matchFields": [{
+            "key": "metadata.name", "operator": "In", "values": [NODE],
+        }]}]},
+    }}});
+    c.kubectl(&[
+        "patch",
+        "resourceclaim",
+        CLAIM,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &allocation.to_string(),
+    ])?;
+    let pod = std::fs::read_to_string(root().join(DRA_EXAMPLES).join("claim-pod.yaml"))
+        .map_err(|e| format!("cannot read the example pod: {e}"))?
+        .replace("\n  name: dra-claim\n", &format!("\n  name: {CLAIM}\n"))
+        .replace(
+            "resourceClaimName: dev-1",
+            &format!("resourceClaimName: {CLAIM}"),
+        );
+    c.kubectl_stdin(&["apply", "-f", "-"], Some(&pod))?;
+    let message = poll(
+        &format!("kubelet to report {CLAIM}'s prepare failing"),
+        POD_TIMEOUT,
+        || {
+            let json = pod_json(c, "default", CLAIM)?;
+            if condition(&json, "Ready").is_some_and(|r| r["status"] == "True") {
+                return Err(fatal(format!(
+                    "{CLAIM} runs with {device}, which the guest no longer reports"
+                )));
+            }
+            let events = c.kubectl(&[
+                "get",
+                "events",
+                "--field-selector",
+                &format!("involvedObject.name={CLAIM},reason=FailedPrepareDynamicResources"),
+                "-o",
+                "jsonpath={range .items[*]}{.message}{\"\\n\"}{end}",
+            ])?;
+            Ok(events.lines().next().map(str::to_string))
+        },
+    )?;
+    let host_part = message
+        .split_once(&format!("for ResourceClaim {CLAIM}: "))
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| {
+            format!("the event does not carry the host's answer for {CLAIM}: {message}")
+        })?;
+    if !host_part.contains(&device) && !host_part.contains(&id) {
+        return Err(format!(
+            "the host refused {CLAIM} without naming {device} ({id}): {message}"
+        ));
+    }
+    c.kubectl(&["delete", "pod", CLAIM, "--wait=true", "--timeout=60s"])?;
+    c.kubectl(&[
+        "delete",
+        "resourceclaim",
+        CLAIM,
+        "--wait=true",
+        "--timeout=60s",
+    ])?;
+    Ok(Outcome::Passed(format!(
+        "{CLAIM} allocated {device} ({id}), gone since the rescan: kubelet's event {message:?}"
+    )))
+}
+
+/// The DRA module removed from the ConfigMap: the host deletes the driver's
+/// ResourceSlices and its registration socket.
+fn dra_module_removal(ctx: &mut Context) -> Result<Outcome, String> {
+    let host = host_pod(ctx.cluster)?;
+    let before = dra_slices_now(ctx.cluster)?.len();
+    if before == 0 {
+        return Err(format!("no slices of {DRIVER} to remove"));
+    }
+    let files: Vec<PathBuf> = ctx
+        .configmap
+        .iter()
+        .filter(|f| !is_dra_module(f))
+        .cloned()
+        .collect();
+    replace_configmap(ctx.cluster, &files)?;
+    ctx.configmap = files;
+    let removed = Instant::now();
+    poll(
+        &format!("{DRIVER}'s slices to be deleted"),
+        DRA_TIMEOUT,
+        || {
+            let left = dra_slices_now(ctx.cluster)?;
+            Ok(left.is_empty().then_some(()))
+        },
+    )?;
+    let took = removed.elapsed();
+    let socket = Path::new(PLUGINS_REGISTRY_DIR).join(format!("{DRIVER}-{}-reg.sock", host.uid));
+    wait_removed(&socket)?;
+    Ok(Outcome::Passed(format!(
+        "{DRA_MODULE} removed from the ConfigMap: {before} slice(s) deleted within {took:.1?}, {} removed",
+        socket.display()
+    )))
+}
+
+/// Writes `<module>.wasm` (the virtual guest) and `<module>.toml` (the lead's example
+/// DRA manifest with its `kinds` set to `kinds`) for the ConfigMap; their paths.
+fn dra_module_files(ctx: &Context, kinds: &str) -> Result<Vec<PathBuf>, String> {
+    const FROM: &str = "kinds = \"dev-1=4\"";
+    let example = root().join(format!("examples/modules/{DRA_MODULE}.toml"));
+    let manifest = std::fs::read_to_string(&example)
+        .map_err(|e| format!("cannot read {}: {e}", example.display()))?;
+    if !manifest.contains(FROM) || !manifest.contains("api = \"dra\"") {
+        return Err(format!(
+            "{} no longer says api = \"dra\" and {FROM}: update these scenarios",
+            example.display()
+        ));
+    }
+    let dir = ctx
+        .cluster
+        .dir
+        .join(format!("dra-modules/{}", kinds.replace('=', "-")));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let wasm = dir.join(format!("{DRA_MODULE}.wasm"));
+    let guest = ctx.modules.join("virtual_devices.wasm");
+    std::fs::copy(&guest, &wasm).map_err(|e| format!("{}: {e}", guest.display()))?;
+    let toml = dir.join(format!("{DRA_MODULE}.toml"));
+    std::fs::write(
+        &toml,
+        manifest.replace(FROM, &format!("kinds = \"{kinds}\"")),
+    )
+    .map_err(|e| format!("{}: {e}", toml.display()))?;
+    Ok(vec![wasm, toml])
+}
+
+fn is_dra_module(file: &Path) -> bool {
+    file.file_stem().is_some_and(|s| s == DRA_MODULE)
+}
+
+/// `kubectl replace`s the ConfigMap with `files` (each key its file's name).
+fn replace_configmap(c: &Cluster, files: &[PathBuf]) -> Result<(), String> {
+    let mut args: Vec<String> = ["-n", NAMESPACE, "create", "configmap", CONFIGMAP]
+        .map(str::to_string)
+        .to_vec();
+    args.extend(files.iter().map(|f| format!("--from-file={}", f.display())));
+    args.extend(["--dry-run=client", "-o", "yaml"].map(str::to_string));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let yaml = c.kubectl(&args)?;
+    c.kubectl_stdin(&["replace", "-f", "-"], Some(&yaml))
+        .map(drop)
+}
+
+fn kubelet_log(c: &Cluster) -> Result<String, String> {
+    let path = c.logs.join("kubelet.log");
+    std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+/// Waits for kubelet's log to say it connected to our driver's DRA endpoint of the
+/// host pod `uid` (upstream's rolling-update names carry it); the endpoint.
+fn kubelet_connected(c: &Cluster, uid: &str) -> Result<String, String> {
+    let driver = format!("driverName=\"{DRIVER}\"");
+    poll(
+        &format!("kubelet to connect to {DRIVER}'s endpoint of host pod {uid}"),
+        DRA_TIMEOUT,
+        || {
+            let log = kubelet_log(c)?;
+            Ok(log.lines().find_map(|l| {
+                let hit = l.contains("\"Connection changed\"")
+                    && l.contains(&driver)
+                    && l.contains(uid)
+                    && l.contains("connected=true");
+                hit.then(|| {
+                    l.split("endpoint=\"")
+                        .nth(1)
+                        .and_then(|rest| rest.split('"').next())
+                        .unwrap_or("?")
+                        .to_string()
+                })
+            }))
+        },
+    )
+}
+
+/// The driver's ResourceSlices on the node, by field selector (the names are the
+/// host's business).
+fn dra_slices_now(c: &Cluster) -> Result<Vec<Value>, String> {
+    let text = c.kubectl(&[
+        "get",
+        "resourceslices",
+        "--field-selector",
+        &format!("spec.driver={DRIVER},spec.nodeName={NODE}"),
+        "-o",
+        "json",
+    ])?;
+    let list: Value = serde_json::from_str(&text).map_err(|e| format!("resourceslices: {e}"))?;
+    Ok(list["items"].as_array().cloned().unwrap_or_default())
+}
+
+/// The driver's pool on the node, complete at its newest generation.
+struct Pool {
+    generation: i64,
+    slices: usize,
+    /// (device name, guest id), sorted by id.
+    devices: Vec<(String, String)>,
+}
+
+/// Waits until the pool is complete with `count` devices (at a generation above
+/// `after`), then checks every slice and device against the node and the guest.
+fn wait_pool(
+    c: &Cluster,
+    node_uid: &str,
+    count: usize,
+    after: Option<i64>,
+) -> Result<Pool, String> {
+    let what = format!("{DRIVER}'s pool with {count} devices");
+    poll(&what, DRA_TIMEOUT, || {
+        let slices = dra_slices_now(c)?;
+        let generation = slices
+            .iter()
+            .filter_map(|s| s["spec"]["pool"]["generation"].as_i64())
+            .max()
+            .ok_or("no slices yet")?;
+        if after.is_some_and(|a| generation <= a) {
+            return Err(format!("pool generation still {generation}"));
+        }
+        let newest: Vec<&Value> = slices
+            .iter()
+            .filter(|s| s["spec"]["pool"]["generation"].as_i64() == Some(generation))
+            .collect();
+        let wanted = newest[0]["spec"]["pool"]["resourceSliceCount"].as_u64();
+        if wanted != Some(newest.len() as u64) {
+            return Err(format!(
+                "{} of {wanted:?} slices at generation {generation}",
+                newest.len()
+            ));
+        }
+        let mut devices = Vec::new();
+        for slice in &newest {
+            check_slice(slice, node_uid)?;
+            for device in slice["spec"]["devices"].as_array().into_iter().flatten() {
+                devices.push(check_device(device)?);
+            }
+        }
+        devices.sort_by(|a, b| a.1.cmp(&b.1));
+        if devices.len() != count {
+            return Err(format!(
+                "{} devices at generation {generation}",
+                devices.len()
+            ));
+        }
+        let ids: Vec<String> = devices.iter().map(|(_, id)| id.clone()).collect();
+        let expected: Vec<String> = (1..=count).map(|n| format!("/node1/dev1/{n}")).collect();
+        if ids != expected {
+            return Err(fatal(format!(
+                "the pool has ids {ids:?}, the guest {expected:?}"
+            )));
+        }
+        Ok(Some(Pool {
+            generation,
+            slices: newest.len(),
+            devices,
+        }))
+    })
+}
+
+/// A slice of ours: the driver, the node, the pool named after the node, owned by the
+/// Node object.
+fn check_slice(slice: &Value, node_uid: &str) -> Result<(), String> {
+    let spec = &slice["spec"];
+    let name = &slice["metadata"]["name"];
+    if spec["driver"] != DRIVER || spec["nodeName"] != NODE || spec["pool"]["name"] != NODE {
+        return Err(fatal(format!(
+            "slice {name}: driver {}, node {}, pool {}; expected {DRIVER}, {NODE}, {NODE}",
+            spec["driver"], spec["nodeName"], spec["pool"]["name"]
+        )));
+    }
+    let owned = slice["metadata"]["ownerReferences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|o| o["kind"] == "Node" && o["name"] == NODE && o["uid"] == node_uid);
+    if !owned {
+        return Err(fatal(format!(
+            "slice {name} is not owned by Node {NODE} ({node_uid}): {}",
+            slice["metadata"]["ownerReferences"]
+        )));
+    }
+    Ok(())
+}
+
+/// A published device: its name is the host's mapping of its `id` attribute, and its
+/// `kind` is dev-1. Attribute names may be written with the driver's domain or without.
+fn check_device(device: &Value) -> Result<(String, String), String> {
+    let name = device["name"].as_str().unwrap_or_default().to_string();
+    let attribute = |key: &str| -> Option<String> {
+        let attributes = device["attributes"].as_object()?;
+        let value = attributes
+            .get(key)
+            .or_else(|| attributes.get(&format!("{DRIVER}/{key}")))?;
+        value["string"].as_str().map(str::to_string)
+    };
+    let (Some(kind), Some(id)) = (attribute("kind"), attribute("id")) else {
+        return Err(fatal(format!(
+            "device {name} lacks the string attributes kind and id: {device}"
+        )));
+    };
+    if kind != "dev-1" || name != dra_device_name(&id) {
+        return Err(fatal(format!(
+            "device {name} (kind {kind}, id {id}): expected kind dev-1 and name {}",
+            dra_device_name(&id)
+        )));
+    }
+    Ok((name, id))
+}
+
+/// The host's device name for guest id `id` (dra-interface: the id itself if it is a
+/// DNS label, else a sanitised prefix and 8 hex digits of its SHA-256).
+fn dra_device_name(id: &str) -> String {
+    let label = !id.is_empty()
+        && id.len() <= 63
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !id.starts_with('-')
+        && !id.ends_with('-');
+    if label {
+        return id.to_string();
+    }
+    use sha2::{Digest, Sha256};
+    let hash: String = Sha256::digest(id.as_bytes())
+        .iter()
+        .take(4)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut cleaned = String::new();
+    for c in id.chars().map(|c| c.to_ascii_lowercase()) {
+        let c = if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            c
+        } else {
+            '-'
+        };
+        if !(c == '-' && cleaned.ends_with('-')) {
+            cleaned.push(c);
+        }
+    }
+    let cleaned: String = cleaned.trim_matches('-').chars().take(54).collect();
+    // A cut may end in `-`: dropped, so the hash follows a single `-`.
+    let cleaned = cleaned.trim_end_matches('-');
+    if cleaned.is_empty() {
+        format!("dev-{hash}")
+    } else {
+        format!("{cleaned}-{hash}")
+    }
+}
+
+/// What a running pod's one claim shows.
+struct Prepared {
+    claim: String,
+    device: String,
+    id: String,
+    env: String,
+    spec: PathBuf,
+}
+
+/// Pod `pod`'s claim (its one named claim, or the scheduler's for an extended
+/// resource), checked: allocated one device of our pool and reserved for the pod; the
+/// pod printed the env the guest gives for that device's id; the host's CDI spec for
+/// the claim is on the node, of kind `<driver>/claim`, with that env.
+fn prepared_claim(c: &Cluster, pod: &str) -> Result<Prepared, String> {
+    let json = pod_json(c, "default", pod)?;
+    // A claim named in the spec; one made from a template, named in the status; or
+    // the scheduler's for an extended resource.
+    let claim = json["spec"]["resourceClaims"][0]["resourceClaimName"]
+        .as_str()
+        .or(json["status"]["resourceClaimStatuses"][0]["resourceClaimName"].as_str())
+        .or(json["status"]["extendedResourceClaimStatus"]["resourceClaimName"].as_str())
+        .ok_or_else(|| format!("{pod} has no claim in its status: {}", json["status"]))?
+        .to_string();
+    let text = c.kubectl(&["get", "resourceclaim", &claim, "-o", "json"])?;
+    let claim_json: Value = serde_json::from_str(&text).map_err(|e| format!("{claim}: {e}"))?;
+    let uid = claim_json["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let results = claim_json["status"]["allocation"]["devices"]["results"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let [result] = &results[..] else {
+        return Err(format!(
+            "claim {claim} has {} allocated devices, not 1",
+            results.len()
+        ));
+    };
+    if result["driver"] != DRIVER || result["pool"] != NODE {
+        return Err(format!(
+            "claim {claim} holds {result}, not a device of {DRIVER} in pool {NODE}"
+        ));
+    }
+    let device = result["device"].as_str().unwrap_or_default().to_string();
+    let reserved = claim_json["status"]["reservedFor"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|r| r["uid"] == json["metadata"]["uid"]);
+    if !reserved {
+        return Err(format!("claim {claim} is not reserved for {pod}"));
+    }
+    let id = dra_slices_now(c)?
+        .iter()
+        .flat_map(|s| s["spec"]["devices"].as_array().cloned().unwrap_or_default())
+        .find(|d| d["name"] == device.as_str())
+        .map(|d| check_device(&d))
+        .transpose()?
+        .map(|(_, id)| id)
+        .ok_or_else(|| format!("{device} of claim {claim} is in no slice"))?;
+    let env = format!("DEV_dev_1_ID_0={id}");
+    let lines = poll(&format!("{pod}'s output"), POD_TIMEOUT, || {
+        let logs = c.kubectl(&["logs", pod])?;
+        let lines: Vec<String> = logs
+            .lines()
+            .filter(|l| l.starts_with("DEV_"))
+            .map(str::to_string)
+            .collect();
+        Ok((!lines.is_empty()).then_some(lines))
+    })?;
+    if lines != [env.clone()] {
+        return Err(format!(
+            "{pod} sees {lines:?}, not the guest's {env} for {device}"
+        ));
+    }
+    let spec = Path::new(CDI_DIR).join(format!("wasm-device-plugin-claim_{DRIVER}_{uid}.json"));
+    let text = std::fs::read_to_string(&spec)
+        .map_err(|e| format!("no CDI spec for claim {claim} at {}: {e}", spec.display()))?;
+    let spec_json: Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", spec.display()))?;
+    let has_env = spec_json["devices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d["name"].as_str().is_some_and(|n| n.starts_with(&uid)))
+        .flat_map(|d| {
+            d["containerEdits"]["env"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .any(|e| e == env.as_str());
+    if spec_json["kind"] != format!("{DRIVER}/claim") || !has_env {
+        return Err(format!(
+            "{} is not of kind {DRIVER}/claim with a device <uid>-<request> setting {env}: {spec_json}",
+            spec.display()
+        ));
+    }
+    Ok(Prepared {
+        claim,
+        device,
+        id,
+        env,
+        spec,
+    })
+}
+
+/// Waits until `path` is gone from the node.
+fn wait_removed(path: &Path) -> Result<(), String> {
+    poll(
+        &format!("{} to be removed", path.display()),
+        DRA_TIMEOUT,
+        || Ok(path.symlink_metadata().is_err().then_some(())),
+    )
 }
 
 /// The CDI names and the number of device nodes in the Allocate response kubelet
@@ -973,6 +1778,21 @@ mod tests {
         );
         assert_eq!(socket_resource("kubelet.sock"), None);
         assert_eq!(socket_resource("kubelet_internal_checkpoint"), None);
+    }
+
+    #[test]
+    fn dra_device_names_follow_the_hosts_mapping() {
+        assert_eq!(dra_device_name("gpu-0"), "gpu-0");
+        let name = dra_device_name("/node1/dev-1/3");
+        let (prefix, hash) = name.rsplit_once('-').expect("a hash");
+        assert_eq!(prefix, "node1-dev-1-3");
+        assert_eq!(hash.len(), 8);
+        assert!(hash.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!(dra_device_name("///").starts_with("dev-"));
+        assert_eq!(dra_device_name(&"A".repeat(80)).len(), 54 + 9);
+        let cut = dra_device_name(&format!("{}/x", "a".repeat(53)));
+        assert!(cut.starts_with(&format!("{}-", "a".repeat(53))) && !cut.contains("--"));
+        assert_ne!(dra_device_name("/a/b"), dra_device_name("/a-b"));
     }
 
     #[test]
