@@ -129,10 +129,13 @@ impl Allocate for VirtualDevices {
             .containers
             .iter()
             .map(|container| {
-                let response = container.device_ids.iter().enumerate().fold(
-                    ContainerResponse::new(),
-                    |response, (n, id)| response.env(&format!("DEV_{kind}_ID_{n}"), id),
-                );
+                let response = container
+                    .device_ids
+                    .iter()
+                    .enumerate()
+                    .fold(ContainerResponse::new(), |response, (n, id)| {
+                        response.env(&format!("DEV_{kind}_ID_{n}"), id)
+                    });
                 if annotate {
                     response.annotation(ANNOTATION, &container.device_ids.join(","))
                 } else {
