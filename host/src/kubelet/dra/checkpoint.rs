@@ -105,11 +105,6 @@ impl Checkpoint {
         Ok(Self { path, claims })
     }
 
-    /// The file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// The prepared claim with UID `uid`.
     pub fn get(&self, uid: &str) -> Option<&PreparedClaim> {
         self.claims.get(uid)

@@ -102,7 +102,12 @@ impl Driver {
         {
             return names.clone();
         }
-        let (names, _) = DeviceNames::of(snapshot.real());
+        let (names, left_out) = DeviceNames::of(snapshot.real());
+        // Logged once per snapshot: the slices and claims of this one leave
+        // these devices out.
+        for (id, holder) in left_out {
+            tracing::error!(driver = %self.name, device = %id, name_taken_by = %holder, "device left out of the ResourceSlices: its slice device name is another device's");
+        }
         let names = Arc::new(names);
         *cached = Some((snapshot.generation(), names.clone()));
         names
