@@ -512,14 +512,15 @@ mod tests {
 
     #[test]
     fn modules_of_this_or_an_earlier_patch_of_the_package_are_compatible() {
-        assert_eq!(PACKAGE_VERSION, "0.2.1");
+        assert_eq!(PACKAGE_VERSION, "0.2.2");
         assert!(compatible("0.2.0"));
         assert!(compatible("0.2.1"));
+        assert!(compatible("0.2.2"));
     }
 
     #[test]
     fn modules_of_a_newer_patch_or_another_minor_are_not() {
-        for version in ["0.2.2", "0.1.0", "0.3.0", "1.0.0", "0.2", "0.2.0-rc1", ""] {
+        for version in ["0.2.3", "0.1.0", "0.3.0", "1.0.0", "0.2", "0.2.0-rc1", ""] {
             assert!(!compatible(version), "{version}");
         }
     }

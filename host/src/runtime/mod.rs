@@ -21,7 +21,7 @@ pub const PACKAGE: &str = "wasm-device-plugin:device";
 /// The version of [`PACKAGE`] this host implements: the one place it is written
 /// in the host. Modules built against this version or an earlier one of the
 /// same `0.minor` run (see `guest::check_world`).
-pub const PACKAGE_VERSION: &str = "0.2.1";
+pub const PACKAGE_VERSION: &str = "0.2.2";
 
 /// The runtime could not be set up.
 #[derive(Debug, thiserror::Error)]

@@ -12,8 +12,8 @@ wit_bindgen::generate!({
         package test:allocate-only;
 
         world allocate-only {
-            use wasm-device-plugin:device/types@0.2.1.{device-kind, allocate-request, container-response, module-error};
-            import wasm-device-plugin:device/host@0.2.1;
+            use wasm-device-plugin:device/types@0.2.2.{device-kind, allocate-request, container-response, module-error};
+            import wasm-device-plugin:device/host@0.2.2;
 
             export scan: func() -> result<list<device-kind>, module-error>;
             export allocate: func(request: allocate-request) -> result<list<container-response>, module-error>;

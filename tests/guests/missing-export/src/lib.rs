@@ -3,7 +3,7 @@
 
 wit_bindgen::generate!({
     inline: "
-        package wasm-device-plugin:device@0.2.1;
+        package wasm-device-plugin:device@0.2.2;
 
         world device-plugin {
             export discover: func() -> list<string>;

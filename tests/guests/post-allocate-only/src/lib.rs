@@ -11,8 +11,8 @@ wit_bindgen::generate!({
         package test:post-allocate-only;
 
         world post-allocate-only {
-            use wasm-device-plugin:device/types@0.2.1.{device-kind, allocate-request, container-response, module-error};
-            import wasm-device-plugin:device/host@0.2.1;
+            use wasm-device-plugin:device/types@0.2.2.{device-kind, allocate-request, container-response, module-error};
+            import wasm-device-plugin:device/host@0.2.2;
 
             export scan: func() -> result<list<device-kind>, module-error>;
             export post-allocate: func(request: allocate-request, response: list<container-response>) -> result<list<container-response>, module-error>;

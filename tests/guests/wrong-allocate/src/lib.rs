@@ -6,8 +6,8 @@ wit_bindgen::generate!({
         package test:wrong-allocate;
 
         world wrong-allocate {
-            use wasm-device-plugin:device/types@0.2.1.{device-kind, module-error};
-            import wasm-device-plugin:device/host@0.2.1;
+            use wasm-device-plugin:device/types@0.2.2.{device-kind, module-error};
+            import wasm-device-plugin:device/host@0.2.2;
 
             export scan: func() -> result<list<device-kind>, module-error>;
             export allocate: func(ids: list<string>) -> list<string>;
