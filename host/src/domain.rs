@@ -138,6 +138,66 @@ pub fn is_qualified_name(s: &str) -> bool {
     }
 }
 
+/// A C identifier as Kubernetes means it (DRA attribute and capacity names):
+/// `[A-Za-z_][A-Za-z0-9_]*`, at most 32 characters.
+pub fn is_c_identifier(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 32
+        && (b[0].is_ascii_alphabetic() || b[0] == b'_')
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
+}
+
+/// A Kubernetes quantity (`16Gi`, `4`, `500m`, `1e3`, `+1.5k`): a signed
+/// decimal number, then an optional binary (`Ki`..`Ei`) or decimal (`n`, `u`,
+/// `m`, `k`, `M`..`E`) suffix or a decimal exponent.
+pub fn is_quantity(s: &str) -> bool {
+    let s = s.strip_prefix(['+', '-']).unwrap_or(s);
+    let number_end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, suffix) = s.split_at(number_end);
+    let mut parts = number.splitn(2, '.');
+    let whole = parts.next().unwrap_or_default();
+    let fraction = parts.next();
+    let number_ok = match fraction {
+        Some(f) => !(whole.is_empty() && f.is_empty()) && !f.contains('.'),
+        None => !whole.is_empty(),
+    };
+    let suffix_ok = match suffix {
+        "" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" | "n" | "u" | "m" | "k" | "M" | "G" | "T"
+        | "P" | "E" => true,
+        exponent => exponent
+            .strip_prefix(['e', 'E'])
+            .map(|e| e.strip_prefix(['+', '-']).unwrap_or(e))
+            .is_some_and(|e| !e.is_empty() && e.bytes().all(|b| b.is_ascii_digit())),
+    };
+    number_ok && suffix_ok && s.len() <= 64
+}
+
+/// A typed value of a device attribute, as DRA publishes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttributeValue {
+    /// Text, at most 64 bytes.
+    Text(String),
+    /// An integer.
+    Int(i64),
+    /// A boolean.
+    Bool(bool),
+    /// A semantic version, at most 64 bytes.
+    Version(String),
+}
+
+/// What a module described of a device for DRA, checked: attributes and
+/// capacities by name (unqualified names are the driver's).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceDetails {
+    /// Attributes by name.
+    pub attributes: BTreeMap<String, AttributeValue>,
+    /// Capacities by name, each a Kubernetes quantity.
+    pub capacities: BTreeMap<String, String>,
+}
+
 /// Whether a device can be handed out. Kubelet's strings are `Healthy`/`Unhealthy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Health {
@@ -536,5 +596,26 @@ mod tests {
         // Thresholds of 1 follow every answer.
         assert_eq!(t.observe("b", H, U, 1, 1), U);
         assert_eq!(t.observe("b", U, H, 1, 1), H);
+    }
+
+    #[test]
+    fn quantities_are_what_kubernetes_parses() {
+        for ok in [
+            "16Gi", "4", "500m", "1e3", "+1.5k", "0.5", ".5", "1E-2", "2Ei",
+        ] {
+            assert!(is_quantity(ok), "{ok}");
+        }
+        for bad in ["", "16 Gi", "GiB", "1.2.3", "1Gb", "e3", "1e", "--1", "."] {
+            assert!(!is_quantity(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn c_identifiers_are_at_most_32_characters() {
+        assert!(is_c_identifier("firmwareVersion"));
+        assert!(is_c_identifier("_x9"));
+        assert!(!is_c_identifier("9x"));
+        assert!(!is_c_identifier("a-b"));
+        assert!(!is_c_identifier(&"a".repeat(33)));
     }
 }

@@ -52,6 +52,52 @@ pub enum AllocateError {
 pub type AllocateFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Vec<ContainerAllocation>, AllocateError>> + Send + 'a>>;
 
+/// What undoing a claim's preparation resolves to.
+pub type UnprepareFuture<'a> = Pin<Box<dyn Future<Output = Result<(), AllocateError>> + Send + 'a>>;
+
+/// A claim on devices, prepared as a whole for the pods that share it (DRA's
+/// ResourceClaim, in the seam's terms): who it is and, per request, its
+/// devices and the opaque configuration for this resource's driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// Its UID.
+    pub uid: String,
+    /// Its requests that were given devices of this resource, in order; to
+    /// prepare, one per container of the plan.
+    pub requests: Vec<ClaimRequest>,
+}
+
+/// One request of a [`Claim`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimRequest {
+    /// The request's name (`request` or `request/subrequest`).
+    pub name: String,
+    /// The device ids it was given.
+    pub device_ids: Vec<String>,
+    /// The opaque configuration that applies to it, each one JSON text, in
+    /// order of precedence (a later one overrides an earlier one).
+    #[serde(default)]
+    pub config: Vec<String>,
+}
+
+impl Claim {
+    /// The first request that carries configuration, if any.
+    pub fn configured_request(&self) -> Option<&ClaimRequest> {
+        self.requests.iter().find(|r| !r.config.is_empty())
+    }
+}
+
+impl std::fmt::Display for Claim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{} ({})", self.namespace, self.name, self.uid)
+    }
+}
+
 /// Allocates devices of a resource: the module version that produced a snapshot,
 /// or any other provider of devices (benchmarks, tests).
 pub trait Backend: Send + Sync + 'static {
@@ -66,6 +112,42 @@ pub trait Backend: Send + Sync + 'static {
         snapshot: &'a ResourceSnapshot,
         plan: &'a AllocationPlan,
     ) -> AllocateFuture<'a>;
+
+    /// Prepares `claim`: one allocation per request, in order, like
+    /// [`Backend::allocate`] with one container per request (`plan`), but
+    /// knowing the claim and each request's configuration. By default it is
+    /// exactly that allocation, and a claim with configuration is refused:
+    /// nothing would read it.
+    fn prepare<'a>(
+        &'a self,
+        snapshot: &'a ResourceSnapshot,
+        plan: &'a AllocationPlan,
+        claim: &'a Claim,
+    ) -> AllocateFuture<'a> {
+        match claim.configured_request() {
+            Some(request) => {
+                let refused = unconfigurable(claim, request);
+                Box::pin(std::future::ready(Err(refused)))
+            }
+            None => self.allocate(snapshot, plan),
+        }
+    }
+
+    /// Undoes what preparing `claim` (its requests as they were prepared) did
+    /// beyond the answer; by default nothing.
+    fn unprepare<'a>(&'a self, kind: &'a str, claim: &'a Claim) -> UnprepareFuture<'a> {
+        let _ = (kind, claim);
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+/// The refusal of a configured claim by a backend that cannot read
+/// configuration.
+pub fn unconfigurable(claim: &Claim, request: &ClaimRequest) -> AllocateError {
+    AllocateError::Rejected(format!(
+        "claim {claim}: request `{}` carries opaque configuration for this driver, and the module does not export `prepare` (WIT 0.2.2) to read it; remove the configuration or use a module that takes it",
+        request.name
+    ))
 }
 
 /// A resource's snapshots: the current one at once, then each change. The

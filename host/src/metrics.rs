@@ -109,14 +109,23 @@ pub enum Function {
     Allocate,
     /// `post-allocate`.
     PostAllocate,
+    /// `describe`.
+    Describe,
+    /// `prepare`.
+    Prepare,
+    /// `unprepare`.
+    Unprepare,
 }
 
 impl Function {
-    const ALL: [Function; 4] = [
+    const ALL: [Function; 7] = [
         Function::Scan,
         Function::Health,
         Function::Allocate,
         Function::PostAllocate,
+        Function::Describe,
+        Function::Prepare,
+        Function::Unprepare,
     ];
 
     fn as_str(self) -> &'static str {
@@ -125,6 +134,9 @@ impl Function {
             Function::Health => "health",
             Function::Allocate => "allocate",
             Function::PostAllocate => "post-allocate",
+            Function::Describe => "describe",
+            Function::Prepare => "prepare",
+            Function::Unprepare => "unprepare",
         }
     }
 }
@@ -625,7 +637,7 @@ pub struct ModuleMetrics {
     metrics: Arc<Metrics>,
     module: Arc<str>,
     instantiation: Histogram,
-    calls: [Histogram; 4],
+    calls: [Histogram; Function::ALL.len()],
 }
 
 impl ModuleMetrics {

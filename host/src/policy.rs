@@ -12,13 +12,19 @@
 //! keys are Kubernetes qualified names; CDI names are `vendor/class=name` as the
 //! runtime's CDI parser accepts them; no list in a response holds more than
 //! [`MAX_ENTRIES`] entries and the whole response stays under [`MAX_RESPONSE_BYTES`].
+//! A `describe` answer ([`details`]) has one entry per device, attribute and
+//! capacity names as Kubernetes accepts them in a ResourceSlice (not the
+//! host's own `kind`, `id` and `numaNode`), at most [`MAX_DETAILS`] per device,
+//! text and versions at most 64 bytes, versions semver and capacities
+//! quantities.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 
 use crate::domain::{
-    ContainerAllocation, Device, DeviceNode, DeviceSet, Health, Mount, ResourceName,
-    ResourceNameError, is_qualified_name,
+    AttributeValue, ContainerAllocation, Device, DeviceDetails, DeviceNode, DeviceSet, Health,
+    Mount, ResourceName, ResourceNameError, is_c_identifier, is_dns_subdomain, is_qualified_name,
+    is_quantity,
 };
 use crate::grants::{Grants, PathUse};
 use crate::runtime::bindings::{self, ContainerResponse, DeviceKind};
@@ -76,6 +82,9 @@ pub struct ScannedResource {
     /// paths resolved), for devices whose allocation is not empty; handed back to
     /// `allocate` (see [`guest_allocation`]).
     pub allocations: DeviceAllocations,
+    /// What `describe` answered for each device, by id (empty when the module
+    /// does not export it); published by DRA.
+    pub details: BTreeMap<String, DeviceDetails>,
 }
 
 /// An allocation the host accepted, in the module's terms again: what the
@@ -189,9 +198,140 @@ pub fn scan(
                 kind: kind.name,
                 devices,
                 allocations,
+                details: BTreeMap::new(),
             })
         })
         .collect()
+}
+
+/// Most attributes and capacities together a module may describe per device:
+/// Kubernetes allows 32 per ResourceSlice device, and the host publishes up
+/// to three of its own ([`HOST_ATTRIBUTES`]).
+pub const MAX_DETAILS: usize = 29;
+/// The attributes the host publishes itself, which a module may not describe.
+pub const HOST_ATTRIBUTES: [&str; 3] = ["kind", "id", "numaNode"];
+/// Longest text or version attribute value Kubernetes accepts.
+const MAX_ATTRIBUTE_VALUE: usize = 64;
+
+/// Checks a `describe` answer for the `asked` devices (kind and id each) and
+/// converts it, one entry per device in order.
+///
+/// # Errors
+/// [`PolicyError`] for the first rule broken, naming the device and the field.
+pub fn details(
+    module: &str,
+    asked: &[bindings::DeviceRef],
+    answer: Vec<bindings::DeviceDetails>,
+) -> Result<Vec<DeviceDetails>, PolicyError> {
+    let ctx = Ctx { module };
+    if answer.len() != asked.len() {
+        return Err(ctx.err(
+            "describe",
+            format!(
+                "answered {} entries for {} devices",
+                answer.len(),
+                asked.len()
+            ),
+        ));
+    }
+    asked
+        .iter()
+        .zip(answer)
+        .map(|(device, described)| {
+            let at = format!("describe[{:?}][{:?}]", device.kind, device.id);
+            let count = described.attributes.len() + described.capacities.len();
+            if count > MAX_DETAILS {
+                return Err(ctx.err(
+                    &at,
+                    format!(
+                        "{count} attributes and capacities is more than the {MAX_DETAILS} a device may have (Kubernetes allows 32, the host publishes up to 3)"
+                    ),
+                ));
+            }
+            let mut details = DeviceDetails::default();
+            for attribute in described.attributes {
+                let field = format!("{at}.attributes[{:?}]", attribute.name);
+                check_detail_name(&ctx, &field, &attribute.name)?;
+                if HOST_ATTRIBUTES.contains(&attribute.name.as_str()) {
+                    return Err(ctx.err(
+                        field,
+                        "the host publishes this attribute itself; qualify the name (`example.com/kind`) or choose another",
+                    ));
+                }
+                let value = match attribute.value {
+                    bindings::AttributeValue::Text(text) => {
+                        if text.len() > MAX_ATTRIBUTE_VALUE {
+                            return Err(ctx.err(
+                                field,
+                                format!("text of {} bytes is more than {MAX_ATTRIBUTE_VALUE}", text.len()),
+                            ));
+                        }
+                        AttributeValue::Text(text)
+                    }
+                    bindings::AttributeValue::Integer(n) => AttributeValue::Int(n),
+                    bindings::AttributeValue::Boolean(b) => AttributeValue::Bool(b),
+                    bindings::AttributeValue::Version(version) => {
+                        if version.len() > MAX_ATTRIBUTE_VALUE {
+                            return Err(ctx.err(
+                                field,
+                                format!("version of {} bytes is more than {MAX_ATTRIBUTE_VALUE}", version.len()),
+                            ));
+                        }
+                        if let Err(e) = semver::Version::parse(&version) {
+                            return Err(ctx.err(
+                                field,
+                                format!("`{version}` is not a semantic version (semver 2.0.0): {e}"),
+                            ));
+                        }
+                        AttributeValue::Version(version)
+                    }
+                };
+                if details.attributes.insert(attribute.name, value).is_some() {
+                    return Err(ctx.err(field, "named twice"));
+                }
+            }
+            for capacity in described.capacities {
+                let field = format!("{at}.capacities[{:?}]", capacity.name);
+                check_detail_name(&ctx, &field, &capacity.name)?;
+                if !is_quantity(&capacity.value) {
+                    return Err(ctx.err(
+                        field,
+                        format!(
+                            "`{}` is not a Kubernetes quantity (like `16Gi`, `4`, `500m`)",
+                            capacity.value
+                        ),
+                    ));
+                }
+                if details
+                    .capacities
+                    .insert(capacity.name, capacity.value)
+                    .is_some()
+                {
+                    return Err(ctx.err(field, "named twice"));
+                }
+            }
+            Ok(details)
+        })
+        .collect()
+}
+
+/// An attribute or capacity name: a C identifier of at most 32 characters, or
+/// `domain/identifier` with a DNS subdomain of at most 63 characters.
+fn check_detail_name(ctx: &Ctx<'_>, field: &str, name: &str) -> Result<(), PolicyError> {
+    let valid = match name.split_once('/') {
+        Some((domain, identifier)) => {
+            domain.len() <= 63 && is_dns_subdomain(domain) && is_c_identifier(identifier)
+        }
+        None => is_c_identifier(name),
+    };
+    if valid {
+        Ok(())
+    } else {
+        Err(ctx.err(
+            field,
+            "not a C identifier of at most 32 characters, optionally after a DNS domain and `/` (`model`, `example.com/model`)",
+        ))
+    }
 }
 
 /// The domain value of a guest health.
@@ -700,5 +840,115 @@ mod tests {
             value: "fpga.intel.com/region".into(),
         });
         assert!(allocation_("m", 1, vec![r]).is_ok());
+    }
+
+    fn described(
+        attributes: Vec<(&str, bindings::AttributeValue)>,
+        capacities: Vec<(&str, &str)>,
+    ) -> bindings::DeviceDetails {
+        bindings::DeviceDetails {
+            attributes: attributes
+                .into_iter()
+                .map(|(name, value)| bindings::Attribute {
+                    name: name.into(),
+                    value,
+                })
+                .collect(),
+            capacities: capacities
+                .into_iter()
+                .map(|(name, value)| bindings::Capacity {
+                    name: name.into(),
+                    value: value.into(),
+                })
+                .collect(),
+        }
+    }
+
+    fn one_device() -> Vec<bindings::DeviceRef> {
+        vec![bindings::DeviceRef {
+            kind: "k".into(),
+            id: "d0".into(),
+        }]
+    }
+
+    #[test]
+    fn details_are_converted_by_name() {
+        use bindings::AttributeValue as V;
+        let answer = described(
+            vec![
+                ("model", V::Text("x".into())),
+                ("index", V::Integer(3)),
+                ("example.com/fast", V::Boolean(true)),
+                ("firmware", V::Version("1.2.3-rc.1".into())),
+            ],
+            vec![("memory", "16Gi")],
+        );
+        let details = details("m", &one_device(), vec![answer]).expect("valid");
+        assert_eq!(
+            details[0].attributes.get("index"),
+            Some(&AttributeValue::Int(3))
+        );
+        assert_eq!(
+            details[0].attributes.get("example.com/fast"),
+            Some(&AttributeValue::Bool(true))
+        );
+        assert_eq!(
+            details[0].capacities.get("memory").map(String::as_str),
+            Some("16Gi")
+        );
+    }
+
+    #[test]
+    fn details_break_no_slice_rule() {
+        use bindings::AttributeValue as V;
+        let refused = |answer: bindings::DeviceDetails, why: &str| {
+            let err = details("m", &one_device(), vec![answer]).expect_err(why);
+            assert!(err.to_string().contains("describe[\"k\"][\"d0\"]"), "{err}");
+        };
+        refused(
+            described(vec![("kind", V::Text("x".into()))], vec![]),
+            "host's own",
+        );
+        refused(
+            described(vec![("numaNode", V::Integer(1))], vec![]),
+            "host's own",
+        );
+        refused(
+            described(vec![("1model", V::Integer(1))], vec![]),
+            "not a C identifier",
+        );
+        refused(
+            described(vec![("Example.com/m", V::Integer(1))], vec![]),
+            "bad domain",
+        );
+        refused(
+            described(vec![("m", V::Text("x".repeat(65)))], vec![]),
+            "long text",
+        );
+        refused(
+            described(vec![("m", V::Version("1.2".into()))], vec![]),
+            "not semver",
+        );
+        refused(
+            described(vec![("m", V::Integer(1)), ("m", V::Integer(2))], vec![]),
+            "twice",
+        );
+        refused(
+            described(vec![], vec![("memory", "16 GiB")]),
+            "not a quantity",
+        );
+        let many: Vec<(String, V)> = (0..30).map(|n| (format!("a{n}"), V::Integer(n))).collect();
+        refused(
+            described(
+                many.iter().map(|(k, v)| (k.as_str(), v.clone())).collect(),
+                vec![],
+            ),
+            "too many",
+        );
+        let err = details("m", &one_device(), vec![]).expect_err("one entry per device");
+        assert!(
+            err.to_string().contains("answered 0 entries for 1 devices"),
+            "{err}"
+        );
     }
 }

@@ -19,12 +19,14 @@
 //! `replicas` r, advertised device `i` is replica `i % r` of real device `i / r`
 //! (see [`DeviceSet::replicated`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::cdi::{self, CdiNames};
-use crate::domain::{ContainerAllocation, Device, DeviceSet, DeviceSetError, Health, ResourceName};
-use crate::frontend::{AllocateError, Backend};
+use crate::domain::{
+    ContainerAllocation, Device, DeviceDetails, DeviceSet, DeviceSetError, Health, ResourceName,
+};
+use crate::frontend::{AllocateError, Backend, Claim};
 use crate::grants::Grants;
 
 /// Per real device id, what a container given the device needs, as the last
@@ -82,7 +84,12 @@ pub struct ResourceSnapshot {
     allocations: Arc<DeviceAllocations>,
     cdi: Option<Arc<CdiNames>>,
     backend: Arc<dyn Backend>,
+    details: Arc<Described>,
 }
+
+/// What the module's `describe` said of each real device, by id (DRA's
+/// attributes and capacities); empty when it does not export `describe`.
+pub type Described = BTreeMap<String, DeviceDetails>;
 
 impl std::fmt::Debug for ResourceSnapshot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -195,7 +202,26 @@ impl ResourceSnapshot {
             allocations: parts.allocations,
             cdi: parts.cdi,
             backend: parts.backend,
+            details: Arc::default(),
         })
+    }
+
+    /// This snapshot with `details` as what the module described of its
+    /// devices.
+    #[must_use]
+    pub fn with_details(mut self, details: Arc<Described>) -> Self {
+        self.details = details;
+        self
+    }
+
+    /// What the module described of the real device `id` (`None`: nothing).
+    pub fn details(&self, id: &str) -> Option<&DeviceDetails> {
+        self.details.get(id)
+    }
+
+    /// Every real device's description, shared.
+    pub fn details_arc(&self) -> &Arc<Described> {
+        &self.details
     }
 
     /// Keeps `previous`'s advertised list when this one advertises the same, so
@@ -284,6 +310,19 @@ impl ResourceSnapshot {
     /// for a resource served without CDI.
     pub fn cdi(&self) -> Option<&Arc<CdiNames>> {
         self.cdi.as_ref()
+    }
+
+    /// Prepares `claim` (one container of `plan` per request, checked against
+    /// this snapshot) through its backend ([`Backend::prepare`]).
+    ///
+    /// # Errors
+    /// The backend's [`AllocateError`].
+    pub async fn prepare(
+        &self,
+        plan: &AllocationPlan,
+        claim: &Claim,
+    ) -> Result<Vec<ContainerAllocation>, AllocateError> {
+        self.backend.prepare(self, plan, claim).await
     }
 
     /// Allocates `plan` (checked against this snapshot) through its backend,

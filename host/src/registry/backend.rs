@@ -5,8 +5,13 @@
 use std::sync::Arc;
 
 use crate::domain::ContainerAllocation;
-use crate::frontend::{AllocateError, AllocateFuture, Backend};
-use crate::runtime::bindings::{AllocateRequest, ContainerRequest, ContainerResponse, ModuleError};
+use crate::frontend::{
+    AllocateError, AllocateFuture, Backend, Claim, UnprepareFuture, unconfigurable,
+};
+use crate::runtime::bindings::{
+    self, AllocateRequest, ContainerRequest, ContainerResponse, ModuleError, PrepareRequest,
+    UnprepareRequest,
+};
 use crate::runtime::{CallError, CallFailure, Guest};
 use crate::snapshot::{AllocationPlan, ResourceSnapshot};
 use crate::{merge, policy};
@@ -88,6 +93,89 @@ impl GuestBackend {
     }
 }
 
+impl GuestBackend {
+    /// Prepares `claim` through the module's `prepare` when it exports it,
+    /// else as the allocation of one container per request (refusing
+    /// configuration, which nothing would read).
+    async fn prepare_now(
+        &self,
+        snapshot: &ResourceSnapshot,
+        plan: &AllocationPlan,
+        claim: &Claim,
+    ) -> Result<Vec<ContainerAllocation>, AllocateError> {
+        if !self.guest.exports().prepare {
+            if let Some(request) = claim.configured_request() {
+                return Err(unconfigurable(claim, request));
+            }
+            return self.allocate_now(snapshot, plan).await;
+        }
+        let name = self.guest.name();
+        let settings = self.guest.settings();
+        let devices = snapshot.real().devices();
+        let requests = plan
+            .containers()
+            .iter()
+            .zip(&claim.requests)
+            .map(|(real, request)| bindings::ClaimRequest {
+                name: request.name.clone(),
+                device_ids: real.iter().map(|&at| devices[at].id.clone()).collect(),
+                allocations: real
+                    .iter()
+                    .map(|&at| {
+                        snapshot
+                            .allocation(&devices[at].id)
+                            .map_or_else(empty_response, policy::guest_allocation)
+                    })
+                    .collect(),
+                config: request.config.clone(),
+            })
+            .collect();
+        let request = PrepareRequest {
+            kind: snapshot.kind().to_string(),
+            claim: claim_ref(claim),
+            requests,
+        };
+        let responses = self
+            .guest
+            .prepare(&settings, &request)
+            .await
+            .map_err(allocate_error)?;
+        policy::allocation(name, plan.containers().len(), responses, &settings.grants)
+            .map_err(|e| AllocateError::Failed(e.to_string()))
+    }
+
+    /// Runs the module's `unprepare` for `claim`, when it exports it.
+    async fn unprepare_now(&self, kind: &str, claim: &Claim) -> Result<(), AllocateError> {
+        if !self.guest.exports().unprepare {
+            return Ok(());
+        }
+        let request = UnprepareRequest {
+            kind: kind.to_string(),
+            claim: claim_ref(claim),
+            requests: claim
+                .requests
+                .iter()
+                .map(|r| bindings::ClaimRequest {
+                    name: r.name.clone(),
+                    device_ids: r.device_ids.clone(),
+                    allocations: Vec::new(),
+                    config: r.config.clone(),
+                })
+                .collect(),
+        };
+        self.guest.unprepare(&request).await.map_err(allocate_error)
+    }
+}
+
+/// The claim as the module is told of it.
+fn claim_ref(claim: &Claim) -> bindings::ClaimRef {
+    bindings::ClaimRef {
+        namespace: claim.namespace.clone(),
+        name: claim.name.clone(),
+        uid: claim.uid.clone(),
+    }
+}
+
 /// The host's `allocate` ([`crate::merge`]): per container of `plan`, the merge
 /// of its devices' scan-time allocations in `snapshot`.
 fn merge(
@@ -129,6 +217,19 @@ impl Backend for GuestBackend {
         plan: &'a AllocationPlan,
     ) -> AllocateFuture<'a> {
         Box::pin(self.allocate_now(snapshot, plan))
+    }
+
+    fn prepare<'a>(
+        &'a self,
+        snapshot: &'a ResourceSnapshot,
+        plan: &'a AllocationPlan,
+        claim: &'a Claim,
+    ) -> AllocateFuture<'a> {
+        Box::pin(self.prepare_now(snapshot, plan, claim))
+    }
+
+    fn unprepare<'a>(&'a self, kind: &'a str, claim: &'a Claim) -> UnprepareFuture<'a> {
+        Box::pin(self.unprepare_now(kind, claim))
     }
 }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::policy::{self, ScannedResource};
 use crate::registry::RegistryError;
 use crate::registry::manifest::ModuleSettings;
+use crate::runtime::bindings::DeviceRef;
 use crate::runtime::{Guest, Runtime};
 
 /// Compiles `bytes` as module `name` (from `path`) with `settings`, off the
@@ -53,22 +54,50 @@ pub enum ScanError {
 }
 
 /// Runs `scan` and judges its answer by the grants the call ran with (as an
-/// allocation is judged), naming each kind's resource by `settings`.
+/// allocation is judged), naming each kind's resource by `settings`; then, when
+/// the module exports it, `describe` for every device scanned, judged too.
 ///
 /// # Errors
-/// [`ScanError`]: the call failed or its answer breaks a rule.
+/// [`ScanError`]: either call failed or its answer breaks a rule.
 pub async fn scan(
     guest: &Guest,
     settings: &ModuleSettings,
 ) -> Result<Vec<ScannedResource>, ScanError> {
     let call_settings = guest.settings();
     let kinds = guest.scan().await?;
-    Ok(policy::scan(
+    let mut scanned = policy::scan(
         guest.name(),
         |kind| settings.resource_name(kind),
         &call_settings.grants,
         kinds,
-    )?)
+    )?;
+    if guest.exports().describe {
+        describe(guest, &mut scanned).await?;
+    }
+    Ok(scanned)
+}
+
+/// Fills each resource's `details` from one `describe` call for every device.
+async fn describe(guest: &Guest, scanned: &mut [ScannedResource]) -> Result<(), ScanError> {
+    let asked: Vec<DeviceRef> = scanned
+        .iter()
+        .flat_map(|resource| {
+            resource.devices.devices().iter().map(|device| DeviceRef {
+                kind: resource.kind.clone(),
+                id: device.id.clone(),
+            })
+        })
+        .collect();
+    let answer = guest.describe(&asked).await?;
+    let mut details = policy::details(guest.name(), &asked, answer)?.into_iter();
+    for resource in scanned {
+        for device in resource.devices.devices() {
+            if let Some(described) = details.next() {
+                resource.details.insert(device.id.clone(), described);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The whole load: [`compile`], then the first [`scan`].

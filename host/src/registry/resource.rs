@@ -31,7 +31,7 @@ use crate::metrics::ResourceMetrics;
 use crate::policy::ScannedResource;
 use crate::registry::Claim;
 use crate::registry::manifest::ResourcePolicy;
-use crate::snapshot::{DeviceAllocations, ResourceSnapshot, SnapshotParts};
+use crate::snapshot::{Described, DeviceAllocations, ResourceSnapshot, SnapshotParts};
 
 /// A resource being served.
 pub(super) struct Resource {
@@ -44,6 +44,8 @@ pub(super) struct Resource {
     real: Arc<DeviceSet>,
     tracker: HealthTracker,
     allocations: Arc<DeviceAllocations>,
+    /// What the module's `describe` said of the devices (DRA).
+    details: Arc<Described>,
     /// With CDI on: the names in the spec written for `real` and `allocations`.
     cdi: Option<Arc<CdiNames>>,
     cdi_dir: Arc<CdiDir>,
@@ -181,6 +183,7 @@ impl Resource {
         let policy_replicas = policy.replicas;
         let real = Arc::new(found.devices);
         let allocations = Arc::new(found.allocations);
+        let details = Arc::new(found.details);
         let cdi = write_spec(cdi_dir, &found.name, &policy, &real, &allocations, None)?;
         let snapshot = build_snapshot(SnapshotParts {
             name: found.name.clone(),
@@ -191,7 +194,8 @@ impl Resource {
             allocations: allocations.clone(),
             cdi: cdi.clone(),
             backend: backend.clone(),
-        });
+        })
+        .with_details(details.clone());
         set_device_counts(&metrics, snapshot.advertised());
         let (snapshots, rx) = watch::channel(Arc::new(snapshot));
         let served = frontend
@@ -216,6 +220,7 @@ impl Resource {
             real,
             tracker: HealthTracker::default(),
             allocations,
+            details,
             cdi,
             cdi_dir: cdi_dir.clone(),
             backend,
@@ -252,6 +257,7 @@ impl Resource {
             let unchanged = replicas_unchanged
                 && Arc::ptr_eq(current.real_arc(), &self.real)
                 && Arc::ptr_eq(current.allocations(), &self.allocations)
+                && Arc::ptr_eq(current.details_arc(), &self.details)
                 && match (current.cdi(), &self.cdi) {
                     (None, None) => true,
                     (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -271,6 +277,7 @@ impl Resource {
                 cdi: self.cdi.clone(),
                 backend: self.backend.clone(),
             })
+            .with_details(self.details.clone())
             .sharing_list_with(current);
             if !next.same_list(current) {
                 set_device_counts(&self.metrics, next.advertised());
@@ -343,6 +350,9 @@ impl Resource {
         self.real = real;
         self.tracker.retain(&self.real);
         self.allocations = allocations;
+        if *self.details != scanned.details {
+            self.details = Arc::new(scanned.details);
+        }
         self.policy = policy;
         self.backend = backend.clone();
         self.publish();

@@ -28,7 +28,7 @@ use wasmtime::{Config, Engine};
 
 use crate::gauge::Gauge;
 use crate::metrics::{LoadOutcome, Metrics};
-use crate::runtime::bindings::DevicePlugin;
+use crate::runtime::bindings::DeviceDriver;
 use crate::runtime::cache::{self, Cache, Lookup};
 use crate::runtime::limits::HostState;
 use crate::runtime::{LoadError, RuntimeError};
@@ -159,7 +159,7 @@ impl Runtime {
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| RuntimeError::Engine(e.to_string()))?;
-        DevicePlugin::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |state| state)
+        DeviceDriver::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |state| state)
             .map_err(|e| RuntimeError::Engine(e.to_string()))?;
 
         let (ticker, calls) = Ticker::start(engine.clone(), Gauge::default())

@@ -1,8 +1,9 @@
 //! Which of the world's functions a module exports, found and type-checked once
 //! at load, and the typed calls into an instance's exports.
 //!
-//! Only `scan` is required (`wit/device-plugin.wit`); `health`, `allocate` and
-//! `post-allocate` are optional and the host supplies what a module leaves out
+//! Only `scan` is required (`wit/device-plugin.wit`); `health`, `allocate`,
+//! `post-allocate` and, since 0.2.2, the DRA exports `describe`, `prepare` and
+//! `unprepare` are optional and the host supplies what a module leaves out
 //! (see [`Exports`]). Spin detects which handler a component implements from its
 //! `InstancePre` the same way (`HandlerType::from_instance_pre`). This replaces
 //! `bindgen!`'s `DevicePluginPre`, which insists on every export of the world;
@@ -17,7 +18,8 @@ use wasmtime::component::{
 
 use crate::runtime::LoadError;
 use crate::runtime::bindings::{
-    AllocateRequest, ContainerResponse, DeviceKind, DeviceRef, Health, ModuleError,
+    AllocateRequest, ContainerResponse, DeviceDetails, DeviceKind, DeviceRef, Health, ModuleError,
+    PrepareRequest, UnprepareRequest,
 };
 
 /// The parameter and result types of each export, as the generated bindings
@@ -31,6 +33,12 @@ type AllocateParams<'a> = (&'a AllocateRequest,);
 type AllocateResults = (Result<Vec<ContainerResponse>, ModuleError>,);
 type PostAllocateParams<'a> = (&'a AllocateRequest, &'a [ContainerResponse]);
 type PostAllocateResults = AllocateResults;
+type DescribeParams<'a> = (&'a [DeviceRef],);
+type DescribeResults = (Result<Vec<DeviceDetails>, ModuleError>,);
+type PrepareParams<'a> = (&'a PrepareRequest,);
+type PrepareResults = AllocateResults;
+type UnprepareParams<'a> = (&'a UnprepareRequest,);
+type UnprepareResults = (Result<(), ModuleError>,);
 
 /// Which optional functions a module exports (`scan` it always does). Where one
 /// is missing the host supplies the default the WIT contract documents: health
@@ -44,6 +52,14 @@ pub struct Exports {
     pub allocate: bool,
     /// `post-allocate`: without it the response is final as it is.
     pub post_allocate: bool,
+    /// `describe` (DRA): without it devices are published with the host's own
+    /// attributes only.
+    pub describe: bool,
+    /// `prepare` (DRA): without it a claim is prepared through the allocation
+    /// path, one container per request, and opaque configuration is refused.
+    pub prepare: bool,
+    /// `unprepare` (DRA): without it unpreparing only removes the claim's spec.
+    pub unprepare: bool,
 }
 
 impl Exports {
@@ -54,6 +70,9 @@ impl Exports {
             (self.health, "health"),
             (self.allocate, "allocate"),
             (self.post_allocate, "post-allocate"),
+            (self.describe, "describe"),
+            (self.prepare, "prepare"),
+            (self.unprepare, "unprepare"),
         ] {
             if present {
                 names.push(name);
@@ -74,6 +93,15 @@ impl Exports {
         }
         if !self.post_allocate {
             defaults.push("no post-allocate step");
+        }
+        if !self.describe {
+            defaults.push("DRA attributes kind, id and numaNode only");
+        }
+        if !self.prepare {
+            defaults.push("DRA claims prepared as allocations, without opaque configuration");
+        }
+        if !self.unprepare {
+            defaults.push("no DRA unprepare step");
         }
         defaults
     }
@@ -99,6 +127,9 @@ pub(crate) struct Indices {
     health: Option<ComponentExportIndex>,
     allocate: Option<ComponentExportIndex>,
     post_allocate: Option<ComponentExportIndex>,
+    describe: Option<ComponentExportIndex>,
+    prepare: Option<ComponentExportIndex>,
+    unprepare: Option<ComponentExportIndex>,
 }
 
 impl Indices {
@@ -119,6 +150,9 @@ impl Indices {
                 pre,
                 "post-allocate",
             )?,
+            describe: find::<T, DescribeParams<'_>, DescribeResults>(pre, "describe")?,
+            prepare: find::<T, PrepareParams<'_>, PrepareResults>(pre, "prepare")?,
+            unprepare: find::<T, UnprepareParams<'_>, UnprepareResults>(pre, "unprepare")?,
         })
     }
 
@@ -128,6 +162,9 @@ impl Indices {
             health: self.health.is_some(),
             allocate: self.allocate.is_some(),
             post_allocate: self.post_allocate.is_some(),
+            describe: self.describe.is_some(),
+            prepare: self.prepare.is_some(),
+            unprepare: self.unprepare.is_some(),
         }
     }
 
@@ -147,38 +184,59 @@ impl Indices {
         let scan = *instance
             .get_typed_func::<ScanParams, ScanResults>(&mut store, &self.scan)?
             .func();
-        let health = match &self.health {
-            Some(index) => Some(
-                *instance
-                    .get_typed_func::<HealthParams<'_>, HealthResults>(&mut store, index)?
-                    .func(),
-            ),
-            None => None,
-        };
-        let allocate = match &self.allocate {
-            Some(index) => Some(
-                *instance
-                    .get_typed_func::<AllocateParams<'_>, AllocateResults>(&mut store, index)?
-                    .func(),
-            ),
-            None => None,
-        };
-        let post_allocate = match &self.post_allocate {
-            Some(index) => Some(
-                *instance
-                    .get_typed_func::<PostAllocateParams<'_>, PostAllocateResults>(
-                        &mut store, index,
-                    )?
-                    .func(),
-            ),
-            None => None,
-        };
         Ok(Funcs {
             scan,
-            health,
-            allocate,
-            post_allocate,
+            health: optional::<HealthParams<'_>, HealthResults>(
+                &mut store,
+                instance,
+                &self.health,
+            )?,
+            allocate: optional::<AllocateParams<'_>, AllocateResults>(
+                &mut store,
+                instance,
+                &self.allocate,
+            )?,
+            post_allocate: optional::<PostAllocateParams<'_>, PostAllocateResults>(
+                &mut store,
+                instance,
+                &self.post_allocate,
+            )?,
+            describe: optional::<DescribeParams<'_>, DescribeResults>(
+                &mut store,
+                instance,
+                &self.describe,
+            )?,
+            prepare: optional::<PrepareParams<'_>, PrepareResults>(
+                &mut store,
+                instance,
+                &self.prepare,
+            )?,
+            unprepare: optional::<UnprepareParams<'_>, UnprepareResults>(
+                &mut store,
+                instance,
+                &self.unprepare,
+            )?,
         })
+    }
+}
+
+/// The optional export at `index` of `instance`, typed `Params -> Results`.
+fn optional<Params, Results>(
+    store: impl AsContextMut,
+    instance: &Instance,
+    index: &Option<ComponentExportIndex>,
+) -> wasmtime::Result<Option<Func>>
+where
+    Params: ComponentNamedList + Lower,
+    Results: ComponentNamedList + Lift,
+{
+    match index {
+        Some(index) => Ok(Some(
+            *instance
+                .get_typed_func::<Params, Results>(store, index)?
+                .func(),
+        )),
+        None => Ok(None),
     }
 }
 
@@ -216,6 +274,9 @@ pub(crate) struct Funcs {
     health: Option<Func>,
     allocate: Option<Func>,
     post_allocate: Option<Func>,
+    describe: Option<Func>,
+    prepare: Option<Func>,
+    unprepare: Option<Func>,
 }
 
 impl Funcs {
@@ -271,5 +332,42 @@ impl Funcs {
                 .await
                 .map(|r| r.0),
         )
+    }
+
+    /// Calls `describe`, or `None` when the module does not export it.
+    pub(crate) async fn describe(
+        &self,
+        store: impl AsContextMut<Data: Send>,
+        devices: &[DeviceRef],
+    ) -> Option<wasmtime::Result<Result<Vec<DeviceDetails>, ModuleError>>> {
+        let func = self.describe?;
+        // SAFETY: as in `scan`, for `self.describe`.
+        let func = unsafe { TypedFunc::<DescribeParams<'_>, DescribeResults>::new_unchecked(func) };
+        Some(func.call_async(store, (devices,)).await.map(|r| r.0))
+    }
+
+    /// Calls `prepare`, or `None` when the module does not export it.
+    pub(crate) async fn prepare(
+        &self,
+        store: impl AsContextMut<Data: Send>,
+        request: &PrepareRequest,
+    ) -> Option<wasmtime::Result<Result<Vec<ContainerResponse>, ModuleError>>> {
+        let func = self.prepare?;
+        // SAFETY: as in `scan`, for `self.prepare`.
+        let func = unsafe { TypedFunc::<PrepareParams<'_>, PrepareResults>::new_unchecked(func) };
+        Some(func.call_async(store, (request,)).await.map(|r| r.0))
+    }
+
+    /// Calls `unprepare`, or `None` when the module does not export it.
+    pub(crate) async fn unprepare(
+        &self,
+        store: impl AsContextMut<Data: Send>,
+        request: &UnprepareRequest,
+    ) -> Option<wasmtime::Result<Result<(), ModuleError>>> {
+        let func = self.unprepare?;
+        // SAFETY: as in `scan`, for `self.unprepare`.
+        let func =
+            unsafe { TypedFunc::<UnprepareParams<'_>, UnprepareResults>::new_unchecked(func) };
+        Some(func.call_async(store, (request,)).await.map(|r| r.0))
     }
 }

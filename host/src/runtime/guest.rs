@@ -30,7 +30,8 @@ use wasmtime::{Store, Trap};
 use crate::gauge::Gauge;
 use crate::metrics::{CallFailureKind, Function, ModuleMetrics};
 use crate::runtime::bindings::{
-    AllocateRequest, ContainerResponse, DeviceKind, DeviceRef, Health, ModuleError,
+    AllocateRequest, ContainerResponse, DeviceDetails, DeviceKind, DeviceRef, Health, ModuleError,
+    PrepareRequest, UnprepareRequest,
 };
 use crate::runtime::engine::Runtime;
 use crate::runtime::exports::{Exports, Funcs, Indices};
@@ -381,22 +382,7 @@ impl Guest {
             Some(merged)
         };
         self.bounded(call, settings, async {
-            let mut warm = match self.take_warm(settings) {
-                Some(mut warm) => {
-                    arm(&mut warm.store, call);
-                    warm
-                }
-                None => {
-                    let mut store = self.store(call, settings);
-                    let instance = self.instantiate(&mut store, call).await?;
-                    Warm {
-                        store,
-                        instance,
-                        made: Instant::now(),
-                        calls: 0,
-                    }
-                }
-            };
+            let mut warm = self.warm_instance(call, settings).await?;
             // A failure returns early and drops the instance with its store.
             let store = &mut warm.store;
             let response = match merged {
@@ -429,6 +415,133 @@ impl Guest {
             result.map_err(|e| self.module_error(call, e))
         })
         .await
+    }
+
+    /// Runs `describe` for `devices` (the devices a scan just reported), in a
+    /// fresh instance. Callers check [`Exports::describe`] first.
+    ///
+    /// # Errors
+    /// As [`Guest::scan`]; [`ModuleError::Internal`] when the module does not
+    /// export `describe` (without instantiating it).
+    pub async fn describe(&self, devices: &[DeviceRef]) -> Result<Vec<DeviceDetails>, CallError> {
+        let call = Call::Describe;
+        if !self.exports().describe {
+            return Err(self.module_error(
+                call,
+                ModuleError::Internal("host bug: the module does not export `describe`".into()),
+            ));
+        }
+        let settings = self.settings();
+        self.bounded(call, &settings, async {
+            let mut store = self.store(call, &settings);
+            let instance = self.instantiate(&mut store, call).await?;
+            let result = self
+                .timed(Function::Describe, async {
+                    instance
+                        .describe(&mut store, devices)
+                        .await
+                        .unwrap_or_else(|| unreachable_export("describe"))
+                })
+                .await
+                .map_err(|e| self.failure(call, &store, e))?;
+            store.data().flush_stdio();
+            result.map_err(|e| self.module_error(call, e))
+        })
+        .await
+    }
+
+    /// Runs `prepare` on an instance as an allocation does (a warm one when
+    /// one is kept for `settings`). Callers check [`Exports::prepare`] first.
+    ///
+    /// # Errors
+    /// As [`Guest::scan`]; [`ModuleError::Internal`] when the module does not
+    /// export `prepare`.
+    pub async fn prepare(
+        &self,
+        settings: &Arc<CallSettings>,
+        request: &PrepareRequest,
+    ) -> Result<Vec<ContainerResponse>, CallError> {
+        let call = Call::Prepare;
+        if !self.exports().prepare {
+            return Err(self.module_error(
+                call,
+                ModuleError::Internal("host bug: the module does not export `prepare`".into()),
+            ));
+        }
+        self.bounded(call, settings, async {
+            let mut warm = self.warm_instance(call, settings).await?;
+            let store = &mut warm.store;
+            let result = self
+                .timed(Function::Prepare, async {
+                    warm.instance
+                        .prepare(&mut *store, request)
+                        .await
+                        .unwrap_or_else(|| unreachable_export("prepare"))
+                })
+                .await
+                .map_err(|e| self.failure(call, store, e))?;
+            store.data().flush_stdio();
+            warm.calls += 1;
+            self.keep_warm(warm);
+            result.map_err(|e| self.module_error(call, e))
+        })
+        .await
+    }
+
+    /// Runs `unprepare` in a fresh instance (it runs seldom, off the pod-start
+    /// path). Callers check [`Exports::unprepare`] first.
+    ///
+    /// # Errors
+    /// As [`Guest::scan`]; [`ModuleError::Internal`] when the module does not
+    /// export `unprepare`.
+    pub async fn unprepare(&self, request: &UnprepareRequest) -> Result<(), CallError> {
+        let call = Call::Unprepare;
+        if !self.exports().unprepare {
+            return Err(self.module_error(
+                call,
+                ModuleError::Internal("host bug: the module does not export `unprepare`".into()),
+            ));
+        }
+        let settings = self.settings();
+        self.bounded(call, &settings, async {
+            let mut store = self.store(call, &settings);
+            let instance = self.instantiate(&mut store, call).await?;
+            let result = self
+                .timed(Function::Unprepare, async {
+                    instance
+                        .unprepare(&mut store, request)
+                        .await
+                        .unwrap_or_else(|| unreachable_export("unprepare"))
+                })
+                .await
+                .map_err(|e| self.failure(call, &store, e))?;
+            store.data().flush_stdio();
+            result.map_err(|e| self.module_error(call, e))
+        })
+        .await
+    }
+
+    /// A warm instance kept for `settings`, armed for `call`, or a new one.
+    ///
+    /// # Errors
+    /// The new instance could not be made.
+    async fn warm_instance(
+        &self,
+        call: Call,
+        settings: &Arc<CallSettings>,
+    ) -> Result<Warm, CallError> {
+        if let Some(mut warm) = self.take_warm(settings) {
+            arm(&mut warm.store, call);
+            return Ok(warm);
+        }
+        let mut store = self.store(call, settings);
+        let instance = self.instantiate(&mut store, call).await?;
+        Ok(Warm {
+            store,
+            instance,
+            made: Instant::now(),
+            calls: 0,
+        })
     }
 
     /// A warm instance made with `settings`, if one is kept; warm instances made
@@ -503,6 +616,9 @@ fn function_of(call: Call) -> Function {
         Call::Scan => Function::Scan,
         Call::Health => Function::Health,
         Call::Allocate => Function::Allocate,
+        Call::Describe => Function::Describe,
+        Call::Prepare => Function::Prepare,
+        Call::Unprepare => Function::Unprepare,
     }
 }
 

@@ -45,8 +45,8 @@ impl Limits {
     /// The deadline of `call`.
     pub fn deadline(&self, call: Call) -> Duration {
         match call {
-            Call::Scan | Call::Health => self.scan_deadline,
-            Call::Allocate => self.allocate_deadline,
+            Call::Scan | Call::Health | Call::Describe => self.scan_deadline,
+            Call::Allocate | Call::Prepare | Call::Unprepare => self.allocate_deadline,
         }
     }
 }
@@ -82,6 +82,12 @@ pub enum Call {
     Health,
     /// `allocate` (and `post-allocate` on the same instance).
     Allocate,
+    /// `describe`, after a scan (the scan's deadline).
+    Describe,
+    /// `prepare` (the allocation's deadline).
+    Prepare,
+    /// `unprepare` (the allocation's deadline).
+    Unprepare,
 }
 
 impl Call {
@@ -91,6 +97,9 @@ impl Call {
             Call::Scan => "scan",
             Call::Health => "health",
             Call::Allocate => "allocate",
+            Call::Describe => "describe",
+            Call::Prepare => "prepare",
+            Call::Unprepare => "unprepare",
         }
     }
 }

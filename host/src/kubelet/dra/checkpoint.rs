@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::frontend::ClaimRequest;
+
 /// The checkpoint format's version.
 const VERSION: u32 = 1;
 
@@ -45,6 +47,11 @@ pub struct PreparedClaim {
     pub spec_file: Option<String>,
     /// The answer.
     pub devices: Vec<PreparedDevice>,
+    /// The requests as they were prepared (names, device ids, configuration),
+    /// for the module's `unprepare`. Absent from checkpoints written before
+    /// 0.2.2's hooks: then empty.
+    #[serde(default)]
+    pub requests: Vec<ClaimRequest>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -194,7 +201,23 @@ mod tests {
                 device: "dev-0".into(),
                 cdi_ids: vec!["d.example.com/claim=u-req".into()],
             }],
+            requests: vec![ClaimRequest {
+                name: "req".into(),
+                device_ids: vec!["/dev/0".into()],
+                config: vec![r#"{"mode":"x"}"#.into()],
+            }],
         }
+    }
+
+    #[test]
+    fn a_checkpoint_written_before_the_requests_were_kept_still_reads() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir_all(dir.path().join("dra")).expect("dir");
+        let old = r#"{"version":1,"claims":{"u1":{"namespace":"ns","name":"a","specFile":null,"devices":[]}}}"#;
+        std::fs::write(dir.path().join("dra/d.example.com.json"), old).expect("write");
+        let checkpoint = Checkpoint::open(dir.path(), "d.example.com").expect("opens");
+        let claim = checkpoint.get("u1").expect("kept");
+        assert!(claim.requests.is_empty());
     }
 
     #[test]

@@ -1,22 +1,27 @@
 //! One served DRA driver's claims: NodePrepareResources and
 //! NodeUnprepareResources in protocol-free terms. A claim is fetched from the
 //! API server (its UID and allocation checked), its devices of this driver and
-//! node mapped back to the guest's ids through the current snapshot, allocated
-//! through that snapshot's backend (the guest's `allocate` and
-//! `post-allocate`, the output policy, or the host's merge) with one
-//! container per request of the claim, and written as one CDI spec per claim
-//! before the answer names its devices. Each prepared claim is checkpointed
-//! before the answer goes out, so both calls are idempotent across restarts.
+//! node mapped back to the guest's ids through the current snapshot, and
+//! prepared through that snapshot's backend with one container per request of
+//! the claim: the guest's `prepare` with each request's opaque configuration
+//! for this driver (the DeviceClass's first, then the claim's), or, without
+//! it, the allocation path (`allocate` and `post-allocate`, or the host's
+//! merge), which refuses configuration. The answer passes the output policy
+//! and is written as one CDI spec per claim before the answer names its
+//! devices. Each prepared claim is checkpointed before the answer goes out, so
+//! both calls are idempotent across restarts; unpreparing runs the guest's
+//! `unprepare` (when exported) with the requests as checkpointed, then
+//! removes the spec.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use k8s_openapi::api::resource::v1::ResourceClaim;
+use k8s_openapi::api::resource::v1::{DeviceAllocationConfiguration, ResourceClaim};
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::cdi::{self, CdiDir};
 use crate::domain::ResourceName;
-use crate::frontend::{RequestError, Snapshots};
+use crate::frontend::{Claim, ClaimRequest, RequestError, Snapshots};
 use crate::kubelet::dra::checkpoint::{Checkpoint, PreparedClaim, PreparedDevice};
 use crate::kubelet::dra::client::ApiClient;
 use crate::kubelet::dra::names::DeviceNames;
@@ -181,6 +186,18 @@ impl Driver {
         let Some(prepared) = checkpoint.get(&claim.uid) else {
             return Ok(());
         };
+        let snapshot = self.snapshots.borrow().clone();
+        let asked = Claim {
+            namespace: claim.namespace.clone(),
+            name: claim.name.clone(),
+            uid: claim.uid.clone(),
+            requests: prepared.requests.clone(),
+        };
+        snapshot
+            .backend()
+            .unprepare(snapshot.kind(), &asked)
+            .await
+            .map_err(|e| format!("claim {claim}: the module's unprepare failed: {e}"))?;
         if let Some(file) = &prepared.spec_file {
             self.cdi
                 .remove_file(file)
@@ -260,8 +277,30 @@ impl Driver {
                 name: claim.name.clone(),
                 spec_file: None,
                 devices: Vec::new(),
+                requests: Vec::new(),
             });
         }
+        let configs = allocation
+            .devices
+            .as_ref()
+            .and_then(|d| d.config.as_deref())
+            .unwrap_or_default();
+        let asked = Claim {
+            namespace: claim.namespace.clone(),
+            name: claim.name.clone(),
+            uid: claim.uid.clone(),
+            requests: requests
+                .iter()
+                .map(|(request, devices)| {
+                    Ok(ClaimRequest {
+                        name: request.clone(),
+                        device_ids: devices.iter().map(|(_, id)| id.clone()).collect(),
+                        config: opaque_config(&self.name, configs, request)
+                            .map_err(|e| format!("claim {claim}: {e}"))?,
+                    })
+                })
+                .collect::<Result<_, String>>()?,
+        };
         let containers: Vec<Vec<&str>> = requests
             .iter()
             .map(|(_, devices)| devices.iter().map(|(_, id)| id.as_str()).collect())
@@ -270,9 +309,9 @@ impl Driver {
             .plan(&containers)
             .map_err(|e| format!("claim {claim}: {}", request_error(&e, &requests)))?;
         let answers = snapshot
-            .allocate(&plan)
+            .prepare(&plan, &asked)
             .await
-            .map_err(|e| format!("claim {claim}: the module's allocation failed: {e}"))?;
+            .map_err(|e| format!("claim {claim}: the module could not prepare it: {e}"))?;
         if answers.len() != requests.len() {
             return Err(format!(
                 "claim {claim}: the module answered {} allocations for {} requests",
@@ -324,8 +363,52 @@ impl Driver {
             name: claim.name.clone(),
             spec_file,
             devices,
+            requests: asked.requests,
         })
     }
+}
+
+/// The opaque configuration for `driver` that applies to `request`, each as
+/// JSON text, in order of precedence: the DeviceClass's (`FromClass`) first,
+/// then the claim's (`FromClaim`), each in the order the allocation lists
+/// them, as upstream's drivers apply them. An entry applies when it names no
+/// requests, the request, or (for `request/subrequest`) its main request.
+///
+/// # Errors
+/// An entry of another source than these two.
+fn opaque_config(
+    driver: &str,
+    configs: &[DeviceAllocationConfiguration],
+    request: &str,
+) -> Result<Vec<String>, String> {
+    let main = request.split('/').next().unwrap_or(request);
+    let applies = |c: &DeviceAllocationConfiguration| {
+        c.requests
+            .as_deref()
+            .is_none_or(|names| names.is_empty() || names.iter().any(|n| n == request || n == main))
+    };
+    let mut ordered = Vec::new();
+    for source in ["FromClass", "FromClaim"] {
+        for config in configs.iter().filter(|c| c.source == source) {
+            let Some(opaque) = config.opaque.as_ref().filter(|o| o.driver == driver) else {
+                continue;
+            };
+            if applies(config) {
+                ordered.push(opaque.parameters.0.to_string());
+            }
+        }
+    }
+    if let Some(other) = configs
+        .iter()
+        .find(|c| c.source != "FromClass" && c.source != "FromClaim")
+        && other.opaque.as_ref().is_some_and(|o| o.driver == driver)
+    {
+        return Err(format!(
+            "its allocation has configuration for this driver from source `{}`, which this host does not know (FromClass, FromClaim)",
+            other.source
+        ));
+    }
+    Ok(ordered)
 }
 
 /// A plan's error in the claim's terms: requests by name, devices by id.
@@ -346,5 +429,63 @@ fn request_error(error: &RequestError, requests: &[(String, Vec<(String, String)
             format!("device `{id}` is allocated to the claim more than once")
         }
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::resource::v1::OpaqueDeviceConfiguration;
+    use k8s_openapi::apimachinery::pkg::runtime::RawExtension;
+
+    use super::*;
+
+    fn config(
+        source: &str,
+        driver: &str,
+        requests: &[&str],
+        n: u32,
+    ) -> DeviceAllocationConfiguration {
+        DeviceAllocationConfiguration {
+            source: source.into(),
+            requests: (!requests.is_empty())
+                .then(|| requests.iter().map(|r| r.to_string()).collect()),
+            opaque: Some(OpaqueDeviceConfiguration {
+                driver: driver.into(),
+                parameters: RawExtension(serde_json::json!({ "n": n })),
+            }),
+        }
+    }
+
+    #[test]
+    fn opaque_config_is_the_classs_then_the_claims_for_this_driver_and_request() {
+        let configs = [
+            config("FromClaim", "d.example.com", &[], 1),
+            config("FromClass", "d.example.com", &[], 2),
+            config("FromClaim", "other.example.com", &[], 3),
+            config("FromClaim", "d.example.com", &["gpu"], 4),
+            config("FromClaim", "d.example.com", &["nic"], 5),
+            config("FromClass", "d.example.com", &["gpu/small"], 6),
+        ];
+        assert_eq!(
+            opaque_config("d.example.com", &configs, "gpu/small").expect("known sources"),
+            [r#"{"n":2}"#, r#"{"n":6}"#, r#"{"n":1}"#, r#"{"n":4}"#]
+        );
+        assert_eq!(
+            opaque_config("d.example.com", &configs, "nic").expect("known sources"),
+            [r#"{"n":2}"#, r#"{"n":1}"#, r#"{"n":5}"#]
+        );
+        assert!(
+            opaque_config("x.example.com", &configs, "gpu")
+                .expect("known sources")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn opaque_config_of_an_unknown_source_for_this_driver_is_refused() {
+        let configs = [config("FromSomewhere", "d.example.com", &[], 1)];
+        let err = opaque_config("d.example.com", &configs, "gpu").expect_err("unknown source");
+        assert!(err.contains("FromSomewhere"), "{err}");
+        assert!(opaque_config("x.example.com", &configs, "gpu").is_ok());
     }
 }

@@ -23,14 +23,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::resource::v1::{
-    Device, DeviceAttribute, ResourcePool, ResourceSlice, ResourceSliceSpec,
+    Device, DeviceAttribute, DeviceCapacity, ResourcePool, ResourceSlice, ResourceSliceSpec,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::Health;
+use crate::domain::{AttributeValue, Health};
 use crate::frontend::Snapshots;
 use crate::kubelet::dra::driver::Driver;
 use crate::kubelet::dra::names::DeviceNames;
@@ -51,6 +52,7 @@ const DELETE_TIMEOUT: Duration = Duration::from_secs(10);
 struct SliceDevice {
     name: String,
     attributes: BTreeMap<String, DeviceAttribute>,
+    capacity: BTreeMap<String, DeviceCapacity>,
 }
 
 /// Where a driver's slices stand, for readiness and tests.
@@ -63,7 +65,8 @@ pub enum SliceStatus {
 }
 
 /// The devices `snapshot` publishes: its healthy devices that have a name,
-/// with their attributes.
+/// with the host's attributes and what the module described (its
+/// attribute names are checked not to be the host's, by the output policy).
 fn slice_devices(snapshot: &ResourceSnapshot, names: &DeviceNames) -> Vec<SliceDevice> {
     let kind = snapshot.kind();
     snapshot
@@ -90,9 +93,40 @@ fn slice_devices(snapshot: &ResourceSnapshot, names: &DeviceNames) -> Vec<SliceD
                     },
                 );
             }
-            Some(SliceDevice { name, attributes })
+            let mut capacity = BTreeMap::new();
+            if let Some(details) = snapshot.details(&d.id) {
+                for (key, value) in &details.attributes {
+                    attributes.insert(key.clone(), attribute(value));
+                }
+                for (key, value) in &details.capacities {
+                    capacity.insert(
+                        key.clone(),
+                        DeviceCapacity {
+                            value: Quantity(value.clone()),
+                            ..DeviceCapacity::default()
+                        },
+                    );
+                }
+            }
+            Some(SliceDevice {
+                name,
+                attributes,
+                capacity,
+            })
         })
         .collect()
+}
+
+/// A described attribute as the API publishes it.
+fn attribute(value: &AttributeValue) -> DeviceAttribute {
+    let mut attribute = DeviceAttribute::default();
+    match value {
+        AttributeValue::Text(text) => attribute.string = Some(text.clone()),
+        AttributeValue::Int(n) => attribute.int = Some(*n),
+        AttributeValue::Bool(b) => attribute.bool = Some(*b),
+        AttributeValue::Version(v) => attribute.version = Some(v.clone()),
+    }
+    attribute
 }
 
 fn string(value: &str) -> DeviceAttribute {
@@ -274,6 +308,7 @@ impl Publisher {
                                 name: d.name.clone(),
                                 attributes: (!d.attributes.is_empty())
                                     .then(|| d.attributes.clone()),
+                                capacity: (!d.capacity.is_empty()).then(|| d.capacity.clone()),
                                 ..Device::default()
                             })
                             .collect(),
