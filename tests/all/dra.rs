@@ -18,7 +18,7 @@ use wasm_device_plugin::kubelet::dra::simulator;
 use wasm_device_plugin::registry::ModuleState;
 use wdp_tests::apiserver::{Allocated, ApiServer, Session, attributes};
 use wdp_tests::{
-    Dirs, WAIT, guests, host_config, init_logging, manifest_with_config, test_settings,
+    Dirs, WAIT, fixtures, guests, host_config, init_logging, manifest_with_config, test_settings,
 };
 
 /// The module's name in the modules directory.
@@ -52,6 +52,12 @@ impl DraHost {
     /// modules directory, and starts the host; `None` when there is no API server
     /// to run (the test skips).
     async fn start(name: &str, manifest: &str) -> Option<Self> {
+        Self::start_with(name, manifest, guests::VIRTUAL_DEVICES).await
+    }
+
+    /// [`DraHost::start`] with the module `wasm` instead of the current virtual
+    /// guest.
+    async fn start_with(name: &str, manifest: &str, wasm: &str) -> Option<Self> {
         let server = ApiServer::shared()?;
         init_logging();
         let api = server.session(name).await;
@@ -62,7 +68,7 @@ impl DraHost {
             std::fs::create_dir(dirs.root.path().join(dir)).expect("create dir");
         }
         dirs.write_manifest(MODULE, manifest);
-        dirs.add_module(MODULE, guests::VIRTUAL_DEVICES);
+        dirs.add_module(MODULE, wasm);
         let (host, shutdown) = Self::start_host(&dirs, &node, None);
         let fixture = Self {
             api,
@@ -191,6 +197,48 @@ impl DraHost {
             )
             .await;
         claim.metadata.uid.expect("claim uid")
+    }
+
+    /// [`DraHost::allocated_claim`] of one request `gpu` given `device`, with
+    /// `config` as its allocation's opaque configuration for this driver (each
+    /// `(source, requests, parameters)`).
+    async fn configured_claim(
+        &self,
+        name: &str,
+        device: &str,
+        config: &[(&str, &[&str], serde_json::Value)],
+    ) -> String {
+        let claim = self.api.create_claim(name, CLASS, &["gpu"]).await;
+        let config: Vec<(&str, &[&str], &str, serde_json::Value)> = config
+            .iter()
+            .map(|(source, requests, parameters)| (*source, *requests, DRIVER, parameters.clone()))
+            .collect();
+        self.api
+            .allocate_configured(
+                name,
+                &[Allocated {
+                    request: "gpu",
+                    driver: DRIVER,
+                    pool: &self.node,
+                    device,
+                }],
+                &[("pod", "6a9c5c1e-0000-4000-8000-00000000000b")],
+                &config,
+            )
+            .await;
+        claim.metadata.uid.expect("claim uid")
+    }
+
+    /// The environment of the claim `uid`'s CDI device for request `gpu`.
+    fn spec_env(&self, uid: &str) -> Vec<String> {
+        let spec = std::fs::read_to_string(self.spec_file(uid)).expect("the claim's CDI spec");
+        let spec: serde_json::Value = serde_json::from_str(&spec).expect("JSON spec");
+        spec["devices"][0]["containerEdits"]["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .map(|v| v.as_str().expect("text").to_string())
+            .collect()
     }
 
     fn claim_ref(&self, name: &str, uid: &str) -> v1::Claim {
@@ -337,6 +385,7 @@ async fn dra_driver_registers_and_publishes_its_devices() {
         .map(|d| (d.name.clone(), attributes(d)))
         .collect();
     devices.sort();
+    // The host's attributes, then what the guest's `describe` adds.
     let expected: Vec<(String, BTreeMap<String, String>)> = (1..=4)
         .map(|n| {
             let id = format!("/node1/dev1/{n}");
@@ -344,6 +393,9 @@ async fn dra_driver_registers_and_publishes_its_devices() {
                 ("kind", "dev-1".to_string()),
                 ("id", id.clone()),
                 ("numaNode", ((n - 1) % 2).to_string()),
+                ("model", "virtual".to_string()),
+                ("index", n.to_string()),
+                ("firmware", "1.0.0".to_string()),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
@@ -352,6 +404,16 @@ async fn dra_driver_registers_and_publishes_its_devices() {
         })
         .collect();
     assert_eq!(devices, expected);
+    for device in slices.iter().flat_map(|s| s.spec.devices.iter().flatten()) {
+        let capacity = device.capacity.as_ref().expect("described capacity");
+        assert_eq!(capacity["memory"].value.0, "1Gi", "{device:?}");
+        let firmware = &device.attributes.as_ref().expect("attributes")["firmware"];
+        assert_eq!(
+            firmware.version.as_deref(),
+            Some("1.0.0"),
+            "typed as a version"
+        );
+    }
     fixture.stop().await;
 }
 
@@ -621,12 +683,15 @@ async fn dra_claim_with_another_uid_is_refused() {
 
 #[tokio::test]
 async fn dra_annotations_in_a_guest_answer_fail_the_claim() {
-    // The guest's default: it annotates its answers.
+    // The 0.2.1 guest has no `prepare`: a claim goes through its `allocate`,
+    // which annotates its answers by default.
     let text = manifest_with_config(
         "domain = \"example.com\"\napi = \"dra\"",
         &[("kinds", "dev-1=2"), ("annotation", "on")],
     );
-    let Some(fixture) = DraHost::start("annotation", &text).await else {
+    let Some(fixture) =
+        DraHost::start_with("annotation", &text, fixtures::VIRTUAL_DEVICES_0_2_1).await
+    else {
         return;
     };
     let mut client = fixture.register().await;
@@ -724,4 +789,164 @@ async fn dra_rolling_update_keeps_the_new_hosts_slices() {
     );
     new_shutdown.cancel();
     new.stop().await;
+}
+
+/// The claim's opaque configuration for this driver reaches the guest's
+/// `prepare`: the DeviceClass's first, then the claim's (a later one wins), and
+/// another driver's is not passed on.
+#[tokio::test]
+async fn dra_claim_configuration_reaches_the_modules_prepare() {
+    let Some(fixture) = DraHost::start("config", &manifest(2, &[])).await else {
+        return;
+    };
+    let mut client = fixture.register().await;
+    let slices = fixture
+        .slices("two devices", |s| device_names(s).len() == 2)
+        .await;
+    let device = device_of(&slices, "/node1/dev1/2");
+    let uid = fixture
+        .configured_claim(
+            "claim",
+            &device,
+            &[
+                (
+                    "FromClaim",
+                    &["gpu"],
+                    serde_json::json!({ "env": { "MODE": "fast" } }),
+                ),
+                (
+                    "FromClass",
+                    &[],
+                    serde_json::json!({ "env": { "MODE": "slow", "TIER": "gold" } }),
+                ),
+            ],
+        )
+        .await;
+    let answer = prepare(&mut client, fixture.claim_ref("claim", &uid)).await;
+    assert_eq!(answer.error, "");
+    let mut env = fixture.spec_env(&uid);
+    env.sort();
+    assert_eq!(
+        env,
+        ["DEV_dev_1_ID_0=/node1/dev1/2", "MODE=fast", "TIER=gold"],
+        "the class's configuration, then the claim's over it"
+    );
+    fixture.stop().await;
+}
+
+#[tokio::test]
+async fn dra_configuration_the_module_refuses_fails_the_claim_naming_it() {
+    let Some(fixture) = DraHost::start("badconfig", &manifest(1, &[])).await else {
+        return;
+    };
+    let mut client = fixture.register().await;
+    let slices = fixture
+        .slices("one device", |s| device_names(s).len() == 1)
+        .await;
+    let device = device_of(&slices, "/node1/dev1/1");
+    let uid = fixture
+        .configured_claim(
+            "claim",
+            &device,
+            &[("FromClaim", &[], serde_json::json!({ "speed": 11 }))],
+        )
+        .await;
+    let answer = prepare(&mut client, fixture.claim_ref("claim", &uid)).await;
+    assert!(answer.devices.is_empty());
+    let claim = format!("{}/claim", fixture.api.namespace);
+    assert!(
+        answer.error.contains(&claim) && answer.error.contains("speed"),
+        "{}",
+        answer.error
+    );
+    assert!(!fixture.spec_file(&uid).exists());
+    fixture.stop().await;
+}
+
+/// A module built before `prepare` existed still prepares claims (through its
+/// `allocate`), and refuses one with configuration rather than ignore it.
+#[tokio::test]
+async fn dra_configuration_for_a_module_without_prepare_is_refused() {
+    let Some(fixture) = DraHost::start_with(
+        "noprepare",
+        &manifest(2, &[]),
+        fixtures::VIRTUAL_DEVICES_0_2_1,
+    )
+    .await
+    else {
+        return;
+    };
+    let mut client = fixture.register().await;
+    let slices = fixture
+        .slices("two devices", |s| device_names(s).len() == 2)
+        .await;
+    let plain = fixture
+        .allocated_claim("plain", &[("gpu", &device_of(&slices, "/node1/dev1/1"))])
+        .await;
+    let answer = prepare(&mut client, fixture.claim_ref("plain", &plain)).await;
+    assert_eq!(answer.error, "");
+    assert!(
+        fixture
+            .spec_env(&plain)
+            .contains(&"DEV_dev_1_ID_0=/node1/dev1/1".to_string())
+    );
+
+    let device = device_of(&slices, "/node1/dev1/2");
+    let uid = fixture
+        .configured_claim(
+            "configured",
+            &device,
+            &[("FromClaim", &[], serde_json::json!({ "env": { "A": "1" } }))],
+        )
+        .await;
+    let answer = prepare(&mut client, fixture.claim_ref("configured", &uid)).await;
+    assert!(answer.devices.is_empty());
+    assert!(
+        answer.error.contains("does not export `prepare`") && answer.error.contains("`gpu`"),
+        "{}",
+        answer.error
+    );
+    assert!(!fixture.spec_file(&uid).exists());
+    fixture.stop().await;
+}
+
+/// The guest's `unprepare` runs with the requests as prepared; when it fails,
+/// the claim stays prepared (spec and checkpoint), for kubelet to retry.
+#[tokio::test]
+async fn dra_a_failed_unprepare_keeps_the_claim_prepared() {
+    let Some(fixture) = DraHost::start("unprepare", &manifest(1, &[])).await else {
+        return;
+    };
+    let mut client = fixture.register().await;
+    let slices = fixture
+        .slices("one device", |s| device_names(s).len() == 1)
+        .await;
+    let device = device_of(&slices, "/node1/dev1/1");
+    let uid = fixture
+        .configured_claim(
+            "claim",
+            &device,
+            &[(
+                "FromClaim",
+                &[],
+                serde_json::json!({ "failUnprepare": true }),
+            )],
+        )
+        .await;
+    let answer = prepare(&mut client, fixture.claim_ref("claim", &uid)).await;
+    assert_eq!(answer.error, "");
+    let error = unprepare(&mut client, fixture.claim_ref("claim", &uid)).await;
+    assert!(error.contains("failUnprepare"), "{error}");
+    assert!(fixture.spec_file(&uid).exists(), "the spec stays");
+    let again = prepare(&mut client, fixture.claim_ref("claim", &uid)).await;
+    assert_eq!(
+        again, answer,
+        "still prepared: answered from the checkpoint"
+    );
+    let error = unprepare(&mut client, fixture.claim_ref("claim", &uid)).await;
+    assert!(
+        error.contains("failUnprepare"),
+        "a retry runs the hook again: {error}"
+    );
+    fixture.stop().await;
 }

@@ -55,6 +55,39 @@ async fn a_module_built_against_0_2_0_allocates_as_the_current_guest_does() {
 }
 
 #[tokio::test]
+async fn a_module_built_against_0_2_1_allocates_as_the_current_guest_does() {
+    let old = virtual_devices_answer(fixtures::VIRTUAL_DEVICES_0_2_1).await;
+    let current = virtual_devices_answer(guests::VIRTUAL_DEVICES).await;
+    assert_eq!(old, current);
+}
+
+/// `describe` runs after every scan and its answer is judged like the scan's:
+/// a version that is not semver fails the first scan, naming the device and
+/// the attribute.
+#[tokio::test]
+async fn a_describe_answer_that_breaks_the_rules_fails_the_scan_naming_it() {
+    let dirs = Dirs::new();
+    dirs.add_module("virtual", guests::VIRTUAL_DEVICES);
+    dirs.add_module("bad", guests::VIRTUAL_DEVICES);
+    dirs.write_manifest(
+        "bad",
+        "domain = \"bad.example.com\"\n[config]\nkinds = \"dev-1=1\"\nfirmware = \"1.2\"\n",
+    );
+    let fixture = Fixture::start(dirs);
+    fixture.listed(DEV1).await;
+    let states = fixture.settled().await;
+    let Some(ModuleState::Failed(reason)) = states.get("bad") else {
+        panic!("a module whose describe breaks the rules served: {states:?}");
+    };
+    assert!(
+        reason.contains("describe[\"dev-1\"][\"/node1/dev1/1\"].attributes[\"firmware\"]")
+            && reason.contains("semantic version"),
+        "{reason}"
+    );
+    fixture.stop().await;
+}
+
+#[tokio::test]
 async fn a_module_built_against_0_2_0_gets_its_health_checked() {
     let fixture = serving("virtual", fixtures::VIRTUAL_DEVICES_0_2_0, None, DEV1).await;
     let addr = fixture.serve_endpoints().await;

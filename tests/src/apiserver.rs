@@ -32,10 +32,12 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use k8s_openapi::api::resource::v1::{
-    AllocationResult, DeviceAllocationResult, DeviceRequest, DeviceRequestAllocationResult,
-    ExactDeviceRequest, ResourceClaim, ResourceClaimConsumerReference, ResourceSlice,
+    AllocationResult, DeviceAllocationConfiguration, DeviceAllocationResult, DeviceRequest,
+    DeviceRequestAllocationResult, ExactDeviceRequest, OpaqueDeviceConfiguration, ResourceClaim,
+    ResourceClaimConsumerReference, ResourceSlice,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::runtime::RawExtension;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config, Resource};
@@ -388,6 +390,38 @@ impl Session {
         results: &[Allocated<'_>],
         reserved_for: &[(&str, &str)],
     ) -> ResourceClaim {
+        self.allocate_configured(name, results, reserved_for, &[])
+            .await
+    }
+
+    /// [`Session::allocate`], with `config` as the allocation's device
+    /// configuration: each `(source, requests, driver, parameters)` an opaque
+    /// configuration from `FromClass` or `FromClaim` for the requests named
+    /// (none: all), as the scheduler copies it from the DeviceClass and the claim.
+    ///
+    /// # Panics
+    /// The API server refuses it.
+    pub async fn allocate_configured(
+        &self,
+        name: &str,
+        results: &[Allocated<'_>],
+        reserved_for: &[(&str, &str)],
+        config: &[(&str, &[&str], &str, serde_json::Value)],
+    ) -> ResourceClaim {
+        let config: Vec<DeviceAllocationConfiguration> = config
+            .iter()
+            .map(
+                |(source, requests, driver, parameters)| DeviceAllocationConfiguration {
+                    source: (*source).into(),
+                    requests: (!requests.is_empty())
+                        .then(|| requests.iter().map(|r| (*r).to_string()).collect()),
+                    opaque: Some(OpaqueDeviceConfiguration {
+                        driver: (*driver).into(),
+                        parameters: RawExtension(parameters.clone()),
+                    }),
+                },
+            )
+            .collect();
         let allocation = AllocationResult {
             devices: Some(DeviceAllocationResult {
                 results: Some(
@@ -402,7 +436,7 @@ impl Session {
                         })
                         .collect(),
                 ),
-                config: None,
+                config: (!config.is_empty()).then_some(config),
             }),
             ..Default::default()
         };

@@ -59,6 +59,12 @@ pub mod fixtures {
         env!("CARGO_MANIFEST_DIR"),
         "/fixtures/wdp-0.2.0/virtual_devices.wasm"
     );
+    /// `guests/virtual-devices` as built against `wasm-device-plugin:device@0.2.1`
+    /// (no DRA exports).
+    pub const VIRTUAL_DEVICES_0_2_1: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/wdp-0.2.1/virtual_devices.wasm"
+    );
 }
 
 /// The outer bound of every wait in the tests. Waits end as soon as their

@@ -94,6 +94,11 @@ impl Exports {
         if !self.post_allocate {
             defaults.push("no post-allocate step");
         }
+        if !(self.describe || self.prepare || self.unprepare) {
+            // One phrase: most modules serve the device-plugin API only.
+            defaults.push("DRA claims prepared as allocations, no describe or unprepare");
+            return defaults;
+        }
         if !self.describe {
             defaults.push("DRA attributes kind, id and numaNode only");
         }
