@@ -92,45 +92,45 @@ pub mod worlds {
                         package wdp:sdk;
 
                         world scan-health {
-                            use wasm-device-plugin:device/types@0.2.1.{device-kind, device-ref, health, module-error};
-                            import wasm-device-plugin:device/host@0.2.1;
+                            use wasm-device-plugin:device/types@0.2.2.{device-kind, device-ref, health, module-error};
+                            import wasm-device-plugin:device/host@0.2.2;
                             export scan: func() -> result<list<device-kind>, module-error>;
                             export health: func(devices: list<device-ref>) -> result<list<health>, module-error>;
                         }
 
                         world scan-allocate {
-                            use wasm-device-plugin:device/types@0.2.1.{device-kind, allocate-request, container-response, module-error};
-                            import wasm-device-plugin:device/host@0.2.1;
+                            use wasm-device-plugin:device/types@0.2.2.{device-kind, allocate-request, container-response, module-error};
+                            import wasm-device-plugin:device/host@0.2.2;
                             export scan: func() -> result<list<device-kind>, module-error>;
                             export allocate: func(request: allocate-request) -> result<list<container-response>, module-error>;
                         }
 
                         world scan-post-allocate {
-                            use wasm-device-plugin:device/types@0.2.1.{device-kind, allocate-request, container-response, module-error};
-                            import wasm-device-plugin:device/host@0.2.1;
+                            use wasm-device-plugin:device/types@0.2.2.{device-kind, allocate-request, container-response, module-error};
+                            import wasm-device-plugin:device/host@0.2.2;
                             export scan: func() -> result<list<device-kind>, module-error>;
                             export post-allocate: func(request: allocate-request, response: list<container-response>) -> result<list<container-response>, module-error>;
                         }
 
                         world scan-health-allocate {
-                            use wasm-device-plugin:device/types@0.2.1.{device-kind, device-ref, health, allocate-request, container-response, module-error};
-                            import wasm-device-plugin:device/host@0.2.1;
+                            use wasm-device-plugin:device/types@0.2.2.{device-kind, device-ref, health, allocate-request, container-response, module-error};
+                            import wasm-device-plugin:device/host@0.2.2;
                             export scan: func() -> result<list<device-kind>, module-error>;
                             export health: func(devices: list<device-ref>) -> result<list<health>, module-error>;
                             export allocate: func(request: allocate-request) -> result<list<container-response>, module-error>;
                         }
 
                         world scan-health-post-allocate {
-                            use wasm-device-plugin:device/types@0.2.1.{device-kind, device-ref, health, allocate-request, container-response, module-error};
-                            import wasm-device-plugin:device/host@0.2.1;
+                            use wasm-device-plugin:device/types@0.2.2.{device-kind, device-ref, health, allocate-request, container-response, module-error};
+                            import wasm-device-plugin:device/host@0.2.2;
                             export scan: func() -> result<list<device-kind>, module-error>;
                             export health: func(devices: list<device-ref>) -> result<list<health>, module-error>;
                             export post-allocate: func(request: allocate-request, response: list<container-response>) -> result<list<container-response>, module-error>;
                         }
 
                         world scan-allocate-post-allocate {
-                            use wasm-device-plugin:device/types@0.2.1.{device-kind, allocate-request, container-response, module-error};
-                            import wasm-device-plugin:device/host@0.2.1;
+                            use wasm-device-plugin:device/types@0.2.2.{device-kind, allocate-request, container-response, module-error};
+                            import wasm-device-plugin:device/host@0.2.2;
                             export scan: func() -> result<list<device-kind>, module-error>;
                             export allocate: func(request: allocate-request) -> result<list<container-response>, module-error>;
                             export post-allocate: func(request: allocate-request, response: list<container-response>) -> result<list<container-response>, module-error>;
@@ -139,8 +139,8 @@ pub mod worlds {
                     path: "../../wit",
                     world: $world,
                     with: {
-                        "wasm-device-plugin:device/types@0.2.1": crate::bindings::wasm_device_plugin::device::types,
-                        "wasm-device-plugin:device/host@0.2.1": crate::bindings::wasm_device_plugin::device::host,
+                        "wasm-device-plugin:device/types@0.2.2": crate::bindings::wasm_device_plugin::device::types,
+                        "wasm-device-plugin:device/host@0.2.2": crate::bindings::wasm_device_plugin::device::host,
                     },
                     pub_export_macro: true,
                     export_macro_name: "export",
@@ -156,8 +156,8 @@ pub mod worlds {
             path: "../../wit",
             world: "scanner",
             with: {
-                "wasm-device-plugin:device/types@0.2.1": crate::bindings::wasm_device_plugin::device::types,
-                "wasm-device-plugin:device/host@0.2.1": crate::bindings::wasm_device_plugin::device::host,
+                "wasm-device-plugin:device/types@0.2.2": crate::bindings::wasm_device_plugin::device::types,
+                "wasm-device-plugin:device/host@0.2.2": crate::bindings::wasm_device_plugin::device::host,
             },
             pub_export_macro: true,
             export_macro_name: "export",
