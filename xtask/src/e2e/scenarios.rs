@@ -637,7 +637,9 @@ fn dra_slices(ctx: &mut Context) -> Result<Outcome, String> {
 /// the feature gate is on), a pod with a claim from the ResourceClaimTemplate and a pod
 /// with the ResourceClaim `dev-1`. Both run; each claim is allocated a device of our
 /// pool; the host wrote the claim's CDI spec, and the container shows the env the guest
-/// gave for exactly the allocated device (containerd applied the spec).
+/// gave for exactly the allocated device (containerd applied the spec). The claim
+/// `dev-1` selects by an attribute the guest described and carries opaque
+/// configuration, which the guest's `prepare` turned into `GREETING` in its pod.
 fn dra_claims(ctx: &mut Context) -> Result<Outcome, String> {
     let c = &*ctx.cluster;
     for file in [
@@ -678,6 +680,16 @@ fn dra_claims(ctx: &mut Context) -> Result<Outcome, String> {
             prepared.spec.display()
         ));
     }
+    let greeting = "GREETING=hello-from-the-claim";
+    let logs = c.kubectl(&["logs", "dra-claim"])?;
+    if !logs.lines().any(|l| l == greeting) {
+        return Err(format!(
+            "dra-claim does not show {greeting} from its claim's configuration: {logs:?}"
+        ));
+    }
+    seen.push(format!(
+        "dra-claim: {greeting} from the claim's configuration"
+    ));
     Ok(Outcome::Passed(seen.join("; ")))
 }
 
@@ -1133,6 +1145,15 @@ fn check_device(device: &Value) -> Result<(String, String), String> {
             "device {name} lacks the string attributes kind and id: {device}"
         )));
     };
+    // What the guest's `describe` adds (WIT 0.2.2), typed as it said.
+    let described = attribute("model").as_deref() == Some("virtual")
+        && device["attributes"]["firmware"]["version"] == "1.0.0"
+        && device["capacity"]["memory"]["value"] == "1Gi";
+    if !described {
+        return Err(fatal(format!(
+            "device {name} lacks what the guest describes (model virtual, firmware version 1.0.0, capacity memory 1Gi): {device}"
+        )));
+    }
     if kind != "dev-1" || name != dra_device_name(&id) {
         return Err(fatal(format!(
             "device {name} (kind {kind}, id {id}): expected kind dev-1 and name {}",
