@@ -544,7 +544,7 @@ fn dra_registration(ctx: &mut Context) -> Result<Outcome, String> {
     if files.is_empty() {
         return Err("the ConfigMap scenarios did not run: no ConfigMap to add to".into());
     }
-    files.extend(dra_module_files(ctx, "dev-1=4")?);
+    files.extend(dra_module_files(ctx, "dev-1=4", "")?);
     replace_configmap(ctx.cluster, &files)?;
     ctx.configmap = files;
     let added = Instant::now();
@@ -608,7 +608,7 @@ fn dra_slices(ctx: &mut Context) -> Result<Outcome, String> {
         .filter(|f| !is_dra_module(f))
         .cloned()
         .collect();
-    files.extend(dra_module_files(ctx, "dev-1=3")?);
+    files.extend(dra_module_files(ctx, "dev-1=3", "")?);
     let replaced = Instant::now();
     replace_configmap(ctx.cluster, &files)?;
     ctx.configmap = files;
@@ -623,13 +623,42 @@ fn dra_slices(ctx: &mut Context) -> Result<Outcome, String> {
         }
     }
     ctx.vanished = Some((gone_name.clone(), gone_id.clone()));
+
+    // A health change republishes too: the guest's `health` reports /node1/dev1/2
+    // unhealthy, and the pool drops it; healthy again, it is back.
+    const SICK: &str = "/node1/dev1/2";
+    let healthy_files = ctx.configmap.clone();
+    let mut sick_files: Vec<PathBuf> = healthy_files
+        .iter()
+        .filter(|f| !is_dra_module(f))
+        .cloned()
+        .collect();
+    sick_files.extend(dra_module_files(ctx, "dev-1=3", SICK)?);
+    replace_configmap(ctx.cluster, &sick_files)?;
+    let sick = wait_pool(ctx.cluster, node_uid.trim(), 2, Some(second.generation))?;
+    if sick.devices.iter().any(|(_, id)| id == SICK) {
+        return Err(format!(
+            "{SICK} is unhealthy and still in the pool: {:?}",
+            sick.devices
+        ));
+    }
+    replace_configmap(ctx.cluster, &healthy_files)?;
+    let well = wait_pool(ctx.cluster, node_uid.trim(), 3, Some(sick.generation))?;
+    if !well.devices.iter().any(|(_, id)| id == SICK) {
+        return Err(format!(
+            "{SICK} is healthy again and not back in the pool: {:?}",
+            well.devices
+        ));
+    }
     let names: Vec<&str> = first.devices.iter().map(|(n, _)| n.as_str()).collect();
     Ok(Outcome::Passed(format!(
-        "pool {NODE} generation {} in {} slice(s) owned by Node {NODE}: {} (kind dev-1, ids /node1/dev1/1-4); dev-1=3: generation {} with 3 devices {took:.1?} after the replace ({gone_name} gone)",
+        "pool {NODE} generation {} in {} slice(s) owned by Node {NODE}: {} (kind dev-1, ids /node1/dev1/1-4); dev-1=3: generation {} with 3 devices {took:.1?} after the replace ({gone_name} gone); {SICK} unhealthy: generation {} without it; healthy: generation {} with it",
         first.generation,
         first.slices,
         names.join(" "),
-        second.generation
+        second.generation,
+        sick.generation,
+        well.generation
     )))
 }
 
@@ -944,9 +973,10 @@ fn dra_module_removal(ctx: &mut Context) -> Result<Outcome, String> {
     )))
 }
 
-/// Writes `<module>.wasm` (the virtual guest) and `<module>.toml` (the lead's example
-/// DRA manifest with its `kinds` set to `kinds`) for the ConfigMap; their paths.
-fn dra_module_files(ctx: &Context, kinds: &str) -> Result<Vec<PathBuf>, String> {
+/// Writes `<module>.wasm` (the virtual guest) and `<module>.toml` (the example DRA
+/// manifest with its `kinds` set to `kinds`, and `unhealthy` set to `unhealthy` when
+/// not empty) for the ConfigMap; their paths.
+fn dra_module_files(ctx: &Context, kinds: &str, unhealthy: &str) -> Result<Vec<PathBuf>, String> {
     const FROM: &str = "kinds = \"dev-1=4\"";
     let example = root().join(format!("examples/modules/{DRA_MODULE}.toml"));
     let manifest = std::fs::read_to_string(&example)
@@ -957,20 +987,26 @@ fn dra_module_files(ctx: &Context, kinds: &str) -> Result<Vec<PathBuf>, String> 
             example.display()
         ));
     }
-    let dir = ctx
-        .cluster
-        .dir
-        .join(format!("dra-modules/{}", kinds.replace('=', "-")));
+    let dir = ctx.cluster.dir.join(format!(
+        "dra-modules/{}{}",
+        kinds.replace('=', "-"),
+        if unhealthy.is_empty() {
+            ""
+        } else {
+            "-unhealthy"
+        }
+    ));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let wasm = dir.join(format!("{DRA_MODULE}.wasm"));
     let guest = ctx.modules.join("virtual_devices.wasm");
     std::fs::copy(&guest, &wasm).map_err(|e| format!("{}: {e}", guest.display()))?;
     let toml = dir.join(format!("{DRA_MODULE}.toml"));
-    std::fs::write(
-        &toml,
-        manifest.replace(FROM, &format!("kinds = \"{kinds}\"")),
-    )
-    .map_err(|e| format!("{}: {e}", toml.display()))?;
+    let mut config = format!("kinds = \"{kinds}\"");
+    if !unhealthy.is_empty() {
+        config.push_str(&format!("\nunhealthy = \"{unhealthy}\""));
+    }
+    std::fs::write(&toml, manifest.replace(FROM, &config))
+        .map_err(|e| format!("{}: {e}", toml.display()))?;
     Ok(vec![wasm, toml])
 }
 
