@@ -1,7 +1,9 @@
 //! Write a [wasm-device-plugin] device module in Rust.
 //!
 //! The host serves kubelet; a module answers up to four questions about its
-//! devices (see `wit/device-plugin.wit`), and only the first is required. With
+//! devices (see `wit/device-plugin.wit`, package
+//! `wasm-device-plugin:device@0.2.2`), and only the first is required; a
+//! resource served through DRA may ask three more (see [DRA](#dra)). With
 //! this crate a module implements [`DevicePlugin::scan`] and exports it with
 //! [`export_device_plugin!`]:
 //!
@@ -52,6 +54,88 @@
 //! implemented but not named is not exported; a hook named but not implemented
 //! does not compile.
 //!
+//! ## DRA
+//!
+//! A resource served through Dynamic Resource Allocation (`api = "dra"` in the
+//! manifest) may ask three more questions, each optional and never asked
+//! through the device-plugin API: [`Describe`] (the attributes and capacities
+//! published for each device in its ResourceSlice), [`Prepare`] (what the
+//! containers of a claim's pods get, one response per request of the claim,
+//! with the claim's opaque configuration for this driver as JSON text) and
+//! [`Unprepare`] (undo what `prepare` did once no pod uses the claim). Export
+//! them with [`export_dra_hooks!`], beside [`export_device_plugin!`]:
+//!
+//! ```no_run
+//! use wdp_sdk::{
+//!     ContainerResponse, Describe, Device, DeviceDetails, DeviceKind, DevicePlugin, DeviceRef,
+//!     ModuleError, Prepare, PrepareRequest, config,
+//! };
+//!
+//! struct Accelerators;
+//!
+//! impl DevicePlugin for Accelerators {
+//!     fn scan() -> Result<Vec<DeviceKind>, ModuleError> {
+//!         Ok(vec![DeviceKind::new("accel").device(Device::new("accel0").node(
+//!             "/dev/accel0",
+//!             "/dev/accel0",
+//!             "rw",
+//!         ))])
+//!     }
+//! }
+//!
+//! impl Describe for Accelerators {
+//!     fn describe(devices: Vec<DeviceRef>) -> Result<Vec<DeviceDetails>, ModuleError> {
+//!         let model = config::get_or("model", "a1");
+//!         Ok(devices
+//!             .iter()
+//!             .map(|_| {
+//!                 DeviceDetails::new()
+//!                     .text("model", &model)
+//!                     .version("driverVersion", "1.2.0")
+//!                     .capacity("memory", "16Gi")
+//!             })
+//!             .collect())
+//!     }
+//! }
+//!
+//! impl Prepare for Accelerators {
+//!     fn prepare(request: PrepareRequest) -> Result<Vec<ContainerResponse>, ModuleError> {
+//!         request
+//!             .requests
+//!             .iter()
+//!             .map(|asked| {
+//!                 // The opaque configuration: one JSON text per entry, the
+//!                 // DeviceClass's first, then the claim's. Parse it (with
+//!                 // serde_json, say) and refuse what you do not understand;
+//!                 // this driver takes none.
+//!                 if !asked.config.is_empty() {
+//!                     return Err(ModuleError::InvalidRequest(format!(
+//!                         "claim {}, request `{}`: this driver takes no configuration",
+//!                         request.claim, asked.name
+//!                     )));
+//!                 }
+//!                 let mut response = ContainerResponse::new();
+//!                 for allocation in &asked.allocations {
+//!                     response.merge(allocation);
+//!                 }
+//!                 Ok(response.env("ACCEL_IDS", &asked.device_ids.join(",")))
+//!             })
+//!             .collect()
+//!     }
+//! }
+//!
+//! wdp_sdk::export_device_plugin!(Accelerators);
+//! wdp_sdk::export_dra_hooks!(Accelerators with describe, prepare);
+//! ```
+//!
+//! The component then exports `scan`, `describe` and `prepare`. Without
+//! `describe` the host publishes only its own attributes (`kind`, `id`,
+//! `numaNode`); without `prepare` it prepares a claim through `allocate` (or
+//! its default) with one container per request, and refuses a claim that
+//! carries opaque configuration; without `unprepare` it only removes the
+//! claim's CDI spec. A `prepare` answer must carry no annotations: the host
+//! writes it into a CDI spec, which cannot carry them.
+//!
 //! Keep no state between calls, derive everything from [`config`] and the files
 //! the operator granted: `scan` and `health` run in a fresh instance, and an
 //! allocation may run in one that answered earlier allocations (see the WIT
@@ -61,24 +145,31 @@
 
 #![warn(missing_docs)]
 
-/// The bindings generated from the host's WIT `device-plugin` world (every
-/// export). Everything a module needs is re-exported at the crate root; this is
-/// here for the rare lower-level need.
+/// The bindings generated from the host's WIT `device-driver` world (every
+/// export, so every type of the package). Everything a module needs is
+/// re-exported at the crate root; this is here for the rare lower-level need.
+/// Its `export_world!` would export all seven functions; the SDK's macros
+/// export through [`worlds`] instead.
 #[allow(missing_docs, clippy::all)]
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../../wit",
-        world: "device-plugin",
+        world: "device-driver",
         pub_export_macro: true,
         export_macro_name: "export_world",
         default_bindings_module: "wdp_sdk::bindings",
     });
 }
 
-/// One world per choice of hooks, for [`export_device_plugin!`]: `scanner`
-/// from the WIT package, the others restating the package's signatures (a WIT
-/// world cannot `include` one that `use`s the same types). All share the types
-/// and the `host` import of [`bindings`].
+/// One world per choice of device-plugin hooks, for [`export_device_plugin!`]:
+/// `scanner` and `device-plugin` from the WIT package, the others restating the
+/// package's signatures (a WIT world cannot `include` one that `use`s the same
+/// types). And one world per DRA hook, each exporting that function alone, for
+/// [`export_dra_hooks!`]: every `export!` embeds its world in the module (a
+/// `component-type` custom section), and wit-component merges the worlds of
+/// all the sections a module links into one component, so a module exports
+/// the union of the worlds it invoked `export!` for, and nothing else. All
+/// share the types and the `host` import of [`bindings`].
 #[doc(hidden)]
 pub mod worlds {
     /// Generates the bindings of world `$world` of the SDK's worlds into
@@ -128,6 +219,24 @@ pub mod worlds {
                             export post-allocate: func(request: allocate-request, response: list<container-response>) -> result<list<container-response>, module-error>;
                         }
 
+                        world dra-describe {
+                            use wasm-device-plugin:device/types@0.2.2.{device-ref, device-details, module-error};
+                            import wasm-device-plugin:device/host@0.2.2;
+                            export describe: func(devices: list<device-ref>) -> result<list<device-details>, module-error>;
+                        }
+
+                        world dra-prepare {
+                            use wasm-device-plugin:device/types@0.2.2.{prepare-request, container-response, module-error};
+                            import wasm-device-plugin:device/host@0.2.2;
+                            export prepare: func(request: prepare-request) -> result<list<container-response>, module-error>;
+                        }
+
+                        world dra-unprepare {
+                            use wasm-device-plugin:device/types@0.2.2.{unprepare-request, module-error};
+                            import wasm-device-plugin:device/host@0.2.2;
+                            export unprepare: func(request: unprepare-request) -> result<_, module-error>;
+                        }
+
                         world scan-allocate-post-allocate {
                             use wasm-device-plugin:device/types@0.2.2.{device-kind, allocate-request, container-response, module-error};
                             import wasm-device-plugin:device/host@0.2.2;
@@ -164,6 +273,20 @@ pub mod worlds {
             default_bindings_module: "wdp_sdk::worlds::scanner",
         });
     }
+    #[allow(missing_docs, clippy::all)]
+    pub mod device_plugin {
+        wit_bindgen::generate!({
+            path: "../../wit",
+            world: "device-plugin",
+            with: {
+                "wasm-device-plugin:device/types@0.2.2": crate::bindings::wasm_device_plugin::device::types,
+                "wasm-device-plugin:device/host@0.2.2": crate::bindings::wasm_device_plugin::device::host,
+            },
+            pub_export_macro: true,
+            export_macro_name: "export",
+            default_bindings_module: "wdp_sdk::worlds::device_plugin",
+        });
+    }
     sdk_world!(health, "scan-health", "wdp_sdk::worlds::health");
     sdk_world!(allocate, "scan-allocate", "wdp_sdk::worlds::allocate");
     sdk_world!(
@@ -186,12 +309,16 @@ pub mod worlds {
         "scan-allocate-post-allocate",
         "wdp_sdk::worlds::allocate_post_allocate"
     );
+    sdk_world!(describe, "dra-describe", "wdp_sdk::worlds::describe");
+    sdk_world!(prepare, "dra-prepare", "wdp_sdk::worlds::prepare");
+    sdk_world!(unprepare, "dra-unprepare", "wdp_sdk::worlds::unprepare");
 }
 
 pub use bindings::wasm_device_plugin::device::host::LogLevel;
 pub use bindings::wasm_device_plugin::device::types::{
-    AllocateRequest, ContainerRequest, ContainerResponse, Device, DeviceKind, DeviceRef,
-    DeviceSpec, Health, KeyValue, ModuleError, Mount,
+    AllocateRequest, Attribute, AttributeValue, Capacity, ClaimRef, ClaimRequest, ContainerRequest,
+    ContainerResponse, Device, DeviceDetails, DeviceKind, DeviceRef, DeviceSpec, Health, KeyValue,
+    ModuleError, Mount, PrepareRequest, UnprepareRequest,
 };
 
 /// A device module: what it must do, report its devices.
@@ -249,6 +376,53 @@ pub trait PostAllocate: DevicePlugin {
     ) -> Result<Vec<ContainerResponse>, ModuleError>;
 }
 
+/// The optional DRA `describe` hook (export it with [`export_dra_hooks!`]`(X
+/// with describe)`): the attributes and capacities the host publishes for each
+/// device in its ResourceSlices, where DeviceClasses and claims select devices
+/// with CEL. Called after every successful scan of a resource served through
+/// DRA, with every device that scan reported. Without it each device is
+/// published with the host's own attributes only (`kind`, `id`, `numaNode`,
+/// which a module may not set).
+pub trait Describe: DevicePlugin {
+    /// One [`DeviceDetails`] per entry of `devices`, in order; build each with
+    /// [`DeviceDetails::new`] and its builder methods.
+    ///
+    /// # Errors
+    /// A [`ModuleError`] fails the scan it follows: the host keeps the last good
+    /// devices and details and retries (a first scan's failure fails the load).
+    fn describe(devices: Vec<DeviceRef>) -> Result<Vec<DeviceDetails>, ModuleError>;
+}
+
+/// The optional DRA `prepare` hook (export it with [`export_dra_hooks!`]`(X
+/// with prepare)`): what the containers of the pods using a claim get, one
+/// [`ContainerResponse`] per request of the claim. Each request carries its
+/// devices, their scan-time allocations and the claim's opaque configuration
+/// for this driver (JSON text, parsed by the module). Without it the host
+/// prepares a claim through `allocate` (or its default) with one container per
+/// request, and refuses a claim that carries opaque configuration.
+pub trait Prepare: DevicePlugin {
+    /// One response per entry of `request.requests`, in order. The host writes
+    /// them into the claim's CDI spec, which carries no annotations: a response
+    /// with annotations fails the claim.
+    ///
+    /// # Errors
+    /// A [`ModuleError`] leaves the claim unprepared and the pod not started; the
+    /// message reaches kubelet's event for the pod.
+    fn prepare(request: PrepareRequest) -> Result<Vec<ContainerResponse>, ModuleError>;
+}
+
+/// The optional DRA `unprepare` hook (export it with [`export_dra_hooks!`]`(X
+/// with unprepare)`): undoes what `prepare` did outside the containers (a
+/// device reset, say) once no pod on the node uses the claim. Without it the
+/// host only removes the claim's CDI spec.
+pub trait Unprepare: DevicePlugin {
+    /// Releases the claim's devices.
+    ///
+    /// # Errors
+    /// A [`ModuleError`] keeps the claim prepared; kubelet retries later.
+    fn unprepare(request: UnprepareRequest) -> Result<(), ModuleError>;
+}
+
 /// Exports a [`DevicePlugin`] as the module's component, with the optional hooks
 /// named after `with` (in the order `health`, `allocate`, `post_allocate`), each
 /// implemented through its trait ([`HealthCheck`], [`Allocate`],
@@ -292,19 +466,105 @@ macro_rules! export_device_plugin {
         );
     };
     ($plugin:ident with health, allocate, post_allocate) => {
+        $crate::__export_world!(
+            $plugin,
+            $crate::worlds::device_plugin,
+            [health, allocate, post_allocate]
+        );
+    };
+}
+
+/// Exports the DRA hooks named after `with` (any of `describe`, `prepare`,
+/// `unprepare`, in this order), each implemented through its trait
+/// ([`Describe`], [`Prepare`], [`Unprepare`]). Use it beside
+/// [`export_device_plugin!`], which exports `scan` and the device-plugin
+/// hooks: the module's component exports what both name.
+///
+/// ```ignore
+/// wdp_sdk::export_device_plugin!(Gpu with health);
+/// wdp_sdk::export_dra_hooks!(Gpu with describe, prepare);
+/// ```
+///
+/// Each hook is exported through a world of its own (see [`worlds`]); the
+/// component's world is their union with the one of [`export_device_plugin!`].
+#[macro_export]
+macro_rules! export_dra_hooks {
+    ($plugin:ident with describe) => {
+        $crate::__export_dra_hook!($plugin, describe);
+    };
+    ($plugin:ident with prepare) => {
+        $crate::__export_dra_hook!($plugin, prepare);
+    };
+    ($plugin:ident with unprepare) => {
+        $crate::__export_dra_hook!($plugin, unprepare);
+    };
+    ($plugin:ident with describe, prepare) => {
+        $crate::__export_dra_hook!($plugin, describe);
+        $crate::__export_dra_hook!($plugin, prepare);
+    };
+    ($plugin:ident with describe, unprepare) => {
+        $crate::__export_dra_hook!($plugin, describe);
+        $crate::__export_dra_hook!($plugin, unprepare);
+    };
+    ($plugin:ident with prepare, unprepare) => {
+        $crate::__export_dra_hook!($plugin, prepare);
+        $crate::__export_dra_hook!($plugin, unprepare);
+    };
+    ($plugin:ident with describe, prepare, unprepare) => {
+        $crate::__export_dra_hook!($plugin, describe);
+        $crate::__export_dra_hook!($plugin, prepare);
+        $crate::__export_dra_hook!($plugin, unprepare);
+    };
+}
+
+/// Exports one DRA hook of `$plugin` through its own world. Not for direct
+/// use: see [`export_dra_hooks!`].
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_dra_hook {
+    ($plugin:ident, describe) => {
         const _: () = {
             struct Exported;
-            impl $crate::bindings::Guest for Exported {
-                fn scan()
-                -> ::core::result::Result<::std::vec::Vec<$crate::DeviceKind>, $crate::ModuleError>
-                {
-                    <$plugin as $crate::DevicePlugin>::scan()
+            impl $crate::worlds::describe::Guest for Exported {
+                fn describe(
+                    devices: ::std::vec::Vec<$crate::DeviceRef>,
+                ) -> ::core::result::Result<
+                    ::std::vec::Vec<$crate::DeviceDetails>,
+                    $crate::ModuleError,
+                > {
+                    <$plugin as $crate::Describe>::describe(devices)
                 }
-                $crate::__hook!($plugin, health);
-                $crate::__hook!($plugin, allocate);
-                $crate::__hook!($plugin, post_allocate);
             }
-            $crate::bindings::export_world! { Exported with_types_in $crate::bindings }
+            $crate::worlds::describe::export! { Exported with_types_in $crate::worlds::describe }
+        };
+    };
+    ($plugin:ident, prepare) => {
+        const _: () = {
+            struct Exported;
+            impl $crate::worlds::prepare::Guest for Exported {
+                fn prepare(
+                    request: $crate::PrepareRequest,
+                ) -> ::core::result::Result<
+                    ::std::vec::Vec<$crate::ContainerResponse>,
+                    $crate::ModuleError,
+                > {
+                    <$plugin as $crate::Prepare>::prepare(request)
+                }
+            }
+            $crate::worlds::prepare::export! { Exported with_types_in $crate::worlds::prepare }
+        };
+    };
+    ($plugin:ident, unprepare) => {
+        const _: () = {
+            struct Exported;
+            impl $crate::worlds::unprepare::Guest for Exported {
+                fn unprepare(
+                    request: $crate::UnprepareRequest,
+                ) -> ::core::result::Result<(), $crate::ModuleError> {
+                    <$plugin as $crate::Unprepare>::unprepare(request)
+                }
+            }
+            $crate::worlds::unprepare::export! { Exported with_types_in $crate::worlds::unprepare }
         };
     };
 }
@@ -492,6 +752,92 @@ impl Device {
     pub fn cdi_device(mut self, name: &str) -> Self {
         self.allocation = self.allocation.cdi_device(name);
         self
+    }
+}
+
+impl Default for DeviceDetails {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DeviceDetails {
+    /// No attributes and no capacities (add them with the builder methods).
+    pub fn new() -> Self {
+        Self {
+            attributes: Vec::new(),
+            capacities: Vec::new(),
+        }
+    }
+
+    /// Sets the attribute `name` to `value`, replacing an earlier value of
+    /// that name (names are unique). `name` is a C identifier of at most 32
+    /// bytes or `domain/identifier`; not `kind`, `id` or `numaNode`, which the
+    /// host publishes itself.
+    #[must_use]
+    pub fn attribute(mut self, name: &str, value: AttributeValue) -> Self {
+        match self.attributes.iter_mut().find(|a| a.name == name) {
+            Some(attribute) => attribute.value = value,
+            None => self.attributes.push(Attribute {
+                name: name.to_string(),
+                value,
+            }),
+        }
+        self
+    }
+
+    /// Sets a text attribute (at most 64 bytes).
+    #[must_use]
+    pub fn text(self, name: &str, value: &str) -> Self {
+        self.attribute(name, AttributeValue::Text(value.to_string()))
+    }
+
+    /// Sets an integer attribute.
+    #[must_use]
+    pub fn integer(self, name: &str, value: i64) -> Self {
+        self.attribute(name, AttributeValue::Integer(value))
+    }
+
+    /// Sets a boolean attribute.
+    #[must_use]
+    pub fn boolean(self, name: &str, value: bool) -> Self {
+        self.attribute(name, AttributeValue::Boolean(value))
+    }
+
+    /// Sets a semantic-version attribute (`1.2.3`, `2.0.0-rc.1`), which CEL
+    /// compares as a version. The host checks the syntax.
+    #[must_use]
+    pub fn version(self, name: &str, value: &str) -> Self {
+        self.attribute(name, AttributeValue::Version(value.to_string()))
+    }
+
+    /// Sets the capacity `name` to the Kubernetes quantity `value` (`16Gi`,
+    /// `4`, `500m`), replacing an earlier value of that name.
+    #[must_use]
+    pub fn capacity(mut self, name: &str, value: &str) -> Self {
+        match self.capacities.iter_mut().find(|c| c.name == name) {
+            Some(capacity) => capacity.value = value.to_string(),
+            None => self.capacities.push(Capacity {
+                name: name.to_string(),
+                value: value.to_string(),
+            }),
+        }
+        self
+    }
+
+    /// The value of the attribute `name`, if set.
+    pub fn get(&self, name: &str) -> Option<&AttributeValue> {
+        self.attributes
+            .iter()
+            .find(|a| a.name == name)
+            .map(|a| &a.value)
+    }
+}
+
+/// `<namespace>/<name>`, as kubectl names a claim (the UID left out).
+impl std::fmt::Display for ClaimRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
     }
 }
 
@@ -764,6 +1110,60 @@ mod tests {
             merged.cdi_devices,
             ["example.com/fpga=a", "example.com/fpga=b"]
         );
+    }
+
+    #[test]
+    fn details_builder_sets_typed_attributes_and_capacities() {
+        let details = DeviceDetails::new()
+            .text("model", "x")
+            .integer("index", 3)
+            .boolean("virtual", true)
+            .version("firmware", "1.0.0")
+            .capacity("memory", "1Gi");
+        let names: Vec<&str> = details.attributes.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["model", "index", "virtual", "firmware"]);
+        assert!(matches!(details.get("model"), Some(AttributeValue::Text(t)) if t == "x"));
+        assert!(matches!(
+            details.get("index"),
+            Some(AttributeValue::Integer(3))
+        ));
+        assert!(matches!(
+            details.get("virtual"),
+            Some(AttributeValue::Boolean(true))
+        ));
+        assert!(
+            matches!(details.get("firmware"), Some(AttributeValue::Version(v)) if v == "1.0.0")
+        );
+        assert!(details.get("absent").is_none());
+        assert_eq!(details.capacities.len(), 1);
+        assert_eq!(details.capacities[0].name, "memory");
+        assert_eq!(details.capacities[0].value, "1Gi");
+    }
+
+    #[test]
+    fn details_builder_replaces_a_name_set_twice() {
+        let details = DeviceDetails::new()
+            .text("model", "x")
+            .integer("model", 7)
+            .capacity("memory", "1Gi")
+            .capacity("memory", "2Gi");
+        assert_eq!(details.attributes.len(), 1);
+        assert!(matches!(
+            details.get("model"),
+            Some(AttributeValue::Integer(7))
+        ));
+        assert_eq!(details.capacities.len(), 1);
+        assert_eq!(details.capacities[0].value, "2Gi");
+    }
+
+    #[test]
+    fn claim_ref_displays_as_namespace_slash_name() {
+        let claim = ClaimRef {
+            namespace: "default".into(),
+            name: "gpu".into(),
+            uid: "1234".into(),
+        };
+        assert_eq!(claim.to_string(), "default/gpu");
     }
 
     #[test]
