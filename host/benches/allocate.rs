@@ -54,7 +54,7 @@ use wasm_device_plugin::kubelet::dir::KubeletDir;
 use wasm_device_plugin::kubelet::socket;
 use wasm_device_plugin::metrics::Metrics;
 use wasm_device_plugin::snapshot::{AllocationPlan, ResourceSnapshot, SnapshotParts};
-use wdp_tests::{Dirs, WAIT, guests, host_config, test_settings};
+use wdp_tests::{Dirs, guests, host_config, test_settings};
 
 /// Timed calls of the one-client run, per round.
 const CALLS_1: usize = 20_000;
@@ -289,7 +289,7 @@ impl WasmServer {
         // Health checks as in production, not the tests' 50 ms.
         settings.health_interval = Duration::from_secs(10);
         let host = Host::start(host_config(&dirs, settings), &shutdown).expect("host");
-        let socket = runtime.block_on(registered(&kubelet, RESOURCE));
+        let socket = runtime.block_on(common::registered(&kubelet, RESOURCE));
         Self {
             socket,
             host,
@@ -304,19 +304,6 @@ impl WasmServer {
         self.host.stop().await;
         self.kubelet.stop().await;
     }
-}
-
-/// Waits until `resource` is registered and listed; its socket.
-async fn registered(kubelet: &Simulator, resource: &str) -> PathBuf {
-    let view = kubelet
-        .wait_for(WAIT, "registered and listed", |v| {
-            v.plugin(resource)
-                .is_some_and(|p| p.streaming && !p.updates.is_empty())
-        })
-        .await
-        .expect("registered");
-    let endpoint = &view.plugin(resource).expect("plugin").registration.endpoint;
-    kubelet.dir().join(endpoint)
 }
 
 /// What the virtual-devices guest answers, in native code: per container
@@ -411,7 +398,7 @@ impl NativeServer {
                 shutdown: token.clone(),
             },
         );
-        let socket = runtime.block_on(registered(&kubelet, RESOURCE));
+        let socket = runtime.block_on(common::registered(&kubelet, RESOURCE));
         Self {
             socket,
             kubelet,

@@ -5,350 +5,20 @@
 //! object the host writes is validated by the API server.
 //!
 //! Each test has its own node name (so its own pool and slices), namespace and
-//! directories; the API server is shared by the binary.
+//! directories (the fixture, shared with the prepare bench: `tests/src/dra.rs`); the
+//! API server is shared by the binary.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use k8s_openapi::api::resource::v1::ResourceSlice;
-use tokio_util::sync::CancellationToken;
-use wasm_device_plugin::app::{DraConfig, Host, HostConfig};
-use wasm_device_plugin::kubelet::dra::proto::{v1, v1beta1};
+use wasm_device_plugin::kubelet::dra::proto::v1beta1;
 use wasm_device_plugin::kubelet::dra::simulator;
-use wasm_device_plugin::registry::ModuleState;
-use wdp_tests::apiserver::{Allocated, ApiServer, Session, attributes};
-use wdp_tests::{
-    Dirs, WAIT, fixtures, guests, host_config, init_logging, manifest_with_config, test_settings,
+use wdp_tests::apiserver::{ApiServer, attributes};
+use wdp_tests::dra::{
+    DRIVER, DraHost, MODULE, device_names, device_of, generation, manifest, prepare, serving,
+    unprepare,
 };
-
-/// The module's name in the modules directory.
-const MODULE: &str = "virtual";
-/// The driver of kind dev-1 (the default: `<name>.<domain>` of `example.com/dev-1`).
-const DRIVER: &str = "dev-1.example.com";
-/// The DeviceClass the claims name (nothing allocates here: it need not exist).
-const CLASS: &str = "dev-1.example.com";
-
-/// The example manifest's settings: kind dev-1 with `count` devices, through DRA,
-/// without the guest's annotation, plus `extra` config pairs.
-fn manifest(count: u32, extra: &[(&str, &str)]) -> String {
-    let kinds = format!("dev-1={count}");
-    let mut pairs = vec![("kinds", kinds.as_str()), ("annotation", "off")];
-    pairs.extend_from_slice(extra);
-    manifest_with_config("domain = \"example.com\"\napi = \"dra\"", &pairs)
-}
-
-/// The host with the DRA frontend pointed at the shared API server and at
-/// directories of its own, and the test's session there.
-struct DraHost {
-    api: Session,
-    node: String,
-    dirs: Dirs,
-    host: Host,
-    shutdown: CancellationToken,
-}
-
-impl DraHost {
-    /// Creates the Node `node`, writes the virtual guest with `manifest` into a new
-    /// modules directory, and starts the host; `None` when there is no API server
-    /// to run (the test skips).
-    async fn start(name: &str, manifest: &str) -> Option<Self> {
-        Self::start_with(name, manifest, guests::VIRTUAL_DEVICES).await
-    }
-
-    /// [`DraHost::start`] with the module `wasm` instead of the current virtual
-    /// guest.
-    async fn start_with(name: &str, manifest: &str, wasm: &str) -> Option<Self> {
-        let server = ApiServer::shared()?;
-        init_logging();
-        let api = server.session(name).await;
-        let node = format!("{}-node", api.namespace);
-        api.create_node(&node).await;
-        let dirs = Dirs::new();
-        for dir in ["registry", "plugins", "state"] {
-            std::fs::create_dir(dirs.root.path().join(dir)).expect("create dir");
-        }
-        dirs.write_manifest(MODULE, manifest);
-        dirs.add_module(MODULE, wasm);
-        let (host, shutdown) = Self::start_host(&dirs, &node, None);
-        let fixture = Self {
-            api,
-            node,
-            dirs,
-            host,
-            shutdown,
-        };
-        fixture.serving().await;
-        Some(fixture)
-    }
-
-    /// A host on `dirs` for `node`, as the pod `pod_uid` when given (rolling-update
-    /// socket names).
-    fn start_host(dirs: &Dirs, node: &str, pod_uid: Option<&str>) -> (Host, CancellationToken) {
-        let server = ApiServer::shared().expect("started");
-        let root = dirs.root.path();
-        let config = HostConfig {
-            dra: DraConfig {
-                node_name: Some(node.into()),
-                kubeconfig: Some(server.kubeconfig()),
-                registry_dir: root.join("registry"),
-                plugins_dir: root.join("plugins"),
-                state_dir: root.join("state"),
-                pod_uid: pod_uid.map(str::to_string),
-            },
-            ..host_config(dirs, test_settings(&dirs.kubelet()))
-        };
-        let shutdown = CancellationToken::new();
-        let host = Host::start(config, &shutdown).expect("host starts");
-        (host, shutdown)
-    }
-
-    /// Stops the host (as a restart does) and starts it again on the same directories.
-    async fn restart(self) -> Self {
-        let Self {
-            api,
-            node,
-            dirs,
-            host,
-            shutdown,
-        } = self;
-        shutdown.cancel();
-        host.stop().await;
-        let (host, shutdown) = Self::start_host(&dirs, &node, None);
-        let fixture = Self {
-            api,
-            node,
-            dirs,
-            host,
-            shutdown,
-        };
-        fixture.serving().await;
-        fixture
-    }
-
-    /// Waits until the module serves (its sockets are bound by then).
-    async fn serving(&self) {
-        serving(&self.host).await;
-    }
-
-    fn registration_socket(&self) -> PathBuf {
-        self.dirs
-            .root
-            .path()
-            .join("registry")
-            .join(format!("{DRIVER}-reg.sock"))
-    }
-
-    fn cdi(&self) -> PathBuf {
-        self.dirs.cdi()
-    }
-
-    /// Registers the driver as kubelet's plugin watcher does; its DRA client.
-    async fn register(&self) -> v1::dra_plugin_client::DraPluginClient<tonic::transport::Channel> {
-        let registered =
-            tokio::time::timeout(WAIT, simulator::register(&self.registration_socket()))
-                .await
-                .expect("registration in time")
-                .expect("kubelet registers the driver");
-        assert_eq!(registered.driver, DRIVER);
-        assert_eq!(
-            registered.endpoint,
-            self.dirs
-                .root
-                .path()
-                .join("plugins")
-                .join(DRIVER)
-                .join("dra.sock")
-        );
-        assert!(registered.versions.iter().any(|v| v == "v1.DRAPlugin"));
-        assert!(registered.versions.iter().any(|v| v == "v1beta1.DRAPlugin"));
-        simulator::client(&registered.endpoint).expect("DRA client")
-    }
-
-    /// Waits until the driver's slices on this node satisfy `condition`.
-    async fn slices(
-        &self,
-        what: &str,
-        condition: impl FnMut(&[ResourceSlice]) -> bool,
-    ) -> Vec<ResourceSlice> {
-        self.api
-            .wait_slices(DRIVER, &self.node, WAIT, what, condition)
-            .await
-    }
-
-    /// Creates claim `name` with `requests` and allocates to each the device named
-    /// alongside it, of this driver on this node; returns its UID.
-    async fn allocated_claim(&self, name: &str, requests: &[(&str, &str)]) -> String {
-        let names: Vec<&str> = requests.iter().map(|(r, _)| *r).collect();
-        let claim = self.api.create_claim(name, CLASS, &names).await;
-        let results: Vec<Allocated<'_>> = requests
-            .iter()
-            .map(|(request, device)| Allocated {
-                request,
-                driver: DRIVER,
-                pool: &self.node,
-                device,
-            })
-            .collect();
-        self.api
-            .allocate(
-                name,
-                &results,
-                &[("pod", "6a9c5c1e-0000-4000-8000-00000000000a")],
-            )
-            .await;
-        claim.metadata.uid.expect("claim uid")
-    }
-
-    /// [`DraHost::allocated_claim`] of one request `gpu` given `device`, with
-    /// `config` as its allocation's opaque configuration for this driver (each
-    /// `(source, requests, parameters)`).
-    async fn configured_claim(
-        &self,
-        name: &str,
-        device: &str,
-        config: &[(&str, &[&str], serde_json::Value)],
-    ) -> String {
-        let claim = self.api.create_claim(name, CLASS, &["gpu"]).await;
-        let config: Vec<(&str, &[&str], &str, serde_json::Value)> = config
-            .iter()
-            .map(|(source, requests, parameters)| (*source, *requests, DRIVER, parameters.clone()))
-            .collect();
-        self.api
-            .allocate_configured(
-                name,
-                &[Allocated {
-                    request: "gpu",
-                    driver: DRIVER,
-                    pool: &self.node,
-                    device,
-                }],
-                &[("pod", "6a9c5c1e-0000-4000-8000-00000000000b")],
-                &config,
-            )
-            .await;
-        claim.metadata.uid.expect("claim uid")
-    }
-
-    /// The environment of the claim `uid`'s CDI device for request `gpu`.
-    fn spec_env(&self, uid: &str) -> Vec<String> {
-        let spec = std::fs::read_to_string(self.spec_file(uid)).expect("the claim's CDI spec");
-        let spec: serde_json::Value = serde_json::from_str(&spec).expect("JSON spec");
-        spec["devices"][0]["containerEdits"]["env"]
-            .as_array()
-            .expect("env")
-            .iter()
-            .map(|v| v.as_str().expect("text").to_string())
-            .collect()
-    }
-
-    fn claim_ref(&self, name: &str, uid: &str) -> v1::Claim {
-        v1::Claim {
-            namespace: self.api.namespace.clone(),
-            name: name.into(),
-            uid: uid.into(),
-        }
-    }
-
-    /// The claim's CDI spec file, as the contract names it.
-    fn spec_file(&self, uid: &str) -> PathBuf {
-        self.cdi()
-            .join(format!("wasm-device-plugin-claim_{DRIVER}_{uid}.json"))
-    }
-
-    /// Stops the host; the test's session, to look at what it left.
-    async fn stop(self) -> Session {
-        self.shutdown.cancel();
-        self.host.stop().await;
-        self.api
-    }
-}
-
-/// Waits until `host` serves the module (its sockets are bound by then).
-async fn serving(host: &Host) {
-    let mut states = host.states();
-    let served = tokio::time::timeout(
-        WAIT,
-        states.wait_for(|s| matches!(s.get(MODULE), Some(ModuleState::Serving(_)))),
-    )
-    .await;
-    assert!(
-        matches!(served, Ok(Ok(_))),
-        "the module never served: {:?}, refusals {:?}",
-        *host.states().borrow(),
-        *host.refusals().borrow()
-    );
-}
-
-/// NodePrepareResources of one claim; its answer.
-async fn prepare(
-    client: &mut v1::dra_plugin_client::DraPluginClient<tonic::transport::Channel>,
-    claim: v1::Claim,
-) -> v1::NodePrepareResourceResponse {
-    let uid = claim.uid.clone();
-    let mut answer = tokio::time::timeout(
-        WAIT,
-        client.node_prepare_resources(v1::NodePrepareResourcesRequest {
-            claims: vec![claim],
-        }),
-    )
-    .await
-    .expect("prepare answers in time")
-    .expect("prepare succeeds as a call")
-    .into_inner();
-    answer
-        .claims
-        .remove(&uid)
-        .unwrap_or_else(|| panic!("no answer for claim {uid}: {answer:?}"))
-}
-
-/// NodeUnprepareResources of one claim; its error (empty: done).
-async fn unprepare(
-    client: &mut v1::dra_plugin_client::DraPluginClient<tonic::transport::Channel>,
-    claim: v1::Claim,
-) -> String {
-    let uid = claim.uid.clone();
-    let mut answer = tokio::time::timeout(
-        WAIT,
-        client.node_unprepare_resources(v1::NodeUnprepareResourcesRequest {
-            claims: vec![claim],
-        }),
-    )
-    .await
-    .expect("unprepare answers in time")
-    .expect("unprepare succeeds as a call")
-    .into_inner();
-    answer
-        .claims
-        .remove(&uid)
-        .unwrap_or_else(|| panic!("no answer for claim {uid}: {answer:?}"))
-        .error
-}
-
-/// The device names in `slices`, sorted.
-fn device_names(slices: &[ResourceSlice]) -> Vec<String> {
-    let mut names: Vec<String> = slices
-        .iter()
-        .flat_map(|s| s.spec.devices.iter().flatten())
-        .map(|d| d.name.clone())
-        .collect();
-    names.sort();
-    names
-}
-
-fn generation(slices: &[ResourceSlice]) -> i64 {
-    slices.first().map_or(0, |s| s.spec.pool.generation)
-}
-
-/// The slice name of guest id `/node1/dev1/<n>` (not a DNS label: lowercased,
-/// dashes, and a hash of the id), found by its `id` attribute.
-fn device_of(slices: &[ResourceSlice], id: &str) -> String {
-    slices
-        .iter()
-        .flat_map(|s| s.spec.devices.iter().flatten())
-        .find(|d| attributes(d).get("id").map(String::as_str) == Some(id))
-        .map(|d| d.name.clone())
-        .unwrap_or_else(|| panic!("no device with id {id} in {slices:#?}"))
-}
+use wdp_tests::{Dirs, WAIT, fixtures, guests, init_logging, manifest_with_config, test_settings};
 
 #[tokio::test]
 async fn dra_driver_registers_and_publishes_its_devices() {
@@ -516,14 +186,7 @@ async fn dra_claim_prepared_idempotently_and_unprepared() {
 
     let again = prepare(&mut client, fixture.claim_ref("claim", &uid)).await;
     assert_eq!(again, answer, "preparing twice answers the same");
-    let endpoint = fixture
-        .dirs
-        .root
-        .path()
-        .join("plugins")
-        .join(DRIVER)
-        .join("dra.sock");
-    let mut beta = simulator::client_v1beta1(&endpoint).expect("v1beta1 client");
+    let mut beta = simulator::client_v1beta1(&fixture.endpoint()).expect("v1beta1 client");
     let claim = fixture.claim_ref("claim", &uid);
     let beta_answer = tokio::time::timeout(
         WAIT,
@@ -690,7 +353,7 @@ async fn dra_annotations_in_a_guest_answer_fail_the_claim() {
         &[("kinds", "dev-1=2"), ("annotation", "on")],
     );
     let Some(fixture) =
-        DraHost::start_with("annotation", &text, fixtures::VIRTUAL_DEVICES_0_2_1).await
+        DraHost::start_module("annotation", &text, fixtures::VIRTUAL_DEVICES_0_2_1).await
     else {
         return;
     };
@@ -747,8 +410,9 @@ async fn dra_rolling_update_keeps_the_new_hosts_slices() {
     }
     dirs.write_manifest(MODULE, &manifest(2, &[]));
     dirs.add_module(MODULE, guests::VIRTUAL_DEVICES);
+    let settings = test_settings(&dirs.kubelet());
 
-    let (old, old_shutdown) = DraHost::start_host(&dirs, &node, Some("old-pod"));
+    let (old, old_shutdown) = DraHost::start_host(&dirs, &node, Some("old-pod"), settings.clone());
     serving(&old).await;
     let old_socket = dirs
         .root
@@ -764,7 +428,7 @@ async fn dra_rolling_update_keeps_the_new_hosts_slices() {
         })
         .await;
 
-    let (new, new_shutdown) = DraHost::start_host(&dirs, &node, Some("new-pod"));
+    let (new, new_shutdown) = DraHost::start_host(&dirs, &node, Some("new-pod"), settings);
     serving(&new).await;
     let new_socket = dirs
         .root
@@ -867,7 +531,7 @@ async fn dra_configuration_the_module_refuses_fails_the_claim_naming_it() {
 /// `allocate`), and refuses one with configuration rather than ignore it.
 #[tokio::test]
 async fn dra_configuration_for_a_module_without_prepare_is_refused() {
-    let Some(fixture) = DraHost::start_with(
+    let Some(fixture) = DraHost::start_module(
         "noprepare",
         &manifest(2, &[]),
         fixtures::VIRTUAL_DEVICES_0_2_1,

@@ -3,6 +3,7 @@
 //! a temporary directory.
 
 pub mod apiserver;
+pub mod dra;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

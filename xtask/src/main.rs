@@ -566,7 +566,7 @@ fn test(extra: &[String]) -> Result<(), String> {
 
 /// The benchmarks `cargo xtask bench` runs, in order; each writes its section
 /// of [`BENCHMARKS`].
-const BENCHES: [&str; 4] = ["allocate", "footprint", "scale", "reregister"];
+const BENCHES: [&str; 5] = ["allocate", "prepare", "footprint", "scale", "reregister"];
 /// The document the benchmarks write their figures into.
 const BENCHMARKS: &str = "BENCHMARKS.md";
 /// Where the Go peer's programs are, packed, relative to the repository root.
@@ -577,7 +577,8 @@ const PEER_DIR: &str = "target/peer";
 /// `cargo xtask bench [--no-write]`: runs [`BENCHES`] in the bench profile (an
 /// optimised build) and writes their figures into [`BENCHMARKS`] (not with
 /// `--no-write`). The Go peer is unpacked from [`PEER_PACKED`] (or taken from
-/// `WDP_PEER_DIR`); without it the comparison with it is left out, loudly.
+/// `WDP_PEER_DIR`); without it the comparison with it is left out, loudly. The
+/// prepare bench's kube-apiserver and etcd come from [`ensure_control_plane`].
 fn bench(args: &[String]) -> Result<(), String> {
     let mut write = true;
     for arg in args {
@@ -608,6 +609,9 @@ fn bench(args: &[String]) -> Result<(), String> {
             "bench: the Go peer is not at {PEER_PACKED} (nor named by WDP_PEER_DIR); it is left out"
         ),
     }
+    // The prepare bench's kube-apiserver and etcd; without them (no Go) it says so
+    // and leaves its section as it was.
+    cmd.envs(ensure_control_plane(false)?);
     run(&mut cmd)
 }
 

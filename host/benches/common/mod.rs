@@ -1,5 +1,6 @@
-//! What the benchmarks share: percentiles of samples, and writing a bench's
-//! Markdown section into `BENCHMARKS.md`.
+//! What the benchmarks share: percentiles of samples, waiting for a device
+//! plugin's registration, and writing a bench's Markdown section into
+//! `BENCHMARKS.md`.
 //!
 //! Each bench prints its section to stdout. With `WDP_BENCH_WRITE=<file>` set
 //! (`cargo xtask bench` sets it to the repository's `BENCHMARKS.md`), it also
@@ -9,7 +10,11 @@
 
 #![allow(dead_code)]
 
+use std::path::PathBuf;
 use std::time::Duration;
+
+use wasm_device_plugin::kubelet::deviceplugin::simulator::Simulator;
+use wdp_tests::WAIT;
 
 /// Sorted samples, for percentiles.
 pub struct Samples(Vec<Duration>);
@@ -48,6 +53,19 @@ impl Samples {
     pub fn len(&self) -> usize {
         self.0.len()
     }
+}
+
+/// Waits until `resource` is registered with `kubelet` and listed; its socket.
+pub async fn registered(kubelet: &Simulator, resource: &str) -> PathBuf {
+    let view = kubelet
+        .wait_for(WAIT, "registered and listed", |v| {
+            v.plugin(resource)
+                .is_some_and(|p| p.streaming && !p.updates.is_empty())
+        })
+        .await
+        .expect("registered");
+    let endpoint = &view.plugin(resource).expect("plugin").registration.endpoint;
+    kubelet.dir().join(endpoint)
 }
 
 /// `d` in microseconds, one decimal.
