@@ -9,8 +9,9 @@
 //! - a pool of ResourceClaims is created and allocated up front, as the
 //!   scheduler would, a few per client, one device each; each timed cycle
 //!   prepares one claim of the client's (the host GETs it from the API server,
-//!   runs the guest's allocate, writes its CDI spec and its checkpoint) and
-//!   unprepares it again, so the next prepare of that claim does it all anew;
+//!   runs the guest's `prepare`, writes its CDI spec and its checkpoint) and
+//!   unprepares it again (the guest's `unprepare`, the spec removed, the
+//!   checkpoint written), so the next prepare of that claim does it all anew;
 //! - Allocate of one device of `dev-2`, as the allocate bench does;
 //!
 //! each with 1 client and with 8 concurrent clients (a connection each), from a
@@ -69,8 +70,8 @@ const DP_RESOURCE: &str = "example.com/dev-2";
 const DP_DEVICES: usize = 4;
 
 /// The manifest: `dev-1` through DRA (the default here), `dev-2` through the
-/// device-plugin API; the guest's annotation off for both, as DRA requires, so
-/// the guest does the same work for either.
+/// device-plugin API; the guest's annotation off, so that an Allocate answers
+/// what a claim's CDI spec holds (the guest's `prepare` never annotates).
 fn manifest() -> String {
     let kinds = format!("dev-1={DRA_DEVICES},dev-2={DP_DEVICES}");
     manifest_with_config(
@@ -434,21 +435,21 @@ fn report(results: &BTreeMap<(Load, usize), Run>, filesystem: &str) -> String {
         "One host in the bench's process serves the virtual-devices guest as one module: kind \
          `dev-1` ({DRA_DEVICES} devices) as the DRA driver `dev-1.example.com`, kind `dev-2` \
          ({DP_DEVICES} devices) as the device plugin `{DP_RESOURCE}`, same guest and config \
-         (`annotation = \"off\"`, which DRA requires, for both). Its API server is a real \
+         (`annotation = \"off\"`, so that Allocate answers no more than a claim's CDI spec holds). Its API server is a real \
          kube-apiserver with etcd (the version `e2e/cluster/kubernetes` pins) on this \
-         machine (TLS over loopback, the fixture of `tests/src/apiserver.rs`). The clients \
+         machine (TLS over loopback, the fixture of `tests/apiserver/`). The clients \
          are tonic clients on a current-thread runtime, a connection each, over the host's \
          unix sockets, as kubelet's are.\n\n\
          - **NodePrepareResources** of one claim with one device: the GET of the ResourceClaim \
-         from the API server (its UID and allocation checked), the guest's `allocate` and \
-         `post-allocate` through the output policy, the claim's CDI spec written (temporary \
+         from the API server (its UID and allocation checked), the guest's `prepare` (WIT \
+         0.2.2) through the output policy, the claim's CDI spec written (temporary \
          file, fsync, rename) and the checkpoint of prepared claims written (likewise) before \
          the answer, both in the bench's temporary directory (filesystem `{filesystem}`, as \
          `stat -f` names it). {CLAIMS_PER_CLIENT} claims per client are created and \
          allocated up front (the scheduler's part) and reused; each cycle prepares one and \
          unprepares it, so every prepare does all of the above.\n\
          - **NodeUnprepareResources** of the claim just prepared: its spec removed and the \
-         checkpoint written; no API call, no guest call.\n\
+         checkpoint written after the guest's `unprepare`; no API call.\n\
          - **Allocate** (device-plugin v1beta1) of one device of `dev-2`: the guest's `allocate` \
          and `post-allocate` through the same policy, answered inline; no API server, no file.\n\n\
          A driver prepares its claims one at a time (its checkpoint lock is held from after the \

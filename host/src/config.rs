@@ -240,6 +240,18 @@ pub struct DemoArgs {
     /// shipped guests and passes their directory).
     #[arg(long, env = "WDP_MODULES_DIR")]
     pub modules_dir: PathBuf,
+    /// Kubeconfig of a throwaway API server, to show the DRA half: after the
+    /// device-plugin half, the module serving example.com/dev-1 (the shipped
+    /// virtual-devices guest) is switched to DRA by rewriting its manifest live;
+    /// the demo creates a Node for its simulated node, prints the ResourceSlices
+    /// the host publishes, creates and allocates a ResourceClaim (playing the
+    /// scheduler), prepares and unprepares it through the driver, and deletes
+    /// what it created. kube-apiserver and etcd suffice (no kubelet, scheduler or
+    /// controllers); `cargo xtask demo` starts them and passes this. Deliberately
+    /// not read from $KUBECONFIG: the demo writes a Node. Without it the DRA half
+    /// is skipped.
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
     /// Host settings.
     #[command(flatten)]
     pub host: HostArgs,

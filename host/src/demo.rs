@@ -1,7 +1,13 @@
 //! `wasm-device-plugin demo`: the host and the kubelet simulator in one process,
 //! over real sockets in a temporary directory. Prints what kubelet receives
 //! (registrations, ListAndWatch), what a pod gets (Allocate responses) and the
-//! CDI specs the host wrote for resources served with CDI.
+//! CDI specs the host wrote for resources served with CDI. With `--kubeconfig`
+//! (of a throwaway API server) it then serves the virtual guest's
+//! `example.com/dev-1` as a DRA driver too ([`dra`]); without, it says how to
+//! see that.
+
+#[cfg(feature = "dra")]
+pub mod dra;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -33,21 +39,70 @@ pub async fn run(args: &DemoArgs, out: &mut impl Write) -> anyhow::Result<()> {
     let cdi_dir = dir.path().join("cdi");
     std::fs::create_dir(&cdi_dir).context("cannot create the CDI spec directory")?;
     let (modules_dir, simulated) = stage(&args.modules_dir, dir.path())?;
+    #[cfg(feature = "dra")]
+    let (mut cluster, dra) = match &args.kubeconfig {
+        Some(kubeconfig) => {
+            let (cluster, dra) = dra::Cluster::connect(kubeconfig, dir.path()).await?;
+            (Some(cluster), dra)
+        }
+        None => (None, crate::app::DraConfig::default()),
+    };
+    #[cfg(not(feature = "dra"))]
+    let dra = crate::app::DraConfig::default();
     let kubelet = Simulator::start(&kubelet_dir)?;
     let shutdown = CancellationToken::new();
     let config = HostConfig {
-        modules_dir,
+        modules_dir: modules_dir.clone(),
         cache_dir: None,
         settle: crate::app::DEFAULT_SETTLE,
         settings: args.host.settings(kubelet_dir, cdi_dir.clone()),
-        dra: crate::app::DraConfig::default(),
+        dra: dra.clone(),
     };
     let host = Host::start(config, &shutdown)?;
     let result = report(&host, &kubelet, args, &simulated, out).await;
-    let result = result.and_then(|()| cdi_specs(&cdi_dir, out));
+    let mut result = result.and_then(|()| cdi_specs(&cdi_dir, out));
+    #[cfg(feature = "dra")]
+    if result.is_ok() {
+        result = match cluster.as_mut() {
+            Some(cluster) => {
+                cluster
+                    .show(&host, &kubelet, &dra, &modules_dir, &cdi_dir, out)
+                    .await
+            }
+            None => dra_skipped(out),
+        };
+    }
+    #[cfg(not(feature = "dra"))]
+    if result.is_ok() {
+        result = match args.kubeconfig {
+            Some(_) => writeln!(
+                out,
+                "\nDRA: skipped: this build has no `dra` feature (the DRA frontend)"
+            )
+            .map_err(Into::into),
+            None => dra_skipped(out),
+        };
+    }
     host.stop().await;
+    // After the host stopped: a running host would republish the slices.
+    #[cfg(feature = "dra")]
+    if let Some(cluster) = cluster {
+        let cleaned = cluster.clean(out).await;
+        result = result.and(cleaned);
+    }
     kubelet.stop().await;
     result
+}
+
+/// The line that ends a demo run without `--kubeconfig`.
+fn dra_skipped(out: &mut impl Write) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "\nDRA: skipped (no --kubeconfig). `cargo xtask demo` starts a throwaway \
+         kube-apiserver and passes its kubeconfig, to show example.com/dev-1 served as a \
+         DRA driver as well."
+    )?;
+    Ok(())
 }
 
 async fn report(
@@ -192,36 +247,47 @@ fn cdi_specs(dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {
         )?;
     }
     for path in files {
-        let spec: crate::cdi::Spec = serde_json::from_slice(&std::fs::read(&path)?)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        print_spec(&path, "  ", out)?;
+    }
+    Ok(())
+}
+
+/// The CDI spec at `path`, its lines indented by `indent`: the file, its kind,
+/// and each device's name with what it injects (device nodes, mounts, and
+/// environment variables).
+fn print_spec(path: &Path, indent: &str, out: &mut impl Write) -> anyhow::Result<()> {
+    let spec: crate::cdi::Spec = serde_json::from_slice(
+        &std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?,
+    )
+    .with_context(|| format!("cannot read {}", path.display()))?;
+    writeln!(
+        out,
+        "{indent}{}  (cdiVersion {}, kind {})",
+        path.display(),
+        spec.cdi_version,
+        spec.kind
+    )?;
+    for device in &spec.devices {
+        let edits = &device.container_edits;
+        let injects: Vec<String> = edits
+            .device_nodes
+            .iter()
+            .map(|n| format!("{} -> {} ({})", n.host_path, n.path, n.permissions))
+            .chain(
+                edits
+                    .mounts
+                    .iter()
+                    .map(|m| format!("{} -> {} (mount)", m.host_path, m.container_path)),
+            )
+            .chain(edits.env.iter().map(|e| format!("env {e}")))
+            .collect();
         writeln!(
             out,
-            "  {}  (cdiVersion {}, kind {})",
-            path.display(),
-            spec.cdi_version,
-            spec.kind
+            "{indent}  {}={}: {}",
+            spec.kind,
+            device.name,
+            injects.join(", ")
         )?;
-        for device in &spec.devices {
-            let edits = &device.container_edits;
-            let injects: Vec<String> = edits
-                .device_nodes
-                .iter()
-                .map(|n| format!("{} -> {} ({})", n.host_path, n.path, n.permissions))
-                .chain(
-                    edits
-                        .mounts
-                        .iter()
-                        .map(|m| format!("{} -> {} (mount)", m.host_path, m.container_path)),
-                )
-                .collect();
-            writeln!(
-                out,
-                "    {}={}: {}",
-                spec.kind,
-                device.name,
-                injects.join(", ")
-            )?;
-        }
     }
     Ok(())
 }

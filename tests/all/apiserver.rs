@@ -1,4 +1,4 @@
-//! The `ApiServer` fixture itself (`tests/src/apiserver.rs`): a real kube-apiserver
+//! The `ApiServer` fixture itself (`tests/apiserver/src/lib.rs`): a real kube-apiserver
 //! accepts and stores what the DRA tests write, as the scheduler and the host would
 //! write it, and refuses what it should.
 

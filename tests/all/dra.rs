@@ -1,4 +1,4 @@
-//! The DRA frontend against a real kube-apiserver (`tests/src/apiserver.rs`): kubelet's
+//! The DRA frontend against a real kube-apiserver (`tests/apiserver/src/lib.rs`): kubelet's
 //! side is played over real unix sockets by the host's own simulator
 //! (`kubelet/dra/simulator.rs`: the plugin watcher's registration handshake and a DRA
 //! client), the scheduler's by the test (it writes the claim's allocation), and every

@@ -4,10 +4,14 @@
 use std::collections::BTreeMap;
 
 use clap::Parser;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::resource::v1::ResourceClaim;
+use kube::Api;
 use tonic::Code;
 use wasm_device_plugin::config::{Cli, Command};
 use wasm_device_plugin::kubelet::deviceplugin::simulator::KubeletView;
 use wasm_device_plugin::registry::ModuleState;
+use wdp_tests::apiserver::ApiServer;
 use wdp_tests::{Dirs, Fixture, WAIT, guests, ids, status_of};
 
 const DEV1: &str = "example.com/dev-1";
@@ -377,13 +381,19 @@ async fn stopping_the_host_removes_its_sockets_and_ends_the_streams() {
 /// What `wasm-device-plugin demo --modules-dir <modules>` prints, with the demo's
 /// own defaults.
 async fn demo(modules: &std::path::Path) -> String {
-    let cli = Cli::try_parse_from([
+    demo_with(modules, &[]).await
+}
+
+/// [`demo`] with `extra` arguments.
+async fn demo_with(modules: &std::path::Path, extra: &[&std::ffi::OsStr]) -> String {
+    let mut args = vec![
         "wasm-device-plugin".as_ref(),
         "demo".as_ref(),
         "--modules-dir".as_ref(),
         modules.as_os_str(),
-    ])
-    .expect("demo arguments parse");
+    ];
+    args.extend_from_slice(extra);
+    let cli = Cli::try_parse_from(args).expect("demo arguments parse");
     let Command::Demo(args) = cli.command else {
         panic!("not the demo subcommand")
     };
@@ -418,6 +428,103 @@ async fn demo_prints_registrations_devices_and_an_allocation_from_the_guest() {
     ] {
         assert!(out.contains(line), "{line} in:\n{out}");
     }
+    // Without an API server the DRA half is skipped, saying how to see it.
+    assert!(
+        out.trim_end().ends_with(
+            "DRA: skipped (no --kubeconfig). `cargo xtask demo` starts a throwaway \
+             kube-apiserver and passes its kubeconfig, to show example.com/dev-1 served as a \
+             DRA driver as well."
+        ),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn demo_with_an_api_server_serves_the_virtual_guest_through_dra_too() {
+    const DRIVER: &str = "dev-1.example.com";
+    let Some(server) = ApiServer::shared() else {
+        return;
+    };
+    let dirs = virtual_devices();
+    let modules = dirs.modules();
+    let kubeconfig = server.kubeconfig();
+    let out = demo_with(&modules, &["--kubeconfig".as_ref(), kubeconfig.as_os_str()]).await;
+    // The device-plugin half first, as without an API server.
+    assert!(
+        out.contains("virtual: serving example.com/dev-1, example.com/dev-2"),
+        "{out}"
+    );
+    assert!(out.contains("DEV_dev_1_ID_0=/node1/dev1/1"), "{out}");
+    assert!(!out.contains("DRA: skipped"), "{out}");
+    let (_, dra) = out
+        .split_once("\nDRA: the same module's example.com/dev-1")
+        .unwrap_or_else(|| panic!("no DRA half in:\n{out}"));
+
+    // The same module's dev-1 leaves the device-plugin API; dev-2 stays.
+    for line in [
+        "virtual.toml rewritten, applied live by the host",
+        "device-plugin API: example.com/dev-1 withdrawn",
+        "device-plugin API: example.com/dev-2 still served",
+        "driver dev-1.example.com  endpoint=",
+        "versions=v1.DRAPlugin,v1beta1.DRAPlugin",
+    ] {
+        assert!(dra.contains(line), "{line} in:\n{dra}");
+    }
+    let node = dra
+        .split_once("  Node ")
+        .and_then(|(_, rest)| rest.split_once(' '))
+        .map(|(node, _)| node.to_string())
+        .unwrap_or_else(|| panic!("no Node in:\n{dra}"));
+
+    // One slice of the node's pool, owned by the Node, listing the guest's 4 devices.
+    let slices: Vec<&str> = dra
+        .lines()
+        .filter(|l| l.contains(&format!("driver={DRIVER}  pool={node} (generation")))
+        .collect();
+    assert_eq!(slices.len(), 1, "{dra}");
+    assert!(slices[0].ends_with(&format!("owner=Node/{node}")), "{dra}");
+    for n in 1..=4 {
+        let device = format!("  id=/node1/dev1/{n}  kind=dev-1");
+        assert_eq!(
+            dra.lines().filter(|l| l.ends_with(&device)).count(),
+            1,
+            "{device} in:\n{dra}"
+        );
+    }
+
+    // The claim, prepared: the CDI id the answer names is in the claim's spec,
+    // which the unprepare removed.
+    let uid = dra
+        .split_once(" (uid ")
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .map(|(uid, _)| uid.to_string())
+        .unwrap_or_else(|| panic!("no claim uid in:\n{dra}"));
+    let cdi_id = format!("{DRIVER}/claim={uid}-dev");
+    assert!(dra.contains(&format!("CDI ids {cdi_id}\n")), "{dra}");
+    let spec = format!("wasm-device-plugin-claim_{DRIVER}_{uid}.json");
+    assert!(
+        dra.contains(&format!(
+            "{spec}  (cdiVersion 0.6.0, kind {DRIVER}/claim)\n      {cdi_id}: env DEV_dev_1_ID_0=/node1/dev1/"
+        )),
+        "{dra}"
+    );
+    assert!(dra.contains("unprepared; "), "{dra}");
+    assert!(dra.contains(&format!("{spec} removed")), "{dra}");
+
+    // Nothing of the demo's is left in the API server.
+    assert!(dra.contains(&format!("deleted Node {node}")), "{dra}");
+    let api = server.session("demo").await;
+    assert!(
+        api.get(&api.cluster::<Node>(), &node).await.is_none(),
+        "Node {node} left behind"
+    );
+    let slices = api.slices(DRIVER, &node).await;
+    assert!(slices.is_empty(), "slices left behind: {slices:#?}");
+    let claims: Api<ResourceClaim> = Api::namespaced(api.client.clone(), "default");
+    assert!(
+        api.get(&claims, &format!("{node}-claim")).await.is_none(),
+        "claim left behind"
+    );
 }
 
 #[tokio::test]

@@ -2,7 +2,9 @@
 //! that runs the real host against the kubelet simulator over real unix sockets in
 //! a temporary directory.
 
-pub mod apiserver;
+/// The `ApiServer` fixture: a real etcd and kube-apiserver (a crate of its own, so that
+/// `cargo xtask demo` runs it without building the test fixtures).
+pub use wdp_apiserver as apiserver;
 pub mod dra;
 
 use std::net::SocketAddr;

@@ -1,6 +1,8 @@
 //! Project tasks, run as `cargo xtask <task>` (an alias in `.cargo/config.toml`):
 //!
-//! - `demo`: builds the shipped guests and runs `wasm-device-plugin demo` on them;
+//! - `demo`: builds the shipped guests and runs `wasm-device-plugin demo` on them,
+//!   with a throwaway etcd and kube-apiserver (built with Go as for `test`, run by
+//!   `wdp-apiserver`, the tests' fixture as a process) for the demo's DRA half;
 //! - `test`: installs what the tests need (the `wasm32-wasip2` target, and in a
 //!   venv at `target/py` componentize-py for the Python guest and grpcio with
 //!   grpcio-tools for the Python gRPC client) and runs every
@@ -26,8 +28,9 @@
 //!
 //! Needs rustup and cargo; `test` and `fuzz` also need `python3` with its `venv`
 //! module (the test crate builds the Python guest, and `test` runs a Python gRPC
-//! client); `test` also needs Go and openssl (the API server's build and certificates;
-//! without Go, outside CI, the tests that need the API server skip, saying so).
+//! client); `test` and `demo` also need Go and openssl (the API server's build and
+//! certificates; without Go, outside CI, the tests that need the API server and the
+//! demo's DRA half are skipped, saying so).
 
 mod e2e;
 
@@ -47,7 +50,7 @@ const PY_VENV: &str = "target/py";
 /// `proto/` with its bundled protoc, and is released in step with grpcio.
 const GRPCIO_VERSION: &str = "1.85.1";
 /// Name the kube-apiserver and etcd binaries the test crate's `ApiServer` fixture
-/// runs (`tests/src/apiserver.rs` reads them); `test` sets them unless they are set.
+/// runs (`tests/apiserver/src/lib.rs` reads them); `test` sets them unless they are set.
 const KUBE_APISERVER_ENV: &str = "WDP_KUBE_APISERVER";
 const ETCD_ENV: &str = "WDP_ETCD";
 /// How long `cargo xtask fuzz` runs without `--seconds`.
@@ -71,7 +74,7 @@ fn main() -> ExitCode {
         _ => {
             eprintln!("usage: cargo xtask <demo|test|guests|dist|bench|guide|fuzz|e2e> [args...]");
             eprintln!(
-                "  demo    build the shipped guests and run `wasm-device-plugin demo` on them"
+                "  demo    build the shipped guests and run `wasm-device-plugin demo` on them, with a throwaway kube-apiserver for its DRA half"
             );
             eprintln!(
                 "  test    install the wasm target, componentize-py and grpcio, run every test (args go to `cargo test`)"
@@ -209,9 +212,10 @@ fn ensure_control_plane(ci: bool) -> Result<Vec<(&'static str, PathBuf)>, String
     }
     if !ci && Command::new("go").arg("version").output().is_err() {
         eprintln!(
-            "test: Go is not installed, so kube-apiserver and etcd cannot be built: \
-             the tests that need an API server will skip (set {KUBE_APISERVER_ENV} and \
-             {ETCD_ENV} to run them with binaries built elsewhere)"
+            "xtask: Go is not installed, so kube-apiserver and etcd cannot be built: \
+             what needs an API server is skipped (the tests that need one, the demo's DRA \
+             half; set {KUBE_APISERVER_ENV} and {ETCD_ENV} to run them with binaries built \
+             elsewhere)"
         );
         return Ok(Vec::new());
     }
@@ -492,9 +496,16 @@ fn target_dir() -> Result<PathBuf, String> {
     Ok(PathBuf::from(value))
 }
 
+/// Builds the shipped guests and runs `wasm-device-plugin demo` on them with
+/// `extra` arguments; with an API server of its own (`wdp-apiserver`, the tests'
+/// fixture: etcd and kube-apiserver, built with Go on first use) passed as
+/// `--kubeconfig`, so that the demo shows the DRA half too. The API server is
+/// stopped afterwards, whatever the demo's outcome.
 fn demo(extra: &[String]) -> Result<(), String> {
     let modules = guests()?;
-    run(cargo()
+    let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false");
+    let mut host_demo = cargo();
+    host_demo
         .args([
             "run",
             "--quiet",
@@ -504,8 +515,104 @@ fn demo(extra: &[String]) -> Result<(), String> {
             "demo",
             "--modules-dir",
         ])
-        .arg(modules)
-        .args(extra))
+        .arg(modules);
+    eprintln!(
+        "demo: kube-apiserver and etcd for the DRA half: those {KUBE_APISERVER_ENV} and \
+         {ETCD_ENV} name, else built with Go into target/e2e/bin unless there already (a \
+         cold build takes several minutes)"
+    );
+    let control_plane = ensure_control_plane(ci)?;
+    if control_plane.is_empty() {
+        eprintln!("demo: no kube-apiserver and etcd: the demo runs without its DRA half");
+        return run(host_demo.args(extra));
+    }
+    eprintln!("demo: starting etcd and kube-apiserver (wdp-apiserver: the tests' fixture)");
+    let apiserver = DemoApiServer::start(control_plane)?;
+    let result = run(host_demo
+        .arg("--kubeconfig")
+        .arg(&apiserver.kubeconfig)
+        .args(extra));
+    let stopped = apiserver.stop();
+    result.and(stopped)
+}
+
+/// `wdp-apiserver` (the tests' `ApiServer` fixture as a process) running for the demo: it prints its kubeconfig
+/// once the API server is ready, and stops etcd and kube-apiserver when its stdin
+/// closes. Dropped without [`DemoApiServer::stop`] (an early return, a panic), it
+/// is still stopped.
+struct DemoApiServer {
+    child: std::process::Child,
+    kubeconfig: PathBuf,
+}
+
+impl DemoApiServer {
+    /// Builds and starts `wdp-apiserver` with `env` (the control plane's binaries)
+    /// and waits until it prints the kubeconfig (it gives up by itself if the API
+    /// server does not start).
+    fn start(env: Vec<(&'static str, PathBuf)>) -> Result<Self, String> {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        let mut cmd = cargo();
+        cmd.args([
+            "run",
+            "--quiet",
+            "--package",
+            "wdp-apiserver",
+            "--bin",
+            "wdp-apiserver",
+        ])
+        .envs(env)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+        eprintln!("+ {cmd:?}");
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+        let mut line = String::new();
+        let read = child
+            .stdout
+            .take()
+            .map(|out| std::io::BufReader::new(out).read_line(&mut line));
+        let kubeconfig = PathBuf::from(line.trim());
+        // From here on, dropping `server` stops the process.
+        let server = Self { child, kubeconfig };
+        match read {
+            Some(Ok(n)) if n > 0 && server.kubeconfig.is_file() => Ok(server),
+            Some(Err(e)) => Err(format!("cannot read wdp-apiserver's output: {e}")),
+            _ => Err(format!(
+                "wdp-apiserver printed no kubeconfig ({:?}): the API server did not start \
+                 (its error is above)",
+                line.trim()
+            )),
+        }
+    }
+
+    /// Closes its stdin (which stops etcd and kube-apiserver and deletes their
+    /// directory) and waits for it to exit.
+    fn stop(mut self) -> Result<(), String> {
+        self.close()
+    }
+
+    fn close(&mut self) -> Result<(), String> {
+        drop(self.child.stdin.take());
+        let status = self
+            .child
+            .wait()
+            .map_err(|e| format!("cannot wait for wdp-apiserver: {e}"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("wdp-apiserver exited with {status}"))
+        }
+    }
+}
+
+impl Drop for DemoApiServer {
+    fn drop(&mut self) {
+        if self.child.stdin.is_some() {
+            let _ = self.close();
+        }
+    }
 }
 
 fn test(extra: &[String]) -> Result<(), String> {

@@ -503,7 +503,7 @@ fn binaries() -> Option<(PathBuf, PathBuf)> {
         return Some((apiserver.into(), etcd.into()));
     }
     let cache = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
+        .join("../..")
         .join(E2E_BIN);
     let found: Vec<PathBuf> = std::fs::read_dir(cache)
         .ok()?
