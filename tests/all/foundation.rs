@@ -483,12 +483,15 @@ async fn demo_with_an_api_server_serves_the_virtual_guest_through_dra_too() {
         .collect();
     assert_eq!(slices.len(), 1, "{dra}");
     assert!(slices[0].ends_with(&format!("owner=Node/{node}")), "{dra}");
+    // The host's attributes, and what the guest's `describe` adds.
     for n in 1..=4 {
-        let device = format!("  id=/node1/dev1/{n}  kind=dev-1");
-        assert_eq!(
-            dra.lines().filter(|l| l.ends_with(&device)).count(),
-            1,
-            "{device} in:\n{dra}"
+        let id = format!("  id=/node1/dev1/{n}  index={n}  kind=dev-1  model=virtual  ");
+        let lines: Vec<&str> = dra.lines().filter(|l| l.contains(&id)).collect();
+        assert_eq!(lines.len(), 1, "{id} in:\n{dra}");
+        assert!(
+            lines[0].contains("  firmware=1.0.0  ")
+                && lines[0].ends_with("  memory=1Gi (capacity)"),
+            "{dra}"
         );
     }
 
@@ -506,6 +509,11 @@ async fn demo_with_an_api_server_serves_the_virtual_guest_through_dra_too() {
         dra.contains(&format!(
             "{spec}  (cdiVersion 0.6.0, kind {DRIVER}/claim)\n      {cdi_id}: env DEV_dev_1_ID_0=/node1/dev1/"
         )),
+        "{dra}"
+    );
+    // The claim's opaque configuration reached the guest's `prepare`.
+    assert!(
+        dra.contains(", env GREETING=hello-from-the-claim\n"),
         "{dra}"
     );
     assert!(dra.contains("unprepared; "), "{dra}");

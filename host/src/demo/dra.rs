@@ -17,11 +17,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use anyhow::{Context, bail};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::resource::v1::{
-    AllocationResult, DeviceAllocationResult, DeviceClaim, DeviceRequest,
-    DeviceRequestAllocationResult, ExactDeviceRequest, ResourceClaim, ResourceClaimSpec,
-    ResourceSlice,
+    AllocationResult, DeviceAllocationConfiguration, DeviceAllocationResult, DeviceClaim,
+    DeviceClaimConfiguration, DeviceRequest, DeviceRequestAllocationResult, ExactDeviceRequest,
+    OpaqueDeviceConfiguration, ResourceClaim, ResourceClaimSpec, ResourceSlice,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::runtime::RawExtension;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
@@ -48,19 +49,18 @@ const CLASS: &str = "dev-1.example.com";
 const POD: (&str, &str) = ("demo-pod", "0d3e5c1a-0000-4000-8000-00000000d3e0");
 
 /// The manifest the switched module gets: kind dev-1 through DRA, the others
-/// (dev-2, by default) still through the device-plugin API, and no annotation
-/// from the guest, which a claim's CDI spec could not carry.
+/// (dev-2, by default) still through the device-plugin API.
 const MANIFEST: &str = "\
 # Written by `wasm-device-plugin demo`: kind dev-1 through DRA, the others still
-# through the device-plugin API. CDI carries no annotations: the guest leaves its own out.
+# through the device-plugin API.
 domain = \"example.com\"
-
-[config]
-annotation = \"off\"
 
 [resources.dev-1]
 api = \"dra\"
 ";
+/// The opaque configuration the demo's claim carries for the driver (the virtual
+/// guest's `prepare` adds its `env` to the container's environment).
+const CONFIG: &str = r#"{"env":{"GREETING":"hello-from-the-claim"}}"#;
 
 /// The demo's access to the API server, and what it created there (to delete).
 pub struct Cluster {
@@ -238,7 +238,7 @@ impl Cluster {
         writeln!(
             out,
             "  {module}.toml rewritten, applied live by the host:\n    \
-             [resources.dev-1] api = \"dra\"\n    [config] annotation = \"off\""
+             [resources.dev-1] api = \"dra\""
         )?;
         let others: Vec<&String> = served.iter().filter(|r| *r != RESOURCE).collect();
         kubelet
@@ -314,6 +314,13 @@ impl Cluster {
                 let attributes: Vec<String> = attributes(device)
                     .into_iter()
                     .map(|(k, v)| format!("{k}={v}"))
+                    .chain(
+                        device
+                            .capacity
+                            .iter()
+                            .flatten()
+                            .map(|(k, c)| format!("{k}={} (capacity)", c.value.0)),
+                    )
                     .collect();
                 writeln!(out, "    {}  {}", device.name, attributes.join("  "))?;
             }
@@ -329,6 +336,10 @@ impl Cluster {
             out,
             "\nResourceClaim {NAMESPACE}/{name} (uid {uid}): request `{REQUEST}`, one device of \
              DeviceClass {CLASS}"
+        )?;
+        writeln!(
+            out,
+            "  opaque configuration for {DRIVER} (passed to the guest's prepare): {CONFIG}"
         )?;
         writeln!(
             out,
@@ -454,6 +465,10 @@ impl Cluster {
                         }),
                         ..Default::default()
                     }]),
+                    config: Some(vec![DeviceClaimConfiguration {
+                        requests: None,
+                        opaque: Some(opaque()?),
+                    }]),
                     ..Default::default()
                 }),
             },
@@ -472,7 +487,12 @@ impl Cluster {
                     device: device.into(),
                     ..Default::default()
                 }]),
-                config: None,
+                // The scheduler copies the claim's configuration into the allocation.
+                config: Some(vec![DeviceAllocationConfiguration {
+                    source: "FromClaim".into(),
+                    requests: None,
+                    opaque: Some(opaque()?),
+                }]),
             }),
             ..Default::default()
         };
@@ -486,6 +506,14 @@ impl Cluster {
             .await
             .with_context(|| format!("cannot write the allocation of ResourceClaim {name}"))
     }
+}
+
+/// [`CONFIG`] as the claim's opaque configuration for [`DRIVER`].
+fn opaque() -> anyhow::Result<OpaqueDeviceConfiguration> {
+    Ok(OpaqueDeviceConfiguration {
+        driver: DRIVER.into(),
+        parameters: RawExtension(serde_json::from_str(CONFIG)?),
+    })
 }
 
 /// Waits until the host runs `module` with the manifest `text`.
