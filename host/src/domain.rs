@@ -161,7 +161,7 @@ pub fn is_quantity(s: &str) -> bool {
     let whole = parts.next().unwrap_or_default();
     let fraction = parts.next();
     let number_ok = match fraction {
-        Some(f) => !(whole.is_empty() && f.is_empty()) && !f.contains('.'),
+        Some(f) => !f.contains('.') && (!whole.is_empty() || !f.is_empty()),
         None => !whole.is_empty(),
     };
     let suffix_ok = match suffix {
