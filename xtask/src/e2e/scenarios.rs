@@ -594,7 +594,7 @@ fn dra_slices(ctx: &mut Context) -> Result<Outcome, String> {
     let node_uid = ctx
         .cluster
         .kubectl(&["get", "node", NODE, "-o", "jsonpath={.metadata.uid}"])?;
-    let first = wait_pool(ctx.cluster, node_uid.trim(), 4, None)?;
+    let first = wait_pool(ctx.cluster, node_uid.trim(), &dev1_ids(4, None), None)?;
     let (gone_name, gone_id) = first
         .devices
         .iter()
@@ -612,7 +612,12 @@ fn dra_slices(ctx: &mut Context) -> Result<Outcome, String> {
     let replaced = Instant::now();
     replace_configmap(ctx.cluster, &files)?;
     ctx.configmap = files;
-    let second = wait_pool(ctx.cluster, node_uid.trim(), 3, Some(first.generation))?;
+    let second = wait_pool(
+        ctx.cluster,
+        node_uid.trim(),
+        &dev1_ids(3, None),
+        Some(first.generation),
+    )?;
     let took = replaced.elapsed();
     for (name, id) in &second.devices {
         if !first.devices.contains(&(name.clone(), id.clone())) {
@@ -635,7 +640,12 @@ fn dra_slices(ctx: &mut Context) -> Result<Outcome, String> {
         .collect();
     sick_files.extend(dra_module_files(ctx, "dev-1=3", SICK)?);
     replace_configmap(ctx.cluster, &sick_files)?;
-    let sick = wait_pool(ctx.cluster, node_uid.trim(), 2, Some(second.generation))?;
+    let sick = wait_pool(
+        ctx.cluster,
+        node_uid.trim(),
+        &dev1_ids(3, Some(SICK)),
+        Some(second.generation),
+    )?;
     if sick.devices.iter().any(|(_, id)| id == SICK) {
         return Err(format!(
             "{SICK} is unhealthy and still in the pool: {:?}",
@@ -643,7 +653,12 @@ fn dra_slices(ctx: &mut Context) -> Result<Outcome, String> {
         ));
     }
     replace_configmap(ctx.cluster, &healthy_files)?;
-    let well = wait_pool(ctx.cluster, node_uid.trim(), 3, Some(sick.generation))?;
+    let well = wait_pool(
+        ctx.cluster,
+        node_uid.trim(),
+        &dev1_ids(3, None),
+        Some(sick.generation),
+    )?;
     if !well.devices.iter().any(|(_, id)| id == SICK) {
         return Err(format!(
             "{SICK} is healthy again and not back in the pool: {:?}",
@@ -1081,14 +1096,24 @@ struct Pool {
     devices: Vec<(String, String)>,
 }
 
-/// Waits until the pool is complete with `count` devices (at a generation above
-/// `after`), then checks every slice and device against the node and the guest.
+/// The ids of the virtual guest's first `count` devices of kind dev-1, but `without`.
+fn dev1_ids(count: usize, without: Option<&str>) -> Vec<String> {
+    (1..=count)
+        .map(|n| format!("/node1/dev1/{n}"))
+        .filter(|id| Some(id.as_str()) != without)
+        .collect()
+}
+
+/// Waits until the pool is complete with as many devices as `expected` has ids (at
+/// a generation above `after`), then checks every slice and device against the node,
+/// and their ids against `expected` (sorted).
 fn wait_pool(
     c: &Cluster,
     node_uid: &str,
-    count: usize,
+    expected: &[String],
     after: Option<i64>,
 ) -> Result<Pool, String> {
+    let count = expected.len();
     let what = format!("{DRIVER}'s pool with {count} devices");
     poll(&what, DRA_TIMEOUT, || {
         let slices = dra_slices_now(c)?;
@@ -1126,7 +1151,6 @@ fn wait_pool(
             ));
         }
         let ids: Vec<String> = devices.iter().map(|(_, id)| id.clone()).collect();
-        let expected: Vec<String> = (1..=count).map(|n| format!("/node1/dev1/{n}")).collect();
         if ids != expected {
             return Err(fatal(format!(
                 "the pool has ids {ids:?}, the guest {expected:?}"
