@@ -197,7 +197,8 @@ async fn validate_prints_the_devices_as_a_table() {
     );
     assert!(
         out.contains(
-            "  hooks     scan, health, allocate (the host supplies: no post-allocate step)\n"
+            "  hooks     scan, health, allocate, describe, prepare, unprepare (the host supplies: \
+             no post-allocate step)\n"
         ),
         "{out}"
     );
@@ -269,10 +270,21 @@ async fn validate_json_reports_the_world_and_every_device() {
             .all(|n| n.starts_with("wasi:") || n.starts_with("wasm-device-plugin:device/")),
         "{imports}"
     );
-    assert_eq!(names(&report["exports"]), ["scan", "health", "allocate"]);
+    assert_eq!(
+        names(&report["exports"]),
+        [
+            "scan",
+            "health",
+            "allocate",
+            "prepare",
+            "describe",
+            "unprepare"
+        ]
+    );
     assert_eq!(
         report["hooks"],
-        "scan, health, allocate (the host supplies: no post-allocate step)"
+        "scan, health, allocate, describe, prepare, unprepare (the host supplies: no post-allocate \
+         step)"
     );
     let resources = &report["resources"];
     assert_eq!(names(resources), ["example.com/dev-1", "example.com/dev-2"]);
