@@ -223,6 +223,12 @@ fn ensure_control_plane(ci: bool) -> Result<Vec<(&'static str, PathBuf)>, String
     Ok(vec![(KUBE_APISERVER_ENV, apiserver), (ETCD_ENV, etcd)])
 }
 
+/// Whether this runs in CI (`CI` set, neither empty nor `false`): formatting and
+/// clippy are checked, and a missing Go fails instead of skipping.
+fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false")
+}
+
 /// Installs `packages` into the venv at `target/py`, creating it if needed.
 fn pip_install(packages: &[&str]) -> Result<(), String> {
     let venv = root().join(PY_VENV);
@@ -503,7 +509,7 @@ fn target_dir() -> Result<PathBuf, String> {
 /// stopped afterwards, whatever the demo's outcome.
 fn demo(extra: &[String]) -> Result<(), String> {
     let modules = guests()?;
-    let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false");
+    let ci = in_ci();
     let mut host_demo = cargo();
     host_demo
         .args([
@@ -619,7 +625,7 @@ fn test(extra: &[String]) -> Result<(), String> {
     ensure_wasm_target()?;
     ensure_componentize_py()?;
     ensure_grpcio()?;
-    let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false");
+    let ci = in_ci();
     if ci {
         // Present in rustup's default profile; added here for minimal installs.
         run(Command::new("rustup").args(["component", "add", "rustfmt", "clippy"]))?;
